@@ -1,0 +1,219 @@
+"""Activation capture for mlx-lm models, without forward hooks.
+
+MLX has no hooks, so :func:`capture_layers` swaps ``layer.__class__`` of each selected
+decoder layer for a one-off subclass whose ``__call__`` runs the original ``__call__`` and
+records its output ``[batch, seq, d_model]``. No module is replaced, so parameter names are
+unchanged, and the original classes are restored on exit, also when the body raises.
+
+Recording state lives on the dynamically created subclass (a closure), never on the layer
+instance: ``mlx.nn.Module`` is a dict and would store arrays set as attributes as parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+__all__ = [
+    "POSITIONS",
+    "LayerIndexError",
+    "LayerRecorder",
+    "capture_batch",
+    "capture_layers",
+    "decoder_layers",
+    "resolve_layers",
+]
+
+POSITIONS = ("last", "all", "mean")
+
+
+class LayerIndexError(IndexError):
+    """A requested layer index is outside ``-n_layers..n_layers - 1``."""
+
+
+class _StopForward(Exception):
+    """Raised after the highest selected layer to skip the rest of the forward pass."""
+
+
+def decoder_layers(model: Any) -> list:
+    """Return ``model.layers``, the decoder blocks of an mlx-lm model, as a list."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(
+            f"{type(model).__name__} has no `layers` list of decoder blocks; activation capture "
+            "needs an mlx-lm model exposing them as `model.layers` (e.g. from mlx_lm.load)"
+        )
+    if not layers:
+        raise TypeError(f"{type(model).__name__}.layers is empty: there is nothing to capture")
+    return list(layers)
+
+
+def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Normalize layer indices to sorted, unique, non-negative ints.
+
+    ``None`` selects every layer; negative indices count from the end (``-1`` = last layer).
+    Raises :class:`LayerIndexError` for an index outside ``-n_layers..n_layers - 1``.
+    """
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, (int, np.integer)):
+        layers = [int(layers)]
+    resolved = set()
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"layer indices must be ints, got {index!r}")
+        if not -n_layers <= index < n_layers:
+            raise LayerIndexError(
+                f"layer {index} is out of range for a model with {n_layers} layers "
+                f"(valid: {-n_layers}..{n_layers - 1}); pick an index in that range, "
+                "negative indices count from the last layer"
+            )
+        resolved.add(int(index) % n_layers)
+    if not resolved:
+        raise ValueError("no layers selected: pass None for all layers or a non-empty list")
+    return sorted(resolved)
+
+
+class LayerRecorder:
+    """Outputs recorded by :func:`capture_layers`.
+
+    Attributes:
+        layers: the resolved (non-negative, sorted) layer indices being captured.
+        outputs: layer index -> output of that layer in the latest forward,
+            ``[batch, seq, d_model]`` (lazy ``mx.array``; keys are resolved indices).
+        stop_after_last: whether the forward is cut short after ``layers[-1]``.
+    """
+
+    def __init__(self, layers: list[int], stop_after_last: bool) -> None:
+        self.layers = layers
+        self.stop_after_last = stop_after_last
+        self.outputs: dict[int, mx.array] = {}
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn(*args, **kwargs)``; return its result, or ``None`` if stopped early."""
+        try:
+            return fn(*args, **kwargs)
+        except _StopForward:
+            return None
+
+
+def _recording_class(original: type, index: int, recorder: LayerRecorder, stop_here: bool) -> type:
+    """Build a subclass of ``original`` whose ``__call__`` records into ``recorder``."""
+    original_call = original.__call__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = original_call(self, *args, **kwargs)
+        recorder.outputs[index] = out[0] if isinstance(out, tuple) else out
+        if stop_here:
+            raise _StopForward
+        return out
+
+    name = f"Capturing{original.__name__}"
+    return type(
+        name,
+        (original,),
+        {"__call__": __call__, "__module__": original.__module__, "__qualname__": name},
+    )
+
+
+@contextmanager
+def capture_layers(
+    model: Any, layers: Sequence[int] | None = None, stop_after_last: bool = False
+) -> Iterator[LayerRecorder]:
+    """Record the outputs ``[batch, seq, d_model]`` of selected decoder layers.
+
+    Usage::
+
+        with capture_layers(model, [2, -1]) as rec:
+            model(tokens)
+        rec.outputs[2]  # [batch, seq, d_model]
+
+    With ``stop_after_last=True`` an internal exception is raised right after the highest
+    selected layer, skipping later layers, the final norm and the LM head. Wrap the forward in
+    ``rec.run(model, tokens)`` to catch it; if it escapes the ``with`` body it is suppressed
+    there (the rest of the body is then skipped).
+    """
+    blocks = decoder_layers(model)
+    selected = resolve_layers(layers, len(blocks))
+    recorder = LayerRecorder(selected, stop_after_last)
+    swapped: list[tuple[Any, type]] = []
+    try:
+        for index in selected:
+            layer = blocks[index]
+            original = type(layer)
+            stop_here = stop_after_last and index == selected[-1]
+            layer.__class__ = _recording_class(original, index, recorder, stop_here)
+            swapped.append((layer, original))
+        try:
+            yield recorder
+        except _StopForward:
+            pass
+    finally:
+        for layer, original in reversed(swapped):
+            layer.__class__ = original
+
+
+def _padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]]:
+    """Right-pad ``sequences`` with ``pad_id``: tokens ``[batch, max_len]`` and lengths."""
+    if not sequences:
+        raise ValueError("capture_batch needs at least one sequence")
+    lengths = [len(seq) for seq in sequences]
+    if min(lengths) == 0:
+        empty = lengths.index(0)
+        raise ValueError(f"sequence {empty} is empty: every sequence needs at least one token")
+    width = max(lengths)
+    rows = [list(seq) + [pad_id] * (width - len(seq)) for seq in sequences]
+    return mx.array(rows, dtype=mx.int32), lengths
+
+
+def _reduce(hidden: mx.array, lengths: mx.array, positions: str) -> mx.array:
+    """Reduce ``[batch, seq, d_model]`` to float32 ``[batch, d_model]`` ("last"/"mean")."""
+    hidden = hidden.astype(mx.float32)
+    if positions == "last":
+        return hidden[mx.arange(hidden.shape[0]), lengths - 1]
+    if positions == "mean":
+        real = mx.arange(hidden.shape[1])[None, :] < lengths[:, None]  # [batch, seq]
+        total = (hidden * real[..., None].astype(mx.float32)).sum(axis=1)
+        return total / lengths[:, None].astype(mx.float32)
+    return hidden  # "all": kept whole, split per sequence after conversion
+
+
+def capture_batch(
+    model: Any,
+    sequences: list[list[int]],
+    layers: Sequence[int] | None = None,
+    positions: str = "last",
+    pad_id: int = 0,
+) -> dict[int, np.ndarray | list[np.ndarray]]:
+    """Capture activations for one right-padded batch of token sequences.
+
+    Right padding with causal attention means real positions never attend to the pads, so no
+    extra mask is needed. The forward stops after the highest selected layer.
+
+    Returns resolved layer index -> for ``positions="last"``: float32 ``[batch, d_model]`` at
+    each sequence's last real token; ``"mean"``: float32 ``[batch, d_model]`` mean over real
+    tokens; ``"all"``: list of float32 ``[len_i, d_model]``, one per sequence.
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown positions {positions!r}; valid: {', '.join(POSITIONS)}")
+    tokens, lengths = _padded_batch(sequences, pad_id)
+    with capture_layers(model, layers, stop_after_last=True) as recorder:
+        recorder.run(model, tokens)
+    length_array = mx.array(lengths, dtype=mx.int32)
+    reduced = {
+        index: _reduce(recorder.outputs[index], length_array, positions)
+        for index in recorder.layers
+    }
+    mx.eval(*reduced.values())
+    result: dict[int, np.ndarray | list[np.ndarray]] = {}
+    for index, values in reduced.items():
+        array = np.array(values, dtype=np.float32)
+        if positions == "all":
+            result[index] = [array[row, :length].copy() for row, length in enumerate(lengths)]
+        else:
+            result[index] = array
+    return result

