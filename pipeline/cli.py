@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(res.path, target_is_directory=True)
+    if "report" in results:  # the report's files belong in the run directory itself
+        for src in sorted(results["report"].path.iterdir()):
+            if src.suffix in (".md", ".json", ".png"):
+                shutil.copy2(src, run_dir / src.name)
     summary = {
         name: {"key": r.key, "path": str(r.path), "cached": r.cached, "summary": r.summary}
         for name, r in results.items()
@@ -91,8 +96,17 @@ def main(cfg: DictConfig) -> float | None:
             f"({meta.get('n_prompts')} prompts x {len(meta.get('layers', []))} layers, "
             f"d_model {meta.get('d_model')}, positions={meta.get('positions')})"
         )
+    if "report" in summary:
+        head = summary["report"]["summary"]
+        print(
+            f"report: {run_dir / 'report.md'}  swap rate {head['swap_rate_answered_right']:.3f} "
+            f"(answered right unsteered), {head['swap_rate_all']:.3f} (all), "
+            f"binomial p {head['binomial_p']:.3g}"
+        )
     print(f"run directory: {run_dir}  (config: .hydra/config.yaml, log: {_log_name()})")
     log.info("BLAS in use: %s", info.name)
+    if "report" in summary:
+        return float(summary["report"]["summary"]["swap_rate_answered_right"])
     return None
 
 

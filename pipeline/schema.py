@@ -7,6 +7,7 @@ or a wrong type (``capture.batch_size=abc``) fails at compose time with Hydra's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -55,6 +56,38 @@ class CaptureConfig:
 
 
 @dataclass
+class DirectionsConfig:
+    method: Any = "mean_diff"  # mean_diff | pca | logistic, or {_target_: pipeline.directions...}
+    contrast: dict[str, str] = field(default_factory=lambda: {"pos": "red", "neg": "green"})
+    fit_split: str = "all"  # all | train | test: which prompts the direction is fitted on
+    compare_methods: bool = True  # also fit every method, for cosines in directions.json
+
+
+@dataclass
+class ScoreConfig:
+    scorer: Any = "logit"  # logit | generate, or {_target_: pipeline.scoring.LogitScorer, ...}
+    batch_size: int = 16  # prompts per forward of the logit scorer
+    max_tokens: int = 8  # greedy answer length (generate scorer, baseline answers, demos)
+    swap: dict[str, str] = field(default_factory=dict)  # condition -> target word
+    controls: list[str] = field(default_factory=list)  # conditions used for contamination
+    eval_split: str = "all"  # all | train | test: which prompts are evaluated
+
+
+@dataclass
+class SteerConfig:
+    layer: Any = 12  # decoder layer(s) edited: an int or a list (negative ok)
+    alpha: float = 1.0  # strength; for reflect 1.0 = exact mirror
+    mode: Any = "reflect"  # add | subtract | reflect | ablate, or {_target_: ...}
+    n_random: int = 10  # random directions of equal norm for the baseline rate
+    confirm_n: int = 24  # questions also answered by greedy generation (steered)
+
+
+@dataclass
+class ReportConfig:
+    plots: bool = True  # write PNG plots
+
+
+@dataclass
 class PathsConfig:
     outputs: str = "outputs"  # root of runs and artifacts (git-ignored)
     artifacts: str = "${paths.outputs}/artifacts"  # content-addressed stage artifacts
@@ -62,7 +95,7 @@ class PathsConfig:
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: ["capture"])  # target stages to run
+    stages: list[str] = field(default_factory=lambda: ["report"])  # target stages to run
 
 
 @dataclass
@@ -72,6 +105,10 @@ class RootConfig:
     seed: int = 42  # global seed for every random choice
     prompts: PromptsConfig = MISSING  # prompt-build stage
     capture: CaptureConfig = MISSING  # activation-capture stage
+    directions: DirectionsConfig = MISSING  # direction-extraction stage
+    score: ScoreConfig = MISSING  # how steering is scored (baseline and steer stages)
+    steer: SteerConfig = MISSING  # steering stage
+    report: ReportConfig = MISSING  # report stage
     paths: PathsConfig = field(default_factory=PathsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 

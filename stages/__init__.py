@@ -1,7 +1,7 @@
 """The stages of the DAG and what each reads; ``STAGES`` is the registry the runner uses."""
 
 from pipeline.dag import Stage
-from stages import capture, prompts
+from stages import capture, directions, prompts, report, steer
 
 STAGES: dict[str, Stage] = {
     "prompts": Stage(
@@ -18,5 +18,35 @@ STAGES: dict[str, Stage] = {
         needs=("prompts",),
         version=capture.VERSION,
         fingerprint=capture.fingerprint,
+    ),
+    "directions": Stage(
+        name="directions",
+        run=directions.run,
+        reads=("directions", "seed"),
+        needs=("prompts", "capture"),
+        version=directions.VERSION,
+    ),
+    "baseline": Stage(
+        name="baseline",
+        run=steer.run_baseline,
+        reads=("model", "score"),
+        needs=("prompts",),
+        version=steer.VERSION,
+        fingerprint=steer.fingerprint,
+    ),
+    "steer": Stage(
+        name="steer",
+        run=steer.run_steer,
+        reads=("model", "score", "steer", "seed"),
+        needs=("prompts", "directions"),
+        version=steer.VERSION,
+        fingerprint=steer.fingerprint,
+    ),
+    "report": Stage(
+        name="report",
+        run=report.run,
+        reads=("model", "score", "report"),
+        needs=("prompts", "directions", "baseline", "steer"),
+        version=report.VERSION,
     ),
 }

@@ -1,0 +1,150 @@
+"""Scorers for steering: does the steered model name the target word instead of the original?
+
+Two scorers behind one interface (chosen by Hydra ``_target_``), each mapping prompts (token
+ids) plus a steering setting to one row per prompt:
+
+- ``LogitScorer`` (default): one batched forward; at the answer position, the logit margin
+  of the target word over the original word (max over each word's first-token variants:
+  "red", "Red", " red", " Red", "RED"), and the top token.
+- ``GenerateScorer``: greedy generation, then the first target word the answer names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.steering import LayerEdit, generate_steered, steered_last_logits
+
+
+def word_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """First-token ids of the usual spellings of ``word`` at the start of an answer."""
+    variants = {word, word.lower(), word.capitalize(), word.upper()}
+    ids = set()
+    for v in variants:
+        for text in (v, " " + v):
+            toks = tokenizer.encode(text, add_special_tokens=False)
+            if toks:
+                ids.add(int(toks[0]))
+    return sorted(ids)
+
+
+def named_word(text: str, words: Sequence[str]) -> str | None:
+    """The first of ``words`` that ``text`` names (whole word, any case), else None."""
+    pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"
+    found = re.search(pattern, text, flags=re.IGNORECASE)
+    return found.group(1).lower() if found else None
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One steering setting: edits at layers, a mode object, alpha (empty edits = unsteered)."""
+
+    edits: tuple[LayerEdit, ...]
+    mode: Any
+    alpha: float
+
+
+UNSTEERED = Steering(edits=(), mode=None, alpha=0.0)
+
+
+class LogitScorer:
+    """Logit margin of the target word over the original at the answer position."""
+
+    kind = "logit"
+
+    def __init__(self, batch_size: int = 16):
+        self.batch_size = int(batch_size)
+
+    def __call__(
+        self,
+        lm: Any,
+        tokens: list[list[int]],
+        original: list[str],
+        target: list[str],
+        words: Sequence[str],
+        steering: Steering = UNSTEERED,
+        pad_id: int = 0,
+    ) -> list[dict]:
+        """One dict per prompt: margin (target - original), top_token, top_word."""
+        ids = {w: word_token_ids(lm.tokenizer, w) for w in words}
+        word_of = {i: w for w, toks in ids.items() for i in toks}
+        rows: list[dict] = []
+        order = np.argsort([len(t) for t in tokens], kind="stable")  # little padding
+        out: dict[int, dict] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            logits = steered_last_logits(
+                lm.model,
+                [tokens[i] for i in batch],
+                list(steering.edits),
+                steering.mode or "add",
+                steering.alpha,
+                pad_id=pad_id,
+            )
+            for row, i in zip(logits, batch, strict=True):
+                top = int(np.argmax(row))
+                margin = float(row[ids[target[i]]].max() - row[ids[original[i]]].max())
+                out[int(i)] = {
+                    "margin": margin,
+                    "top_token": lm.tokenizer.decode([top]),
+                    "top_word": word_of.get(top),
+                }
+        rows = [out[i] for i in range(len(tokens))]
+        return rows
+
+
+class GenerateScorer:
+    """Greedy generation; the answer text and the first of the words it names."""
+
+    kind = "generate"
+
+    def __init__(self, max_tokens: int = 8):
+        self.max_tokens = int(max_tokens)
+
+    def __call__(
+        self,
+        lm: Any,
+        tokens: list[list[int]],
+        original: list[str],
+        target: list[str],
+        words: Sequence[str],
+        steering: Steering = UNSTEERED,
+        pad_id: int = 0,
+    ) -> list[dict]:
+        rows = []
+        for toks in tokens:
+            text, _ = generate_steered(
+                lm.model,
+                lm.tokenizer,
+                list(toks),
+                list(steering.edits),
+                steering.mode or "add",
+                steering.alpha,
+                max_tokens=self.max_tokens,
+            )
+            rows.append({"answer": text, "named": named_word(text, words)})
+        return rows
+
+
+SCORERS = {"logit": LogitScorer, "generate": GenerateScorer}
+
+
+def make_scorer(cfg: Any) -> LogitScorer | GenerateScorer:
+    """A scorer from a name or a ``_target_`` config."""
+    if isinstance(cfg, str):
+        if cfg not in SCORERS:
+            raise ValueError(f"unknown scorer {cfg!r}; valid scorers: {sorted(SCORERS)}")
+        return SCORERS[cfg]()
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg)
+    except Exception as err:
+        raise ValueError(
+            f"cannot build the scorer {dict(cfg)}: {err}; use steer.scorer=logit or generate"
+        ) from err

@@ -1,0 +1,104 @@
+"""Stage `directions`: activations + a contrast (pos vs neg condition) -> one direction per layer.
+
+Writes directions.safetensors (the chosen method's DirectionSet) and directions.json: per
+layer the direction norm, the separability of the two conditions along it (d' and a 5-fold
+cross-validated threshold accuracy), and the cosines between the three methods.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.directions import METHODS, DirectionError, DirectionSet, extract, make_method
+from stages.capture import read_activations
+
+VERSION = "1"
+
+
+def activation_matrix(df: pd.DataFrame, prompt_ids: list[str]) -> dict[int, np.ndarray]:
+    """layer -> [n_prompts, d_model] float32, rows in ``prompt_ids`` order (one position each)."""
+    out = {}
+    for layer, group in df.groupby("layer", sort=True):
+        group = group.drop_duplicates("prompt_id", keep="last").set_index("prompt_id")
+        missing = [p for p in prompt_ids if p not in group.index]
+        if missing:
+            raise DirectionError(f"layer {layer}: no activation for prompt(s) {missing[:3]}")
+        out[int(layer)] = np.stack(group.loc[prompt_ids, "vector"].to_numpy()).astype(np.float32)
+    return out
+
+
+def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int) -> dict:
+    """d' of the projections on ``unit`` and 5-fold CV accuracy of a midpoint threshold."""
+    proj = x @ unit
+    pos, neg = proj[is_pos], proj[~is_pos]
+    pooled = np.sqrt((pos.var(ddof=1) + neg.var(ddof=1)) / 2)
+    d_prime = float((pos.mean() - neg.mean()) / pooled) if pooled > 0 else float("inf")
+    rng = np.random.default_rng(seed)
+    folds = rng.permutation(len(x)) % 5
+    correct = 0
+    for k in range(5):
+        train, test = folds != k, folds == k
+        mu_pos = x[train & is_pos].mean(0) if (train & is_pos).any() else None
+        mu_neg = x[train & ~is_pos].mean(0) if (train & ~is_pos).any() else None
+        if mu_pos is None or mu_neg is None:
+            continue
+        w = mu_pos - mu_neg
+        threshold = (mu_pos + mu_neg) / 2 @ w
+        correct += int(((x[test] @ w > threshold) == is_pos[test]).sum())
+    return {"d_prime": d_prime, "cv_accuracy": correct / len(x)}
+
+
+def run(cfg: dict, inputs: dict, out: Path) -> dict:
+    """Stage entry: reads directions, seed; needs prompts and capture."""
+    dcfg = cfg["directions"]
+    pos_name, neg_name = dcfg["contrast"]["pos"], dcfg["contrast"]["neg"]
+    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    if dcfg["fit_split"] != "all":
+        prompts = prompts[prompts["split"] == dcfg["fit_split"]]
+    prompts = prompts[prompts["condition"].isin([pos_name, neg_name])]
+    for name in (pos_name, neg_name):
+        if not (prompts["condition"] == name).any():
+            raise DirectionError(
+                f"condition {name!r} has no prompts (split {dcfg['fit_split']!r}); fix "
+                "directions.contrast or the dataset"
+            )
+    ids = prompts["prompt_id"].tolist()
+    acts = activation_matrix(read_activations(inputs["capture"]), ids)
+    is_pos = (prompts["condition"] == pos_name).to_numpy()
+    is_neg = (prompts["condition"] == neg_name).to_numpy()
+    contrast = (pos_name, neg_name)
+    main = extract(acts, is_pos, is_neg, make_method(dcfg["method"]), contrast)
+    main.meta.update({"prompt_ids": len(ids), "fit_split": dcfg["fit_split"]})
+    main.save(out / "directions.safetensors")
+    others: dict[str, DirectionSet] = {}
+    if dcfg.get("compare_methods", True):
+        others = {name: extract(acts, is_pos, is_neg, name, contrast) for name in METHODS}
+    per_layer = {}
+    for layer in main.layers:
+        entry = {"norm": main.norms()[layer]}
+        entry.update(
+            separability(
+                acts[layer][is_pos | is_neg],
+                is_pos[is_pos | is_neg],
+                main.unit(layer),
+                int(cfg["seed"]),
+            )
+        )
+        entry["cosine_to"] = {n: main.cosine(s, layer) for n, s in others.items()}
+        per_layer[layer] = entry
+    summary = {
+        "method": main.method,
+        "contrast": list(contrast),
+        "n_pos": int(is_pos.sum()),
+        "n_neg": int(is_neg.sum()),
+        "layers": main.layers,
+    }
+    (out / "directions.json").write_text(
+        json.dumps({**summary, "per_layer": per_layer}, indent=2), encoding="utf-8"
+    )
+    best = max(per_layer, key=lambda k: per_layer[k]["d_prime"])
+    return {**summary, "best_separated_layer": best}

@@ -1,0 +1,227 @@
+"""Stage `report`: statistics of the colour swap, written as report.json, report.md and plots.
+
+Swap rate with both denominators (questions the unsteered model answered right, and all),
+Wilson intervals, the random-direction baseline (mean +- sd), an exact binomial test of the
+swap count against the random rate, control contamination, and the generation check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.stats import SwapStats, binomial_test, mean_sd
+from stages.report_plots import plot_layers, plot_random_baseline
+from stages.report_text import render_markdown
+
+VERSION = "1"
+ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
+    "model": "Qwen2.5-7B-Instruct-4bit",
+    "swap": "102/112 (91.1%)",
+    "controls_bleed": "2/25",
+    "random": "13.8% +- 4.8% (10 directions)",
+    "binomial_p": 3.2e-75,
+}
+
+
+def _stats(k: int, n: int) -> dict:
+    s = SwapStats.from_counts(int(k), int(n))
+    return {"k": s.k, "n": s.n, "rate": s.rate, "ci95": [s.ci_lo, s.ci_hi]}
+
+
+def unsteered_right(baseline: pd.DataFrame, swap: dict) -> pd.DataFrame:
+    """Per swap question: right by logit (original preferred) and by the greedy answer."""
+    logit = baseline[(baseline["scorer"] == "logit") & baseline["condition"].isin(list(swap))]
+    gen = baseline[(baseline["scorer"] == "generate") & baseline["condition"].isin(list(swap))]
+    right = pd.DataFrame(
+        {
+            "prompt_id": logit["prompt_id"],
+            "condition": logit["condition"],
+            "right_logit": logit["margin"] < 0,
+        }
+    )
+    named = gen.set_index("prompt_id")["named"]
+    right["right_generate"] = right["prompt_id"].map(named).eq(right["condition"]).to_numpy()
+    right["answer"] = right["prompt_id"].map(gen.set_index("prompt_id")["answer"]).to_numpy()
+    return right.reset_index(drop=True)
+
+
+def compute_report(prompts, baseline, generations, directions_info, steer_info, cfg) -> dict:
+    """All report numbers from the stage tables (pure: tested on small DataFrames)."""
+    swap = cfg["swap"]
+    right = unsteered_right(baseline, swap)
+    right_col = "right_generate" if steer_info["scorer"] == "generate" else "right_logit"
+    right_ids = set(right.loc[right[right_col], "prompt_id"])
+    main = generations[
+        (generations["direction"] == "main")
+        & (generations["scorer"] == steer_info["scorer"])
+        & generations["condition"].isin(list(swap))
+    ]
+    per_class = {}
+    for cond, group in right.groupby("condition"):
+        sub = main[main["condition"] == cond]
+        ok = sub[sub["prompt_id"].isin(right_ids)]
+        per_class[cond] = {
+            "target": swap[cond],
+            "n": len(group),
+            "unsteered_right_logit": int(group["right_logit"].sum()),
+            "unsteered_right_generate": int(group["right_generate"].sum()),
+            "swap_all": _stats(sub["swapped"].sum(), len(sub)),
+            "swap_answered_right": _stats(ok["swapped"].sum(), len(ok)),
+        }
+    ok_main = main[main["prompt_id"].isin(right_ids)]
+    swap_all = _stats(main["swapped"].sum(), len(main))
+    swap_right = _stats(ok_main["swapped"].sum(), len(ok_main))
+    rnd = generations[generations["direction"].str.startswith("random")]
+    rates_all = rnd.groupby("direction")["swapped"].mean().to_numpy()
+    rates_right = (
+        rnd[rnd["prompt_id"].isin(right_ids)]
+        .groupby("direction")["swapped"]
+        .mean()
+        .reindex(sorted(set(rnd["direction"])))
+        .fillna(0.0)
+        .to_numpy()
+    )
+    tests = {}
+    for name, st, rates in (
+        ("answered_right", swap_right, rates_right),
+        ("all", swap_all, rates_all),
+    ):
+        mean, sd = mean_sd(rates) if len(rates) else (float("nan"), float("nan"))
+        floor = 0.5 / max(1, len(rates) * max(st["n"], 1))  # half a swap over all random trials
+        p0 = float(max(mean, floor)) if len(rates) else float("nan")
+        p = binomial_test(st["k"], st["n"], p0) if st["n"] and len(rates) else float("nan")
+        tests[name] = {
+            "random_mean": float(mean),
+            "random_sd": float(sd),
+            "random_rates": [float(r) for r in rates],
+            "p0": p0,
+            "p0_floored": bool(len(rates) and mean < floor),
+            "binomial_p": p,
+        }
+    controls = _controls(baseline, generations, cfg)
+    confirm = _confirm(generations, swap)
+    return {
+        "model": cfg["model_name"],
+        "steer": steer_info,
+        "direction": directions_info,
+        "unsteered": {
+            "per_class": per_class,
+            "right_by": right_col,
+            "n_answered_right": len(right_ids),
+            "n_questions": len(right),
+        },
+        "swap": {"answered_right": swap_right, "all": swap_all},
+        "random_baseline": tests,
+        "controls": controls,
+        "confirm": confirm,
+        "original_study": ORIGINAL,
+        "examples": _examples(baseline, generations, swap),
+    }
+
+
+def _controls(baseline, generations, cfg) -> dict:
+    words = sorted(set(cfg["swap"]) | set(cfg["swap"].values()))
+    base = baseline[baseline["condition"].isin(cfg["controls"])]
+    steered = generations[
+        (generations["direction"] == "main") & generations["condition"].isin(cfg["controls"])
+    ]
+    out = {"n": int(base["prompt_id"].nunique())}
+    for kind in ("logit", "generate"):
+        b = base[base["scorer"] == kind].set_index("prompt_id")
+        s = steered[steered["scorer"] == kind].set_index("prompt_id")
+        if s.empty:
+            continue
+        b = b.loc[s.index]
+        if kind == "logit":
+            became = s["top_word"].isin(words) & ~b["top_word"].isin(words)
+            out["logit_top_token_changed"] = _stats(
+                (s["top_token"] != b["top_token"]).sum(), len(s)
+            )
+            out["logit_top_became_target_word"] = _stats(became.sum(), len(s))
+        else:
+            bleed = s["named"].isin(words) & ~b["named"].isin(words)
+            out["generate_bleed"] = _stats(bleed.sum(), len(s))
+            out["generate_answer_changed"] = _stats((s["answer"] != b["answer"]).sum(), len(s))
+    return out
+
+
+def _confirm(generations, swap) -> dict:
+    main = generations[
+        (generations["direction"] == "main") & generations["condition"].isin(list(swap))
+    ]
+    gen = main[main["scorer"] == "generate"].set_index("prompt_id")["swapped"]
+    logit = main[main["scorer"] == "logit"].set_index("prompt_id")["swapped"]
+    both = gen.index.intersection(logit.index)
+    if not len(both):
+        return {"n": 0}
+    return {
+        "n": len(both),
+        "agreement": float((gen[both] == logit[both]).mean()),
+        "generate_swap": _stats(gen[both].sum(), len(both)),
+        "logit_swap": _stats(logit[both].sum(), len(both)),
+    }
+
+
+def _examples(baseline, generations, swap, n: int = 6) -> list[dict]:
+    steered = generations[
+        (generations["direction"] == "main") & (generations["scorer"] == "generate")
+    ]
+    base = baseline[baseline["scorer"] == "generate"].set_index("prompt_id")["answer"]
+    rows = []
+    for _, r in steered.head(n).iterrows():
+        rows.append(
+            {
+                "prompt_id": r["prompt_id"],
+                "condition": r["condition"],
+                "unsteered": base.get(r["prompt_id"], ""),
+                "steered": r["answer"],
+            }
+        )
+    ctrl = steered[~steered["condition"].isin(list(swap))].head(2)
+    for _, r in ctrl.iterrows():
+        rows.append(
+            {
+                "prompt_id": r["prompt_id"],
+                "condition": r["condition"],
+                "unsteered": base.get(r["prompt_id"], ""),
+                "steered": r["answer"],
+            }
+        )
+    return rows
+
+
+def run(cfg: dict, inputs: dict, out: Path) -> dict:
+    """Stage entry: reads report, score, model; needs prompts, directions, baseline, steer."""
+    rcfg = {
+        "swap": cfg["score"]["swap"],
+        "controls": cfg["score"]["controls"],
+        "model_name": cfg["model"]["name"],
+    }
+    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    baseline = pd.read_parquet(inputs["baseline"] / "baseline.parquet")
+    generations = pd.read_parquet(inputs["steer"] / "generations.parquet")
+    directions_info = json.loads((inputs["directions"] / "directions.json").read_text())
+    steer_info = json.loads((inputs["steer"] / "steer.json").read_text())
+    report = compute_report(prompts, baseline, generations, directions_info, steer_info, rcfg)
+    plots = []
+    if cfg["report"]["plots"]:
+        plots.append(plot_layers(directions_info, steer_info["layers"], out / "layers.png"))
+        plots.append(plot_random_baseline(report, out / "swap_vs_random.png"))
+    report["plots"] = [p.name for p in plots]
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_np), encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    return {
+        "swap_rate_answered_right": report["swap"]["answered_right"]["rate"],
+        "swap_rate_all": report["swap"]["all"]["rate"],
+        "binomial_p": report["random_baseline"]["answered_right"]["binomial_p"],
+    }
+
+
+def _np(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value)}")

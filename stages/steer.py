@@ -1,0 +1,172 @@
+"""Stages `baseline` and `steer`: score the evaluation questions unsteered and steered.
+
+baseline (reads model, score): unsteered logit scores and greedy answers for every prompt.
+It does not depend on the steering setting, so a sweep over alpha and layer computes it once.
+
+steer (reads model, score, steer, seed): the main direction, N random directions of equal
+norm (same center) for the baseline rate, the controls for contamination, and greedy
+generations on a seeded sample to confirm the logit verdicts. Writes generations.parquet:
+prompt_id, condition, direction, scorer, margin, top_token, top_word, answer, named, swapped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.capture import resolve_layers
+from pipeline.directions import DirectionSet
+from pipeline.models import load_model, model_fingerprint
+from pipeline.scoring import GenerateScorer, LogitScorer, Steering, make_scorer
+from pipeline.steering import LayerEdit, SteeringError, make_mode
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+
+
+def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(swap questions, control questions) of the evaluation split."""
+    if score["eval_split"] != "all":
+        prompts = prompts[prompts["split"] == score["eval_split"]]
+    swap = prompts[prompts["condition"].isin(list(score["swap"]))].reset_index(drop=True)
+    controls = prompts[prompts["condition"].isin(score["controls"])].reset_index(drop=True)
+    if swap.empty:
+        raise ValueError(
+            f"no prompts of the swap conditions {list(score['swap'])} in split "
+            f"{score['eval_split']!r}; fix score.swap or score.eval_split"
+        )
+    return swap, controls
+
+
+def words_of(score: dict) -> list[str]:
+    """The target words the scorers look for (the swap conditions' words)."""
+    return sorted(set(score["swap"]) | set(score["swap"].values()))
+
+
+def _score(scorer, lm, df: pd.DataFrame, score: dict, steering: Steering, pad: int) -> list[dict]:
+    original = [c if c in score["swap"] else words_of(score)[0] for c in df["condition"]]
+    target = [score["swap"].get(c, words_of(score)[-1]) for c in df["condition"]]
+    tokens = [list(map(int, t)) for t in df["tokens"]]
+    return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad)
+
+
+def _pad(lm) -> int:
+    value = getattr(lm.tokenizer, "pad_token_id", None)
+    return value if isinstance(value, int) else 0
+
+
+def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> pd.DataFrame:
+    out = pd.DataFrame(results)
+    out.insert(0, "prompt_id", df["prompt_id"].to_numpy())
+    out.insert(1, "condition", df["condition"].to_numpy())
+    out.insert(2, "direction", direction)
+    out.insert(3, "scorer", kind)
+    return out
+
+
+def fingerprint(cfg: dict) -> dict:
+    return {"model": model_fingerprint(cfg["model"])}
+
+
+def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
+    """Stage `baseline`: unsteered logit scores and greedy answers for all eval prompts."""
+    score = cfg["score"]
+    lm = load_model(cfg["model"])
+    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    swap, controls = eval_prompts(prompts, score)
+    both = pd.concat([swap, controls], ignore_index=True)
+    logit = LogitScorer(batch_size=score["batch_size"])
+    gen = GenerateScorer(max_tokens=score["max_tokens"])
+    frames = [
+        _rows(
+            both, _score(logit, lm, both, score, Steering((), None, 0.0), _pad(lm)), "none", "logit"
+        )
+    ]
+    answers = []
+    for i in tqdm(range(len(both)), desc="baseline answers", leave=False):
+        answers += _score(gen, lm, both.iloc[[i]], score, Steering((), None, 0.0), _pad(lm))
+    frames.append(_rows(both, answers, "none", "generate"))
+    table = pd.concat(frames, ignore_index=True)
+    table.to_parquet(out / "baseline.parquet", index=False)
+    return {"n_questions": len(swap), "n_controls": len(controls)}
+
+
+def _edits(ds: DirectionSet, layers: list[int]) -> tuple[LayerEdit, ...]:
+    return tuple(LayerEdit(layer, ds.vectors[layer], ds.center(layer)) for layer in layers)
+
+
+def steer_layers(steer: dict, ds: DirectionSet, n_layers: int) -> list[int]:
+    """The steered layers (int or list in config), checked against the direction set."""
+    raw = steer["layer"]
+    layers = resolve_layers([raw] if isinstance(raw, int) else list(raw), n_layers)
+    missing = [layer for layer in layers if layer not in ds.vectors]
+    if missing:
+        raise SteeringError(
+            f"no direction for layer(s) {missing}: directions exist for {ds.layers}; "
+            "capture those layers (capture.layers) or pick steer.layer among them"
+        )
+    return layers
+
+
+def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
+    """Stage `steer`: main + random directions on the questions, controls, confirmation."""
+    score, steer = cfg["score"], cfg["steer"]
+    alpha = float(steer["alpha"])
+    if not np.isfinite(alpha):
+        raise SteeringError(f"steer.alpha must be a finite number, not {alpha}")
+    lm = load_model(cfg["model"])
+    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    swap, controls = eval_prompts(prompts, score)
+    ds = DirectionSet.load(inputs["directions"] / "directions.safetensors")
+    layers = steer_layers(steer, ds, lm.n_layers)
+    mode = make_mode(steer["mode"])
+    scorer = make_scorer(score["scorer"])
+    pad = _pad(lm)
+    main = Steering(_edits(ds, layers), mode, alpha)
+    frames = [_rows(swap, _score(scorer, lm, swap, score, main, pad), "main", scorer.kind)]
+    if len(controls):
+        ctrl = _score(scorer, lm, controls, score, main, pad)
+        frames.append(_rows(controls, ctrl, "main", scorer.kind))
+    randoms = ds.random_like(int(steer["n_random"]), seed=int(cfg["seed"]))
+    for i, rnd in enumerate(tqdm(randoms, desc="random directions", leave=False)):
+        steering = Steering(_edits(rnd, layers), mode, alpha)
+        res = _score(scorer, lm, swap, score, steering, pad)
+        frames.append(_rows(swap, res, f"random-{i:02d}", scorer.kind))
+    confirm_n = min(int(steer["confirm_n"]), len(swap))
+    if confirm_n and scorer.kind != "generate":
+        rng = np.random.default_rng(int(cfg["seed"]))
+        sample = swap.iloc[np.sort(rng.choice(len(swap), confirm_n, replace=False))]
+        sample = pd.concat([sample, controls], ignore_index=True)
+        gen = GenerateScorer(max_tokens=score["max_tokens"])
+        answers = [
+            _score(gen, lm, sample.iloc[[i]], score, main, pad)[0]
+            for i in tqdm(range(len(sample)), desc="steered answers", leave=False)
+        ]
+        frames.append(_rows(sample, answers, "main", "generate"))
+    table = pd.concat(frames, ignore_index=True)
+    table["swapped"] = _swapped(table, score)
+    table.to_parquet(out / "generations.parquet", index=False)
+    info = {
+        "layers": layers,
+        "alpha": alpha,
+        "mode": type(mode).__name__,
+        "n_random": len(randoms),
+        "scorer": scorer.kind,
+    }
+    (out / "steer.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
+
+
+def _swapped(table: pd.DataFrame, score: dict) -> pd.Series:
+    """Swap verdict per row: logit margin > 0, or the answer names the target word."""
+    target = table["condition"].map(score["swap"])
+    by_logit = table["margin"].gt(0) if "margin" in table else False
+    by_name = table["named"].eq(target) if "named" in table else False
+    verdict = np.where(table["scorer"] == "logit", by_logit, by_name)
+    return pd.Series(verdict, index=table.index).where(target.notna(), False).astype(bool)
