@@ -28,8 +28,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.cache import ArtifactError
     from pipeline.capture import LayerIndexError
     from pipeline.dag import PipelineError
+    from pipeline.directions import DirectionError
     from pipeline.gguf import GGUFError
     from pipeline.models import ModelLoadError
+    from pipeline.scoring import ScoringError
+    from pipeline.steering import SteeringError
     from stages.capture import PromptTooLongError
     from stages.datasets import DatasetError
 
@@ -41,6 +44,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ModelLoadError,
         PromptTooLongError,
         DatasetError,
+        DirectionError,
+        ScoringError,
+        SteeringError,
     )
 
 

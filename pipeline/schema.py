@@ -38,11 +38,13 @@ class ConceptConfig:
     conditions: list[str] | None = None  # conditions to keep, in label order (null: all)
     instruction: str = "{text}"  # user message template; {text} is the dataset question
     system_prompt: str | None = None  # null: the chat template's default system prompt
+    fewshot: list[dict[str, str]] = field(default_factory=list)  # [{text, answer}] examples
 
 
 @dataclass
 class PromptsConfig:
     format: str = "chat"  # chat (model's chat template) | plain (instruction text only)
+    fewshot: bool = True  # prepend the concept's few-shot examples (chat turns or Q:/A: lines)
     test_fraction: float = 0.0  # share of each condition marked split=test (rows without split)
 
 

@@ -18,7 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.steering import LayerEdit, generate_steered, steered_last_logits
+from pipeline.prefix import batched_last_logits, greedy_generate
+from pipeline.steering import LayerEdit, steer
+
+
+class ScoringError(ValueError):
+    """An unknown or misconfigured scorer; the message lists the valid ones."""
 
 
 def word_token_ids(tokenizer: Any, word: str) -> list[int]:
@@ -73,28 +78,19 @@ class LogitScorer:
         """One dict per prompt: margin (target - original), top_token, top_word."""
         ids = {w: word_token_ids(lm.tokenizer, w) for w in words}
         word_of = {i: w for w, toks in ids.items() for i in toks}
-        rows: list[dict] = []
-        order = np.argsort([len(t) for t in tokens], kind="stable")  # little padding
-        out: dict[int, dict] = {}
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            logits = steered_last_logits(
-                lm.model,
-                [tokens[i] for i in batch],
-                list(steering.edits),
-                steering.mode or "add",
-                steering.alpha,
-                pad_id=pad_id,
-            )
-            for row, i in zip(logits, batch, strict=True):
-                top = int(np.argmax(row))
-                margin = float(row[ids[target[i]]].max() - row[ids[original[i]]].max())
-                out[int(i)] = {
+        with steer(lm.model, list(steering.edits), steering.mode or "add", steering.alpha):
+            logits = batched_last_logits(lm.model, tokens, pad_id, self.batch_size)
+        rows = []
+        for i, row in enumerate(logits):
+            top = int(np.argmax(row))
+            margin = float(row[ids[target[i]]].max() - row[ids[original[i]]].max())
+            rows.append(
+                {
                     "margin": margin,
                     "top_token": lm.tokenizer.decode([top]),
                     "top_word": word_of.get(top),
                 }
-        rows = [out[i] for i in range(len(tokens))]
+            )
         return rows
 
 
@@ -116,19 +112,9 @@ class GenerateScorer:
         steering: Steering = UNSTEERED,
         pad_id: int = 0,
     ) -> list[dict]:
-        rows = []
-        for toks in tokens:
-            text, _ = generate_steered(
-                lm.model,
-                lm.tokenizer,
-                list(toks),
-                list(steering.edits),
-                steering.mode or "add",
-                steering.alpha,
-                max_tokens=self.max_tokens,
-            )
-            rows.append({"answer": text, "named": named_word(text, words)})
-        return rows
+        with steer(lm.model, list(steering.edits), steering.mode or "add", steering.alpha):
+            answers = greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens)
+        return [{"answer": text, "named": named_word(text, words)} for text, _ in answers]
 
 
 SCORERS = {"logit": LogitScorer, "generate": GenerateScorer}
@@ -138,13 +124,13 @@ def make_scorer(cfg: Any) -> LogitScorer | GenerateScorer:
     """A scorer from a name or a ``_target_`` config."""
     if isinstance(cfg, str):
         if cfg not in SCORERS:
-            raise ValueError(f"unknown scorer {cfg!r}; valid scorers: {sorted(SCORERS)}")
+            raise ScoringError(f"unknown scorer {cfg!r}; valid scorers: {sorted(SCORERS)}")
         return SCORERS[cfg]()
     from hydra.utils import instantiate
 
     try:
         return instantiate(cfg)
     except Exception as err:
-        raise ValueError(
+        raise ScoringError(
             f"cannot build the scorer {dict(cfg)}: {err}; use steer.scorer=logit or generate"
         ) from err

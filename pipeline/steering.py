@@ -121,24 +121,30 @@ def make_mode(name_or_cfg: Any) -> Any:
     """A mode from a name in :data:`MODES`, a config with ``_target_``, a mode class or object."""
     if isinstance(name_or_cfg, str):
         if name_or_cfg not in MODES:
-            raise ValueError(
+            raise SteeringError(
                 f"unknown steering mode {name_or_cfg!r}; valid modes: {', '.join(MODES)}"
             )
         return MODES[name_or_cfg]()
     if isinstance(name_or_cfg, Mapping):
         if "_target_" not in name_or_cfg:
-            raise ValueError(
+            raise SteeringError(
                 "a steering mode config needs a `_target_` (e.g. pipeline.steering.AddMode); "
                 f"or use a name: {', '.join(MODES)}"
             )
         from hydra.utils import instantiate
 
-        return instantiate(name_or_cfg)
+        try:
+            return instantiate(name_or_cfg)
+        except Exception as err:
+            raise SteeringError(
+                f"cannot build the steering mode {dict(name_or_cfg)}: {err}; valid modes: "
+                f"{', '.join(MODES)}"
+            ) from err
     if isinstance(name_or_cfg, type):
         return name_or_cfg()
     if callable(name_or_cfg):
         return name_or_cfg
-    raise ValueError(
+    raise SteeringError(
         f"a steering mode must be a name ({', '.join(MODES)}), a config with `_target_`, "
         f"or a callable mode object; got {type(name_or_cfg).__name__}"
     )

@@ -48,13 +48,20 @@ def assign_splits(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Serie
     return split
 
 
-def render(tokenizer, user_text: str, fmt: str, system_prompt: str | None) -> tuple[str, list]:
-    """The text the model reads and its token ids."""
+def render(
+    tokenizer, user_text: str, fmt: str, system_prompt: str | None, shots: list[tuple[str, str]]
+) -> tuple[str, list]:
+    """The text the model reads and its token ids; ``shots`` are (question, answer) examples."""
     if fmt == "plain":
-        return user_text, list(tokenizer.encode(user_text))
-    messages = [{"role": "user", "content": user_text}]
+        text = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in shots)
+        text += f"Q: {user_text}\nA:" if shots else user_text
+        return text, list(tokenizer.encode(text))
+    messages = []
     if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
+        messages.append({"role": "system", "content": system_prompt})
+    for q, a in shots:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": user_text})
     chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return chat_text, list(tokenizer.encode(chat_text, add_special_tokens=False))
 
@@ -70,7 +77,14 @@ def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer,
     label_of = {c: i for i, c in enumerate(conditions)}
     labels = df["label"].where(df["label"].notna(), df["condition"].map(label_of)).astype(int)
     user_texts = [concept["instruction"].format(text=t) for t in df["text"]]
-    rendered = [render(tokenizer, u, fmt, concept.get("system_prompt")) for u in user_texts]
+    shots = []
+    if prompts_cfg.get("fewshot", True):
+        shots = [
+            (concept["instruction"].format(text=ex["text"]), ex["answer"])
+            for ex in concept.get("fewshot") or []
+        ]
+    system = concept.get("system_prompt")
+    rendered = [render(tokenizer, u, fmt, system, shots) for u in user_texts]
     return pd.DataFrame(
         {
             "prompt_id": df["id"].astype(str),

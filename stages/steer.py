@@ -88,9 +88,7 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
             both, _score(logit, lm, both, score, Steering((), None, 0.0), _pad(lm)), "none", "logit"
         )
     ]
-    answers = []
-    for i in tqdm(range(len(both)), desc="baseline answers", leave=False):
-        answers += _score(gen, lm, both.iloc[[i]], score, Steering((), None, 0.0), _pad(lm))
+    answers = _score(gen, lm, both, score, Steering((), None, 0.0), _pad(lm))
     frames.append(_rows(both, answers, "none", "generate"))
     table = pd.concat(frames, ignore_index=True)
     table.to_parquet(out / "baseline.parquet", index=False)
@@ -144,10 +142,7 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
         sample = swap.iloc[np.sort(rng.choice(len(swap), confirm_n, replace=False))]
         sample = pd.concat([sample, controls], ignore_index=True)
         gen = GenerateScorer(max_tokens=score["max_tokens"])
-        answers = [
-            _score(gen, lm, sample.iloc[[i]], score, main, pad)[0]
-            for i in tqdm(range(len(sample)), desc="steered answers", leave=False)
-        ]
+        answers = _score(gen, lm, sample, score, main, pad)
         frames.append(_rows(sample, answers, "main", "generate"))
     table = pd.concat(frames, ignore_index=True)
     table["swapped"] = _swapped(table, score)

@@ -27,6 +27,7 @@ def _overrides(tmp_path: Path, dataset: Path, *extra: str) -> list[str]:
         f"concept.dataset={dataset}",
         "concept.conditions=[green,red]",
         f"paths.outputs={tmp_path / 'outputs'}",
+        "pipeline.stages=[capture]",
         *extra,
     ]
 
@@ -95,6 +96,7 @@ def _cli(tmp_path: Path, dataset: Path, outputs: Path) -> list[str]:
         f"concept.dataset={dataset}",
         "concept.conditions=[green,red]",
         "capture.batch_size=1",
+        "pipeline.stages=[capture]",
         f"paths.outputs={outputs}",
     ]
 
