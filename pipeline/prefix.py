@@ -44,6 +44,14 @@ def prefix_cache(model: Any, prefix: Sequence[int]) -> list | None:
     return cache
 
 
+def shared_prefix(model: Any, seqs: Sequence[Sequence[int]]) -> tuple[int, list | None]:
+    """(length, cache) of the prefix all ``seqs`` share, run in the model's current state;
+    (0, None) when there is none worth caching."""
+    p = common_prefix_len(seqs) if len(seqs) > 1 else 0
+    cache = prefix_cache(model, seqs[0][:p]) if p else None
+    return (p, cache) if cache is not None else (0, None)
+
+
 def expand_cache(cache: list, batch: int) -> list:
     """Fresh KVCache objects holding ``batch`` copies of a one-sequence cache."""
     out = []
@@ -56,21 +64,29 @@ def expand_cache(cache: list, batch: int) -> list:
     return out
 
 
+def _resolve_prefix(model, seqs, prefix) -> tuple[int, list | None]:
+    if prefix is False:
+        return 0, None
+    if prefix is None:
+        return shared_prefix(model, seqs)
+    return prefix
+
+
 def batched_last_logits(
     model: Any,
     seqs: Sequence[Sequence[int]],
     pad_id: int = 0,
     batch_size: int = 16,
-    reuse_prefix: bool = True,
+    prefix: tuple[int, list | None] | bool | None = None,
 ) -> np.ndarray:
     """float32 [n, vocab] logits at each sequence's last token; batches are right-padded
-    (causal attention: real positions never see the pads) and share the prefix cache."""
+    (causal attention: real positions never see the pads) and share the prefix cache.
+
+    prefix: None = find and run the shared prefix now (in the current model state);
+    False = no reuse; (length, cache) = a prefix run earlier (e.g. unsteered)."""
     if any(len(s) == 0 for s in seqs):
         raise ValueError("every sequence needs at least one token")
-    p = common_prefix_len(seqs) if reuse_prefix else 0
-    cache0 = prefix_cache(model, seqs[0][:p]) if p else None
-    if cache0 is None:
-        p = 0
+    p, cache0 = _resolve_prefix(model, seqs, prefix)
     order = np.argsort([len(s) for s in seqs], kind="stable")
     out: list[np.ndarray | None] = [None] * len(seqs)
     for start in range(0, len(order), batch_size):
@@ -92,7 +108,7 @@ def greedy_generate(
     tokenizer: Any,
     seqs: Sequence[Sequence[int]],
     max_tokens: int = 12,
-    reuse_prefix: bool = True,
+    prefix: tuple[int, list | None] | bool | None = None,
 ) -> list[tuple[str, list[int]]]:
     """Greedy answers (text, token ids; EOS excluded) with mlx-lm's generate loop and KV cache,
     each started from a copy of the shared prefix's cache."""
@@ -101,10 +117,7 @@ def greedy_generate(
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(int(tokenizer.eos_token_id))
-    p = common_prefix_len(seqs) if reuse_prefix and len(seqs) > 1 else 0
-    cache0 = prefix_cache(model, seqs[0][:p]) if p else None
-    if cache0 is None:
-        p = 0
+    p, cache0 = _resolve_prefix(model, seqs, prefix)
     results = []
     for seq in seqs:
         cache = expand_cache(cache0, 1) if cache0 is not None else None

@@ -80,6 +80,7 @@ class SteerConfig:
     layer: Any = 12  # decoder layer(s) edited: an int or a list (negative ok)
     alpha: float = 1.0  # strength; for reflect 1.0 = exact mirror
     mode: Any = "reflect"  # add | subtract | reflect | ablate, or {_target_: ...}
+    positions: str = "all"  # all tokens | suffix: leave the shared prefix (few-shot) unsteered
     n_random: int = 10  # random directions of equal norm for the baseline rate
     confirm_n: int = 24  # questions also answered by greedy generation (steered)
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.prefix import batched_last_logits, greedy_generate
+from pipeline.prefix import batched_last_logits, greedy_generate, shared_prefix
 from pipeline.steering import LayerEdit, steer
 
 
 class ScoringError(ValueError):
-    """An unknown or misconfigured scorer; the message lists the valid ones."""
+    """An unknown or misconfigured scorer or steering setting; the message lists valid ones."""
 
 
 def word_token_ids(tokenizer: Any, word: str) -> list[int]:
@@ -45,13 +45,34 @@ def named_word(text: str, words: Sequence[str]) -> str | None:
     return found.group(1).lower() if found else None
 
 
+POSITIONS = ("all", "suffix")
+
+
 @dataclass(frozen=True)
 class Steering:
-    """One steering setting: edits at layers, a mode object, alpha (empty edits = unsteered)."""
+    """One steering setting: edits at layers, a mode object, alpha (empty edits = unsteered).
+
+    positions: "all" edits every token; "suffix" leaves the prompts' shared prefix (system
+    prompt, few-shot turns) unsteered and edits the rest of the prompt and every new token.
+    """
 
     edits: tuple[LayerEdit, ...]
     mode: Any
     alpha: float
+    positions: str = "all"
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ScoringError(
+                f"steer.positions must be one of {POSITIONS}, not {self.positions!r}"
+            )
+
+
+def _run_steered(lm: Any, tokens: list[list[int]], steering: Steering, fn):
+    """Run ``fn(prefix)`` under the steering; the shared prefix is run steered or not."""
+    prefix = shared_prefix(lm.model, tokens) if steering.positions == "suffix" else None
+    with steer(lm.model, list(steering.edits), steering.mode or "add", steering.alpha):
+        return fn(prefix)
 
 
 UNSTEERED = Steering(edits=(), mode=None, alpha=0.0)
@@ -78,8 +99,12 @@ class LogitScorer:
         """One dict per prompt: margin (target - original), top_token, top_word."""
         ids = {w: word_token_ids(lm.tokenizer, w) for w in words}
         word_of = {i: w for w, toks in ids.items() for i in toks}
-        with steer(lm.model, list(steering.edits), steering.mode or "add", steering.alpha):
-            logits = batched_last_logits(lm.model, tokens, pad_id, self.batch_size)
+        logits = _run_steered(
+            lm,
+            tokens,
+            steering,
+            lambda prefix: batched_last_logits(lm.model, tokens, pad_id, self.batch_size, prefix),
+        )
         rows = []
         for i, row in enumerate(logits):
             top = int(np.argmax(row))
@@ -112,8 +137,12 @@ class GenerateScorer:
         steering: Steering = UNSTEERED,
         pad_id: int = 0,
     ) -> list[dict]:
-        with steer(lm.model, list(steering.edits), steering.mode or "add", steering.alpha):
-            answers = greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens)
+        answers = _run_steered(
+            lm,
+            tokens,
+            steering,
+            lambda prefix: greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens, prefix),
+        )
         return [{"answer": text, "named": named_word(text, words)} for text, _ in answers]
 
 

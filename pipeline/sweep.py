@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
     """One row per job folder that holds a report.json (or at least run.json)."""
     rows = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    for job in sorted(jobs, key=lambda p: int(p.name)):
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
         row: dict[str, Any] = {"job": int(job.name), "overrides": " ".join(overrides)}
@@ -37,6 +38,7 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
                     "layer": ",".join(map(str, r["steer"]["layers"])),
                     "alpha": r["steer"]["alpha"],
                     "mode": r["steer"]["mode"],
+                    "positions": r["steer"].get("positions", "all"),
                     "swap_answered_right": r["swap"]["answered_right"]["rate"],
                     "n_answered_right": r["swap"]["answered_right"]["n"],
                     "swap_all": r["swap"]["all"]["rate"],

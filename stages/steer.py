@@ -126,14 +126,15 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
     mode = make_mode(steer["mode"])
     scorer = make_scorer(score["scorer"])
     pad = _pad(lm)
-    main = Steering(_edits(ds, layers), mode, alpha)
+    positions = steer.get("positions", "all")
+    main = Steering(_edits(ds, layers), mode, alpha, positions)
     frames = [_rows(swap, _score(scorer, lm, swap, score, main, pad), "main", scorer.kind)]
     if len(controls):
         ctrl = _score(scorer, lm, controls, score, main, pad)
         frames.append(_rows(controls, ctrl, "main", scorer.kind))
     randoms = ds.random_like(int(steer["n_random"]), seed=int(cfg["seed"]))
     for i, rnd in enumerate(tqdm(randoms, desc="random directions", leave=False)):
-        steering = Steering(_edits(rnd, layers), mode, alpha)
+        steering = Steering(_edits(rnd, layers), mode, alpha, positions)
         res = _score(scorer, lm, swap, score, steering, pad)
         frames.append(_rows(swap, res, f"random-{i:02d}", scorer.kind))
     confirm_n = min(int(steer["confirm_n"]), len(swap))
