@@ -112,12 +112,14 @@ def _recording_class(original: type, index: int, recorder: LayerRecorder, stop_h
             raise _StopForward
         return out
 
-    name = f"Capturing{original.__name__}"
-    return type(
-        name,
-        (original,),
-        {"__call__": __call__, "__module__": original.__module__, "__qualname__": name},
-    )
+    return subclass_with_call(original, "Capturing", __call__)
+
+
+def subclass_with_call(original: type, prefix: str, call) -> type:
+    """A one-off subclass of ``original`` whose ``__call__`` is ``call`` (for class swaps)."""
+    name = f"{prefix}{original.__name__}"
+    namespace = {"__call__": call, "__module__": original.__module__, "__qualname__": name}
+    return type(name, (original,), namespace)
 
 
 @contextmanager

@@ -78,13 +78,10 @@ def _run_steered(lm: Any, tokens: list[list[int]], steering: Steering, fn):
 UNSTEERED = Steering(edits=(), mode=None, alpha=0.0)
 
 
-class LogitScorer:
-    """Logit margin of the target word over the original at the answer position."""
+class Scorer:
+    """Base of the scorers: run ``score`` under a steering setting (prefix handled here)."""
 
-    kind = "logit"
-
-    def __init__(self, batch_size: int = 16):
-        self.batch_size = int(batch_size)
+    kind = ""
 
     def __call__(
         self,
@@ -96,15 +93,30 @@ class LogitScorer:
         steering: Steering = UNSTEERED,
         pad_id: int = 0,
     ) -> list[dict]:
-        """One dict per prompt: margin (target - original), top_token, top_word."""
+        """One dict per prompt (token ids), with its original and target word."""
+
+        def run(prefix):
+            return self.score(lm, tokens, original, target, words, pad_id, prefix)
+
+        return _run_steered(lm, tokens, steering, run)
+
+    def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
+        raise NotImplementedError
+
+
+class LogitScorer(Scorer):
+    """Logit margin of the target word over the original at the answer position."""
+
+    kind = "logit"
+
+    def __init__(self, batch_size: int = 16):
+        self.batch_size = int(batch_size)
+
+    def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
+        """margin (target - original, max over spellings), top_token, top_word."""
         ids = {w: word_token_ids(lm.tokenizer, w) for w in words}
         word_of = {i: w for w, toks in ids.items() for i in toks}
-        logits = _run_steered(
-            lm,
-            tokens,
-            steering,
-            lambda prefix: batched_last_logits(lm.model, tokens, pad_id, self.batch_size, prefix),
-        )
+        logits = batched_last_logits(lm.model, tokens, pad_id, self.batch_size, prefix)
         rows = []
         for i, row in enumerate(logits):
             top = int(np.argmax(row))
@@ -119,7 +131,7 @@ class LogitScorer:
         return rows
 
 
-class GenerateScorer:
+class GenerateScorer(Scorer):
     """Greedy generation; the answer text and the first of the words it names."""
 
     kind = "generate"
@@ -127,29 +139,15 @@ class GenerateScorer:
     def __init__(self, max_tokens: int = 8):
         self.max_tokens = int(max_tokens)
 
-    def __call__(
-        self,
-        lm: Any,
-        tokens: list[list[int]],
-        original: list[str],
-        target: list[str],
-        words: Sequence[str],
-        steering: Steering = UNSTEERED,
-        pad_id: int = 0,
-    ) -> list[dict]:
-        answers = _run_steered(
-            lm,
-            tokens,
-            steering,
-            lambda prefix: greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens, prefix),
-        )
+    def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
+        answers = greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens, prefix)
         return [{"answer": text, "named": named_word(text, words)} for text, _ in answers]
 
 
 SCORERS = {"logit": LogitScorer, "generate": GenerateScorer}
 
 
-def make_scorer(cfg: Any) -> LogitScorer | GenerateScorer:
+def make_scorer(cfg: Any) -> Scorer:
     """A scorer from a name or a ``_target_`` config."""
     if isinstance(cfg, str):
         if cfg not in SCORERS:

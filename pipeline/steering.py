@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import mlx.core as mx
 import numpy as np
 
-from pipeline.capture import decoder_layers, resolve_layers
+from pipeline.capture import decoder_layers, resolve_layers, subclass_with_call
 
 __all__ = [
     "MODES",
@@ -273,12 +273,7 @@ def _steering_class(original: type, edits: list[_Prepared], mode: Any, alpha: fl
             h = mode(h, vector, center, alpha)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    name = f"Steering{original.__name__}"
-    return type(
-        name,
-        (original,),
-        {"__call__": __call__, "__module__": original.__module__, "__qualname__": name},
-    )
+    return subclass_with_call(original, "Steering", __call__)
 
 
 @contextmanager

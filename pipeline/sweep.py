@@ -35,13 +35,17 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
             rb = r["random_baseline"]["answered_right"]
             row.update(
                 {
-                    "layer": ",".join(map(str, r["steer"]["layers"])),
+                    "layer": _layers(r["steer"]["layers"]),
                     "alpha": r["steer"]["alpha"],
                     "mode": r["steer"]["mode"],
                     "positions": r["steer"].get("positions", "all"),
                     "swap_answered_right": r["swap"]["answered_right"]["rate"],
                     "n_answered_right": r["swap"]["answered_right"]["n"],
                     "swap_all": r["swap"]["all"]["rate"],
+                    **{
+                        f"swap_{cond}_to_{c['target']}": c["swap_answered_right"]["rate"]
+                        for cond, c in r["unsteered"]["per_class"].items()
+                    },
                     "random_mean": rb["random_mean"],
                     "random_sd": rb["random_sd"],
                     "binomial_p": rb["binomial_p"],
@@ -57,6 +61,11 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
             row["status"] = "failed or running"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _layers(layers: list[int]) -> int | str:
+    """A single steered layer as an int (sorts numerically), several as "a,b"."""
+    return layers[0] if len(layers) == 1 else ",".join(map(str, layers))
 
 
 def _number(value: str) -> Any:

@@ -17,7 +17,7 @@ from pipeline.stats import SwapStats, binomial_test, mean_sd
 from stages.report_plots import plot_layers, plot_random_baseline
 from stages.report_text import render_markdown
 
-VERSION = "1"
+VERSION = "2"
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "model": "Qwen2.5-7B-Instruct-4bit",
     "swap": "102/112 (91.1%)",
@@ -104,7 +104,9 @@ def compute_report(prompts, baseline, generations, directions_info, steer_info, 
         }
     controls = _controls(baseline, generations, cfg)
     confirm = _confirm(generations, swap)
+    class_rates = [c["swap_answered_right"]["rate"] for c in per_class.values()]
     return {
+        "bidirectional_swap": float(min(class_rates)) if class_rates else float("nan"),
         "model": cfg["model_name"],
         "steer": steer_info,
         "direction": directions_info,

@@ -56,20 +56,36 @@ def plot_random_baseline(report: dict, path: Path) -> Path:
     test = report["random_baseline"]["answered_right"]
     main = report["swap"]["answered_right"]
     rates = test["random_rates"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    per_class = report["unsteered"]["per_class"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels, xs_named = [], []
+    bars = [("all", main)] + [
+        (f"{c}\n-> {v['target']}", v["swap_answered_right"]) for c, v in per_class.items()
+    ]
+    for j, (label, stat) in enumerate(bars):
+        x = j - len(bars) - 0.5
+        ax.bar(
+            [x],
+            [stat["rate"]],
+            color="tab:red",
+            width=0.8,
+            alpha=1.0 if j == 0 else 0.55,
+            label="concept direction" if j == 0 else None,
+        )
+        lo, hi = stat["ci95"]
+        ax.errorbar(
+            [x],
+            [stat["rate"]],
+            yerr=[[stat["rate"] - lo], [hi - stat["rate"]]],
+            color="black",
+            capsize=4,
+        )
+        labels.append(label)
+        xs_named.append(x)
     xs = list(range(len(rates)))
-    ax.bar([-1.5], [main["rate"]], color="tab:red", width=0.8, label="concept direction")
-    lo, hi = main["ci95"]
-    ax.errorbar(
-        [-1.5],
-        [main["rate"]],
-        yerr=[[main["rate"] - lo], [hi - main["rate"]]],
-        color="black",
-        capsize=4,
-    )
     ax.bar(xs, rates, color="tab:grey", width=0.8, label="random directions, equal norm")
     ax.axhline(test["random_mean"], color="tab:grey", ls="--", lw=1)
-    ax.set_xticks([-1.5, *xs], ["concept", *[f"r{i}" for i in xs]], fontsize=8)
+    ax.set_xticks([*xs_named, *xs], [*labels, *[f"r{i}" for i in xs]], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("swap rate")
     steer = report["steer"]

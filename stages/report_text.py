@@ -19,6 +19,7 @@ def render_markdown(r: dict) -> str:
         f"{r['direction']['contrast'][1]} (last-token residual stream, "
         f"{r['direction']['n_pos']} + {r['direction']['n_neg']} questions). "
         f"Steering: mode {st['mode']}, layer(s) {st['layers']}, alpha {st['alpha']}, "
+        f"positions {st.get('positions', 'all')}, "
         f"scorer `{st['scorer']}`, {st['n_random']} random directions of equal norm.",
         "",
         "## Unsteered baseline",
@@ -48,6 +49,10 @@ def render_markdown(r: dict) -> str:
         lines.append(
             f"| {cond} -> {c['target']} (answered right) | {_pct(c['swap_answered_right'])} | |"
         )
+    lines.append(
+        f"| bidirectional swap (the lower of the two class rates) | "
+        f"{100 * r['bidirectional_swap']:.1f}% | |"
+    )
     t = rb["answered_right"]
     lines.append(
         f"| random directions (mean +- sd) | {100 * t['random_mean']:.1f}% +- "

@@ -27,7 +27,7 @@ from pipeline.steering import LayerEdit, SteeringError, make_mode
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "2"
 
 
 def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -152,6 +152,7 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
         "layers": layers,
         "alpha": alpha,
         "mode": type(mode).__name__,
+        "positions": positions,
         "n_random": len(randoms),
         "scorer": scorer.kind,
     }

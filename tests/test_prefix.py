@@ -104,7 +104,7 @@ def test_suffix_positions_equal_a_position_masked_full_forward(arch):
         full = _full_last_logits(model, SEQS)
     with steer(model, list(edits), ReflectMode(), 1.0):
         everywhere = _full_last_logits(model, SEQS)
-    for row, ref, allpos in zip(got, full, everywhere, strict=True):
+    for row, ref in zip(got, full, strict=True):
         assert row["margin"] == pytest.approx(0.0, abs=1e-6)  # same token for both words here
         assert row["top_token"] == str([int(np.argmax(ref))])
     assert not np.allclose(full, everywhere)  # the prefix edit matters, so the test can fail
