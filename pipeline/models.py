@@ -38,6 +38,15 @@ class LoadedModel:
     d_model: int
     dequantized: bool
 
+    @property
+    def pad_id(self) -> int:
+        """Token used to right-pad batches (never seen by real positions: causal attention)."""
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, attr, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
 
 def _gpu_available() -> bool:
     try:

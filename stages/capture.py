@@ -101,7 +101,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
             f"prompt {row.prompt_id!r} has {row.n_tokens} tokens, over the limit of {limit}; "
             "shorten it or raise capture.max_tokens"
         )
-    pad_id = _pad_id(lm.tokenizer)
+    pad_id = lm.pad_id
     act_dir = out / "activations"
     act_dir.mkdir(exist_ok=True)
     batches = plan_batches(prompts["n_tokens"].to_numpy(), int(ccfg["batch_size"]))
@@ -132,14 +132,6 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return {**meta, "resumed_batches": resumed}
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def _context_length(model) -> int | None:

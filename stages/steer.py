@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from pipeline.capture import resolve_layers
 from pipeline.directions import DirectionSet
 from pipeline.models import load_model, model_fingerprint
-from pipeline.scoring import GenerateScorer, LogitScorer, Steering, make_scorer
+from pipeline.scoring import GenerateScorer, LogitScorer, ScoringError, Steering, make_scorer
 from pipeline.steering import LayerEdit, SteeringError, make_mode
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.D
     swap = prompts[prompts["condition"].isin(list(score["swap"]))].reset_index(drop=True)
     controls = prompts[prompts["condition"].isin(score["controls"])].reset_index(drop=True)
     if swap.empty:
-        raise ValueError(
+        raise ScoringError(
             f"no prompts of the swap conditions {list(score['swap'])} in split "
             f"{score['eval_split']!r}; fix score.swap or score.eval_split"
         )
@@ -50,15 +50,11 @@ def words_of(score: dict) -> list[str]:
 
 
 def _score(scorer, lm, df: pd.DataFrame, score: dict, steering: Steering, pad: int) -> list[dict]:
+    # controls have no own swap word: they get placeholder words, and their margin is unused
     original = [c if c in score["swap"] else words_of(score)[0] for c in df["condition"]]
     target = [score["swap"].get(c, words_of(score)[-1]) for c in df["condition"]]
     tokens = [list(map(int, t)) for t in df["tokens"]]
     return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad)
-
-
-def _pad(lm) -> int:
-    value = getattr(lm.tokenizer, "pad_token_id", None)
-    return value if isinstance(value, int) else 0
 
 
 def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> pd.DataFrame:
@@ -85,10 +81,13 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
     gen = GenerateScorer(max_tokens=score["max_tokens"])
     frames = [
         _rows(
-            both, _score(logit, lm, both, score, Steering((), None, 0.0), _pad(lm)), "none", "logit"
+            both,
+            _score(logit, lm, both, score, Steering((), None, 0.0), lm.pad_id),
+            "none",
+            "logit",
         )
     ]
-    answers = _score(gen, lm, both, score, Steering((), None, 0.0), _pad(lm))
+    answers = _score(gen, lm, both, score, Steering((), None, 0.0), lm.pad_id)
     frames.append(_rows(both, answers, "none", "generate"))
     table = pd.concat(frames, ignore_index=True)
     table.to_parquet(out / "baseline.parquet", index=False)
@@ -125,7 +124,7 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
     layers = steer_layers(steer, ds, lm.n_layers)
     mode = make_mode(steer["mode"])
     scorer = make_scorer(score["scorer"])
-    pad = _pad(lm)
+    pad = lm.pad_id
     positions = steer.get("positions", "all")
     main = Steering(_edits(ds, layers), mode, alpha, positions)
     frames = [_rows(swap, _score(scorer, lm, swap, score, main, pad), "main", scorer.kind)]
