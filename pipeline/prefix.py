@@ -103,6 +103,15 @@ def batched_last_logits(
     return np.stack(out)
 
 
+def eos_ids(tokenizer: Any) -> set[int]:
+    """End-of-sequence token ids of an mlx-lm ``TokenizerWrapper`` or a HF tokenizer."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids is None:
+        single = getattr(tokenizer, "eos_token_id", None)
+        ids = [] if single is None else [single]
+    return {int(i) for i in ids}
+
+
 def greedy_generate(
     model: Any,
     tokenizer: Any,
@@ -114,9 +123,7 @@ def greedy_generate(
     each started from a copy of the shared prefix's cache."""
     from mlx_lm.generate import generate_step
 
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        eos.add(int(tokenizer.eos_token_id))
+    eos = eos_ids(tokenizer)
     p, cache0 = _resolve_prefix(model, seqs, prefix)
     results = []
     for seq in seqs:

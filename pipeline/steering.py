@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from pipeline.capture import decoder_layers, resolve_layers, subclass_with_call
+from pipeline.prefix import batched_last_logits, greedy_generate
 
 __all__ = [
     "MODES",
@@ -309,15 +310,6 @@ def steer(model: Any, edits: Sequence[LayerEdit], mode: Any, alpha: float) -> It
             layer.__class__ = original
 
 
-def _eos_ids(tokenizer: Any) -> set[int]:
-    """End-of-sequence token ids of an mlx-lm ``TokenizerWrapper`` or a HF tokenizer."""
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if ids is None:
-        single = getattr(tokenizer, "eos_token_id", None)
-        ids = [] if single is None else [single]
-    return {int(i) for i in ids}
-
-
 def generate_steered(
     model: Any,
     tokenizer: Any,
@@ -332,22 +324,12 @@ def generate_steered(
     Runs ``mlx_lm.generate.generate_step`` (argmax sampler) and stops at an EOS token (not
     included) or after ``max_tokens``. Returns the decoded text and the generated token ids.
     """
-    from mlx_lm.generate import generate_step
-
     if not prompt_tokens:
         raise ValueError("generate_steered needs at least one prompt token")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    eos = _eos_ids(tokenizer)
-    generated: list[int] = []
     with steer(model, edits, mode, alpha):
-        prompt = mx.array(prompt_tokens, dtype=mx.int32)
-        for token, _ in generate_step(prompt, model, max_tokens=max_tokens):
-            token = int(token)
-            if token in eos:
-                break
-            generated.append(token)
-    return tokenizer.decode(generated), generated
+        return greedy_generate(model, tokenizer, [prompt_tokens], max_tokens, prefix=False)[0]
 
 
 def steered_last_logits(
@@ -368,10 +350,5 @@ def steered_last_logits(
     lengths = [len(seq) for seq in sequences]
     if min(lengths) == 0:
         raise ValueError(f"sequence {lengths.index(0)} is empty: every sequence needs a token")
-    width = max(lengths)
-    rows = [list(seq) + [pad_id] * (width - len(seq)) for seq in sequences]
     with steer(model, edits, mode, alpha):
-        logits = model(mx.array(rows, dtype=mx.int32))  # [batch, seq, vocab]
-        last = logits[mx.arange(len(rows)), mx.array(lengths) - 1].astype(mx.float32)
-        mx.eval(last)
-    return np.array(last, dtype=np.float32)
+        return batched_last_logits(model, sequences, pad_id, len(sequences), prefix=False)
