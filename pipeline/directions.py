@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.stats import finite_rows
+
 FORMAT = "mlx-interp.directions/1"
 PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{layer}"
 
@@ -35,14 +37,7 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
             f"class {name!r} has {arr.shape[0]} row(s); a direction needs at least 2 per class: "
             "add prompts for this condition or check the contrast names"
         )
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).any(axis=1).sum())
-        raise DirectionError(
-            f"class {name!r} has NaN/inf in {bad} row(s): recapture in float32 "
-            "(float16 overflows on large activations) or drop those prompts"
-        )
-    return arr
+    return finite_rows(arr, f"class {name!r}", DirectionError)
 
 
 def _check_pair(pos: Any, neg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

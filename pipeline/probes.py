@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.stats import finite_rows
+
 
 class ProbeError(ValueError):
     """A probe could not be fitted or scored; the message says what to change."""
@@ -64,14 +66,7 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ProbeError(f"{name} must be a non-empty matrix [n, d], got shape {arr.shape}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).any(axis=1).sum())
-        raise ProbeError(
-            f"{name} has NaN/inf in {bad} row(s): recapture in float32 "
-            "(float16 overflows on large activations) or drop those prompts"
-        )
-    return arr
+    return finite_rows(arr, name, ProbeError)
 
 
 def _as_labels(y: Any, n: int) -> tuple[np.ndarray, dict[str, int]]:

@@ -79,6 +79,18 @@ def binomial_test(k: int, n: int, p0: float, alternative: str = "greater") -> fl
     return float(_st.binomtest(k, n, p0, alternative=alternative).pvalue)
 
 
+def finite_rows(arr: np.ndarray, subject: str, error: type[Exception] = ValueError) -> np.ndarray:
+    """``arr`` [n, d] as float64; raises ``error`` naming ``subject`` and the rows with NaN/inf."""
+    arr = np.asarray(arr).astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise error(
+            f"{subject} has NaN/inf in {bad} row(s): recapture in float32 "
+            "(float16 overflows on large activations) or drop those prompts"
+        )
+    return arr
+
+
 def _clean(values, name: str = "values") -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
