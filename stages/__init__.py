@@ -46,7 +46,7 @@ STAGES: dict[str, Stage] = {
         name="report",
         run=report.run,
         reads=("model", "score", "report"),
-        needs=("prompts", "directions", "baseline", "steer"),
+        needs=("directions", "baseline", "steer"),
         version=report.VERSION,
     ),
 }

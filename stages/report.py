@@ -49,7 +49,7 @@ def unsteered_right(baseline: pd.DataFrame, swap: dict) -> pd.DataFrame:
     return right.reset_index(drop=True)
 
 
-def compute_report(prompts, baseline, generations, directions_info, steer_info, cfg) -> dict:
+def compute_report(baseline, generations, directions_info, steer_info, cfg) -> dict:
     """All report numbers from the stage tables (pure: tested on small DataFrames)."""
     swap = cfg["swap"]
     right = unsteered_right(baseline, swap)
@@ -197,18 +197,17 @@ def _examples(baseline, generations, swap, n: int = 6) -> list[dict]:
 
 
 def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads report, score, model; needs prompts, directions, baseline, steer."""
+    """Stage entry: reads report, score, model; needs directions, baseline, steer."""
     rcfg = {
         "swap": cfg["score"]["swap"],
         "controls": cfg["score"]["controls"],
         "model_name": cfg["model"]["name"],
     }
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
     baseline = pd.read_parquet(inputs["baseline"] / "baseline.parquet")
     generations = pd.read_parquet(inputs["steer"] / "generations.parquet")
     directions_info = json.loads((inputs["directions"] / "directions.json").read_text())
     steer_info = json.loads((inputs["steer"] / "steer.json").read_text())
-    report = compute_report(prompts, baseline, generations, directions_info, steer_info, rcfg)
+    report = compute_report(baseline, generations, directions_info, steer_info, rcfg)
     plots = []
     if cfg["report"]["plots"]:
         plots.append(plot_layers(directions_info, steer_info["layers"], out / "layers.png"))

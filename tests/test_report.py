@@ -120,7 +120,7 @@ STEER = {"layers": [3], "alpha": 1.0, "mode": "ReflectMode", "n_random": 2, "sco
 
 def test_counts_denominators_and_tests():
     base, gens = _tables()
-    r = compute_report(None, base, gens, DIRECTIONS, STEER, CFG)
+    r = compute_report(base, gens, DIRECTIONS, STEER, CFG)
     assert r["unsteered"]["n_answered_right"] == 14 and r["unsteered"]["n_questions"] == 20
     green = r["unsteered"]["per_class"]["green"]
     assert green["unsteered_right_logit"] == 8 and green["unsteered_right_generate"] == 8
@@ -141,7 +141,7 @@ def test_counts_denominators_and_tests():
 
 def test_no_random_swaps_uses_a_stated_floor_not_zero():
     base, gens = _tables(random_swaps=((0, 0), (0, 0)))
-    r = compute_report(None, base, gens, DIRECTIONS, STEER, CFG)
+    r = compute_report(base, gens, DIRECTIONS, STEER, CFG)
     test = r["random_baseline"]["answered_right"]
     assert test["p0_floored"] and test["p0"] == pytest.approx(0.5 / (2 * 14))
     assert 0 < test["binomial_p"] < 1e-6
@@ -151,7 +151,7 @@ def test_no_random_swaps_uses_a_stated_floor_not_zero():
 
 def test_markdown_has_the_table_rows():
     base, gens = _tables()
-    md = render_markdown(compute_report(None, base, gens, DIRECTIONS, STEER, CFG))
+    md = render_markdown(compute_report(base, gens, DIRECTIONS, STEER, CFG))
     for text in (
         "swap rate, answered right unsteered",
         "random directions (mean +- sd)",
