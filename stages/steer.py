@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 from pipeline.capture import resolve_layers
 from pipeline.directions import DirectionSet
 from pipeline.models import load_model, model_fingerprint
-from pipeline.scoring import GenerateScorer, LogitScorer, ScoringError, Steering, make_scorer
+from pipeline.scoring import (
+    UNSTEERED,
+    GenerateScorer,
+    LogitScorer,
+    ScoringError,
+    Steering,
+    make_scorer,
+)
 from pipeline.steering import LayerEdit, SteeringError, make_mode
 
 log = logging.getLogger(__name__)
@@ -82,12 +89,12 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
     frames = [
         _rows(
             both,
-            _score(logit, lm, both, score, Steering((), None, 0.0), lm.pad_id),
+            _score(logit, lm, both, score, UNSTEERED, lm.pad_id),
             "none",
             "logit",
         )
     ]
-    answers = _score(gen, lm, both, score, Steering((), None, 0.0), lm.pad_id)
+    answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
     frames.append(_rows(both, answers, "none", "generate"))
     table = pd.concat(frames, ignore_index=True)
     table.to_parquet(out / "baseline.parquet", index=False)
