@@ -21,6 +21,9 @@ from pipeline.stats import finite_rows
 
 FORMAT = "mlx-interp.directions/1"
 PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{layer}"
+# Optional header strings that trace a file to its run: the model config name, the hash of the
+# config that made it, and the content key of the directions artifact it came from.
+PROVENANCE = ("model", "config_key", "artifact_key")
 
 
 class DirectionError(ValueError):
@@ -286,10 +289,19 @@ class DirectionSet:
             out.append(self._derived(vectors, centers, "random", self.contrast, meta))
         return out
 
-    def save(self, path: str | Path) -> None:
-        """Write a safetensors file: ``direction.L``, ``pos_mean.L``, ``neg_mean.L`` + metadata."""
+    def save(self, path: str | Path, **provenance: Any) -> None:
+        """Write a safetensors file: ``direction.L``, ``pos_mean.L``, ``neg_mean.L`` + metadata.
+
+        The header carries format, method, contrast, layers, d_model and ``meta`` (JSON), plus
+        the provenance keys in :data:`PROVENANCE` (``model``, ``config_key``, ``artifact_key``)
+        as plain strings, taken from ``provenance`` or else from ``self.meta``, so a file can be
+        traced to its run without loading it (:func:`read_header`).
+        """
         from safetensors.numpy import save_file
 
+        unknown = sorted(set(provenance) - set(PROVENANCE))
+        if unknown:
+            raise DirectionError(f"unknown provenance {unknown}: use {list(PROVENANCE)}")
         tensors = {}
         for prefix, arrays in zip(
             PREFIXES, (self.vectors, self.pos_means, self.neg_means), strict=True
@@ -300,13 +312,22 @@ class DirectionSet:
             "method": self.method,
             "contrast": json.dumps(list(self.contrast)),
             "layers": json.dumps(self.layers),
+            "d_model": str(self.vectors[self.layers[0]].shape[0]),
             "meta": json.dumps(self.meta, sort_keys=True, default=str),
         }
+        for key in PROVENANCE:
+            value = provenance.get(key, self.meta.get(key))
+            if value is not None:
+                metadata[key] = str(value)
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> DirectionSet:
-        """Read a file written by ``save``; a missing tensor or field is a DirectionError."""
+        """Read a file written by ``save``; a missing tensor or field is a DirectionError.
+
+        Files from before the provenance keys load unchanged; header provenance that ``meta``
+        lacks is copied into ``meta``.
+        """
         from safetensors import safe_open
 
         try:
@@ -315,24 +336,60 @@ class DirectionSet:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # SafetensorError derives from Exception only
             raise DirectionError(f"{path}: not a readable safetensors file ({e})") from e
-        if metadata.get("format") != FORMAT:
-            raise DirectionError(f"{path}: not a directions file (format {metadata.get('format')})")
-        try:
-            layers = [int(x) for x in json.loads(metadata["layers"])]
-            contrast = tuple(json.loads(metadata["contrast"]))
-            meta = json.loads(metadata["meta"])
-            method = metadata["method"]
-        except (KeyError, ValueError, TypeError) as e:
-            raise DirectionError(f"{path}: bad metadata ({e!r}): rewrite it with save()") from e
+        header = _parse_header(path, metadata)
+        layers, meta = header["layers"], header["meta"]
+        for key in PROVENANCE:
+            if key in header:
+                meta.setdefault(key, header[key])
         expected = {f"{p}.{layer}" for p in PREFIXES for layer in layers}
-        if set(tensors) != expected or len(contrast) != 2:
+        if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise DirectionError(
                 f"{path}: tensors do not match layers {layers}: "
                 f"missing {missing}, unexpected {extra}"
             )
         vec, pos, neg = ({k: tensors[f"{p}.{k}"] for k in layers} for p in PREFIXES)
-        return cls(vec, pos, neg, method, contrast, meta)
+        return cls(vec, pos, neg, header["method"], header["contrast"], meta)
+
+
+def _parse_header(path: str | Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """The typed header of a directions file (layers, contrast, meta parsed from JSON)."""
+    if metadata.get("format") != FORMAT:
+        raise DirectionError(
+            f"{path}: not a directions file (format {metadata.get('format')}); write one with "
+            "DirectionSet.save or the directions stage"
+        )
+    try:
+        header: dict[str, Any] = {
+            "format": metadata["format"],
+            "method": metadata["method"],
+            "contrast": tuple(json.loads(metadata["contrast"])),
+            "layers": [int(x) for x in json.loads(metadata["layers"])],
+            "meta": json.loads(metadata["meta"]),
+        }
+        if "d_model" in metadata:
+            header["d_model"] = int(metadata["d_model"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise DirectionError(f"{path}: bad metadata ({e!r}): rewrite it with save()") from e
+    if len(header["contrast"]) != 2 or not isinstance(header["meta"], dict):
+        raise DirectionError(f"{path}: bad metadata (contrast or meta): rewrite it with save()")
+    header.update({key: metadata[key] for key in PROVENANCE if key in metadata})
+    return header
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """A directions file's header (method, contrast, layers, d_model, meta, provenance) only.
+
+    Reads no tensor data, so it is cheap for listing or checking a file before loading it.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # SafetensorError derives from Exception only
+        raise DirectionError(f"{path}: not a readable safetensors file ({e})") from e
+    return _parse_header(path, metadata)
 
 
 def extract(

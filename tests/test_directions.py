@@ -300,3 +300,45 @@ def test_cosine_matrix(dirset):
     np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6)
     np.testing.assert_allclose(m, m.T)
     assert m[0, 1] == pytest.approx(-1.0, abs=1e-6) and m[0, 2] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_save_writes_provenance_into_the_header(tmp_path, dirset):
+    from pipeline.directions import read_header
+
+    path = tmp_path / "d.safetensors"
+    dirset.save(path, model="smollm2_135m", config_key="c0ffee", artifact_key="abc")
+    header = read_header(path)
+    assert header["model"] == "smollm2_135m" and header["config_key"] == "c0ffee"
+    assert header["artifact_key"] == "abc" and header["layers"] == [3, 7]
+    assert header["method"] == "pca" and header["contrast"] == ("red", "blue")
+    assert header["d_model"] == dirset.vectors[3].shape[0]
+    loaded = DirectionSet.load(path)
+    assert loaded.meta["model"] == "smollm2_135m" and loaded.meta["artifact_key"] == "abc"
+    loaded.save(tmp_path / "again.safetensors")  # provenance now in meta: kept on re-save
+    assert read_header(tmp_path / "again.safetensors")["config_key"] == "c0ffee"
+    with pytest.raises(DirectionError, match="unknown provenance"):
+        dirset.save(path, modle="typo")
+
+
+def test_load_reads_files_written_before_provenance(tmp_path, dirset):
+    """The first file format: no d_model and no provenance keys in the header."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for prefix, arrays in (
+        ("direction", dirset.vectors),
+        ("pos_mean", dirset.pos_means),
+        ("neg_mean", dirset.neg_means),
+    ):
+        tensors.update({f"{prefix}.{k}": v for k, v in arrays.items()})
+    old_header = {
+        "format": "mlx-interp.directions/1",
+        "method": "pca",
+        "contrast": json.dumps(["red", "blue"]),
+        "layers": json.dumps([3, 7]),
+        "meta": json.dumps({"n_pos": 5}),
+    }
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old_header)
+    loaded = DirectionSet.load(tmp_path / "old.safetensors")
+    assert loaded.meta == {"n_pos": 5} and loaded.layers == [3, 7]
+    np.testing.assert_array_equal(loaded.vectors[7], dirset.vectors[7])
