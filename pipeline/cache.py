@@ -8,6 +8,8 @@ per key keeps two jobs of one sweep from computing the same artifact twice.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -16,10 +18,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.distributed import Group, sharding
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,18 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def writable_problem(path: str | os.PathLike) -> str | None:
+    """Why files cannot be created under ``path`` (checked on its nearest existing folder)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"cannot be created: {p} is a file, not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"is not writable ({p} is read-only for this user)"
+    return None
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A completed artifact: where it is and what its manifest says."""
@@ -118,9 +134,18 @@ class ArtifactStore:
             return None
         return Artifact(stage, key, self.path(stage, key), manifest, cached=True)
 
+    def check_writable(self) -> None:
+        """Fail at start, not half-way, when the store cannot be written."""
+        problem = writable_problem(self.root)
+        if problem:
+            raise ArtifactError(
+                f"the artifact store {self.root} {problem}; make it writable or set "
+                "paths.outputs=<a writable folder> (or paths.artifacts=...)"
+            )
+
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
-        """Exclusive lock on one artifact key, across processes (flock)."""
+        """Exclusive lock on one artifact key, across processes (flock); logs when it waits."""
         lock_dir = self.root / stage / ".locks"
         try:
             lock_dir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +153,14 @@ class ArtifactStore:
         except OSError as err:
             raise ArtifactError(
                 f"cannot write to the artifact store {self.root} ({err.strerror}); "
-                "make it writable or point paths.artifacts at a writable folder"
+                "make it writable or set paths.outputs=<a writable folder>"
             ) from err
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("artifact %s/%s is being computed by another job: waiting", stage, key)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -143,11 +172,14 @@ class ArtifactStore:
         key: str,
         compute: Callable[[Path], dict | None],
         record: dict | None = None,
+        resumable: bool = False,
     ) -> Artifact:
         """Return the artifact, computing it with ``compute(partial_dir)`` if needed.
 
         ``compute`` writes files into the partial folder it is given (which may hold
         parts from an interrupted attempt) and returns a small summary for the manifest.
+        ``resumable``: the stage reuses complete files left in the partial folder, so a
+        failed write keeps them (only temporary files are removed).
         """
         found = self.get(stage, key)
         if found is not None:
@@ -156,37 +188,142 @@ class ArtifactStore:
             found = self.get(stage, key)  # another job may have finished it meanwhile
             if found is not None:
                 return found
-            final = self.path(stage, key)
-            if final.exists():  # edited by hand or corrupt: keep it aside, never trust it
-                aside = final.with_name(f"{key}.invalid-{int(time.time())}")
-                log.warning(
-                    "artifact %s/%s fails its manifest check; moved to %s", stage, key, aside.name
-                )
-                os.replace(final, aside)
+            partial = self._prepare(stage, key)
+            started = time.time()
+            with self._write_errors(stage, key, partial, resumable):
+                summary = compute(partial) or {}
+                return self._finalize(stage, key, partial, summary, started, record)
+
+    def build_sharded(
+        self,
+        stage: str,
+        key: str,
+        compute: Callable[[Path], dict | None],
+        group: Group,
+        record: dict | None = None,
+    ) -> Artifact:
+        """Compute one artifact with every rank of ``group``; rank 0 writes the manifest.
+
+        All ranks write their own files into the one partial folder. Only rank 0 takes the
+        key's lock (against other jobs): a rank waiting on the lock while rank 0 waits for it
+        at a barrier would deadlock. Each step ends with a vote, so every rank agrees on
+        whether to compute, whether all succeeded and when the artifact is final.
+        """
+        if group.vote(self.get(stage, key) is not None) > 0:
+            return self._await(stage, key)
+        with ExitStack() as held:
+            ready, failure = 0, None
+            if group.rank == 0:
+                try:
+                    held.enter_context(self.lock(stage, key))
+                    ready = int(self.get(stage, key) is not None)
+                    if not ready:
+                        self._prepare(stage, key)
+                except Exception as err:  # the other ranks are waiting at the vote below
+                    failure = err
+            state = group.vote(2 * (failure is not None) + ready)
+            if state >= 2:
+                if failure is not None:
+                    raise failure
+                raise ArtifactError(f"rank 0 could not start stage {stage!r}; see its log")
+            if state > 0:  # another job completed it while rank 0 waited for the lock
+                return self._await(stage, key)
             partial = self.partial_path(stage, key)
-            partial.mkdir(parents=True, exist_ok=True)
             started = time.time()
             try:
-                summary = compute(partial) or {}
-            except OSError as err:
+                with self._write_errors(stage, key, partial, resumable=True), sharding(group.shard):
+                    summary = compute(partial) or {}
+            except Exception as err:  # every rank must reach the vote, even a failed one
+                failure = err
+            failed_ranks = group.vote(failure is not None)
+            if failure is not None:
+                raise failure
+            if failed_ranks:
                 raise ArtifactError(
-                    f"stage {stage!r} failed writing {partial} ({err.strerror}); what was "
-                    "completed before is intact; free disk space or fix permissions, then "
-                    "re-run to resume"
+                    f"stage {stage!r} failed on {failed_ranks} other rank(s); see their log "
+                    "lines; the completed parts are kept, so re-running resumes"
+                )
+            if group.rank == 0:
+                try:
+                    with self._write_errors(stage, key, partial, resumable=True):
+                        record = {**(record or {}), "ranks": group.size}
+                        self._finalize(stage, key, partial, summary, started, record)
+                except Exception as err:
+                    failure = err
+            if group.vote(failure is not None):  # rank 0 finalized (or failed to)
+                if failure is not None:
+                    raise failure
+                raise ArtifactError(f"rank 0 could not finalize stage {stage!r}; see its log")
+        return dataclasses.replace(self._await(stage, key), cached=False)  # computed just now
+
+    def _await(self, stage: str, key: str) -> Artifact:
+        """A complete artifact that another rank or job has just finalized."""
+        found = self.get(stage, key)
+        if found is None:
+            raise ArtifactError(
+                f"artifact {stage}/{key} was reported complete but fails its manifest "
+                f"check under {self.root}; is paths.artifacts one shared folder for all ranks?"
+            )
+        return found
+
+    def _prepare(self, stage: str, key: str) -> Path:
+        """Set aside an invalid final folder; return the (possibly resumed) partial folder."""
+        final = self.path(stage, key)
+        if final.exists():  # edited by hand or corrupt: keep it aside, never trust it
+            aside = final.with_name(f"{key}.invalid-{int(time.time())}")
+            log.warning(
+                "artifact %s/%s fails its manifest check; moved to %s", stage, key, aside.name
+            )
+            os.replace(final, aside)
+        partial = self.partial_path(stage, key)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def _finalize(
+        self, stage: str, key: str, partial: Path, summary: dict, started: float, record
+    ) -> Artifact:
+        """Write the manifest last, then rename the partial folder into place."""
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - started, 3),
+            "summary": summary,
+            "record": record or {},
+            "files": _listing(partial),
+        }
+        write_json_atomic(partial / MANIFEST, manifest)
+        final = self.path(stage, key)
+        os.replace(partial, final)
+        _fsync_dir(final.parent)
+        return Artifact(stage, key, final, manifest, cached=False)
+
+    @contextmanager
+    def _write_errors(self, stage: str, key: str, partial: Path, resumable: bool):
+        """Turn OSError while writing an artifact into a clear ArtifactError; disk full
+        removes the partial folder (or only its temporary files when the stage resumes)."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise ArtifactError(
+                    f"stage {stage!r} failed writing {partial} ({err.strerror}); artifacts "
+                    "completed before are intact; free disk space or fix permissions, then "
+                    "re-run"
                 ) from err
-            manifest = {
-                "stage": stage,
-                "key": key,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.time() - started, 3),
-                "summary": summary,
-                "record": record or {},
-                "files": _listing(partial),
-            }
-            write_json_atomic(partial / MANIFEST, manifest)
-            os.replace(partial, final)
-            _fsync_dir(final.parent)
-            return Artifact(stage, key, final, manifest, cached=False)
+            if resumable:
+                for tmp in partial.rglob(".*"):
+                    if tmp.is_file():
+                        tmp.unlink(missing_ok=True)
+                kept = "its completed part files are kept, so re-running resumes"
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
+                kept = "its partial folder was removed"
+            raise ArtifactError(
+                f"disk full while writing artifact {stage}/{key[:12]} in {partial.parent}: "
+                f"free space there or set paths.outputs=<a folder on a disk with room>; "
+                f"artifacts completed before are intact and {kept}"
+            ) from err
 
     def remove(self, stage: str, key: str) -> None:
         """Delete one artifact (used by `clean` tooling and tests)."""

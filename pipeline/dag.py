@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache import Artifact, ArtifactStore, hash_key
+from pipeline.distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,10 @@ class PipelineError(ValueError):
     """The stage graph or its config is wrong; raised before any stage runs."""
 
 
+class ConfigError(PipelineError):
+    """A stage found a bad value in its own config slice; the message names the key and fix."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """One node of the DAG.
@@ -35,6 +40,9 @@ class Stage:
     needs: upstream stage names whose artifacts this stage reads.
     version: bump when the code changes what the stage writes.
     fingerprint: slice -> dict of content hashes of files the slice names (dataset, weights).
+    resumable: the stage reuses complete files of an interrupted attempt (kept on disk full).
+    sharded: under mlx.launch every rank computes its share (``distributed.current_shard()``)
+        into the one artifact; otherwise one rank computes it and the others wait.
     """
 
     name: str
@@ -43,6 +51,8 @@ class Stage:
     needs: tuple[str, ...] = ()
     version: str = "1"
     fingerprint: Callable[[dict], dict] | None = None
+    resumable: bool = False
+    sharded: bool = False
 
 
 @dataclass
@@ -101,13 +111,29 @@ def stage_key(stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str]) -
     )
 
 
+def stage_keys(
+    stages: Mapping[str, Stage], targets: Iterable[str], cfg: Mapping[str, Any]
+) -> dict[str, str]:
+    """The artifact key of every stage the targets need, without running anything."""
+    keys: dict[str, str] = {}
+    for name in execution_order(stages, targets):
+        stage = stages[name]
+        upstream = {n: keys[n] for n in stage.needs}
+        keys[name] = stage_key(stage, config_slice(cfg, stage), upstream)
+    return keys
+
+
 def run_stages(
     stages: Mapping[str, Stage],
     targets: Iterable[str],
     cfg: Mapping[str, Any],
     store: ArtifactStore,
+    group: Group | None = None,
 ) -> dict[str, StageResult]:
-    """Run (or find cached) every stage the targets need, in DAG order."""
+    """Run (or find cached) every stage the targets need, in DAG order.
+
+    ``group``: the ranks of an mlx.launch job; sharded stages are computed by all of them.
+    """
     order = execution_order(stages, targets)
     slices = {name: config_slice(cfg, stages[name]) for name in order}  # fail before running
     keys: dict[str, str] = {}
@@ -124,7 +150,11 @@ def run_stages(
             log.info("stage %s: computing -> %s", name, out)
             return stage.run(slices[name], inputs, out)
 
-        art: Artifact = store.build(name, key, compute, record={"upstream": upstream})
+        record = {"upstream": upstream}
+        if stage.sharded and group is not None and group.size > 1:
+            art: Artifact = store.build_sharded(name, key, compute, group, record=record)
+        else:
+            art = store.build(name, key, compute, record=record, resumable=stage.resumable)
         seconds = time.time() - started
         state = "cached" if art.cached else f"computed in {seconds:.1f}s"
         log.info("stage %-10s %s  %s", name, state, art.path)

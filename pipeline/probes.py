@@ -215,3 +215,169 @@ def transfer_scores(
             )
         scores[str(name)] = float(np.mean(model.predict(rows)))
     return scores
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """How often a probe calls one condition's rows positive."""
+
+    condition: str
+    n: int
+    n_positive: int
+    in_training: bool  # True: rows of the probe's own contrast, scored by cross-validation
+
+    @property
+    def fraction(self) -> float:
+        return self.n_positive / self.n if self.n else math.nan
+
+
+def transfer_cv(
+    x_by_condition: Mapping[str, Any],
+    pos: Iterable[str],
+    neg: Iterable[str],
+    score_on: Iterable[str],
+    k: int = 5,
+    seed: int = 0,
+    probe: Any = None,
+) -> tuple[list[TransferResult], Any]:
+    """Score conditions with a pos-vs-neg probe, honestly for the training conditions.
+
+    The probe is fitted on every row of the ``pos`` and ``neg`` conditions. A condition outside
+    the contrast is scored by that probe; a condition inside it is scored by cross-validated
+    predictions (each row by the fold's probe that did not see it), so its rate is a held-out
+    rate, not training accuracy. Returns the results in ``score_on`` order and the fitted probe.
+    """
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    pos, neg = list(pos), list(neg)
+    overlap = sorted(set(pos) & set(neg))
+    if overlap:
+        raise ProbeError(f"condition(s) {overlap} are on both sides of the contrast")
+    missing = [c for c in pos + neg + list(score_on) if c not in x_by_condition]
+    if missing:
+        raise ProbeError(
+            f"no activations for condition(s) {sorted(set(missing))}; conditions present: "
+            f"{sorted(x_by_condition)}. Fix probes.contrasts / probes.transfer or the concept"
+        )
+    train = pos + neg
+    x = np.concatenate([_as_matrix(x_by_condition[c], f"condition {c!r}") for c in train])
+    cond = np.concatenate([[c] * len(x_by_condition[c]) for c in train])
+    y = np.isin(cond, pos)
+    for side, names in (("pos", pos), ("neg", neg)):
+        n = int(np.isin(cond, names).sum())
+        if n < k:
+            raise ProbeError(
+                f"the {side} side ({names}) has {n} examples, fewer than the {k} CV folds: "
+                "add examples or lower probes.folds"
+            )
+    probe = _probe(probe)
+    cv = StratifiedKFold(n_splits=int(k), shuffle=True, random_state=int(seed))
+    held_out = cross_val_predict(probe.make(seed), x, y, cv=cv)
+    model = probe.make(seed).fit(x, y)
+    results = []
+    for name in score_on:
+        if name in train:
+            pred = held_out[cond == name]
+        else:
+            rows = _as_matrix(x_by_condition[name], f"condition {name!r}")
+            if rows.shape[1] != x.shape[1]:
+                raise ProbeError(
+                    f"condition {name!r} has d={rows.shape[1]} but training has d={x.shape[1]}"
+                )
+            pred = model.predict(rows)
+        results.append(TransferResult(str(name), len(pred), int(np.sum(pred)), name in train))
+    return results, model
+
+
+def linear_weights(model: Any) -> tuple[np.ndarray, float]:
+    """(coef [d], intercept) of a fitted binary linear probe on the RAW features.
+
+    A StandardScaler step is folded in: sigmoid(x @ coef + intercept) is the probe's
+    probability of the positive class for an unscaled hidden state x.
+    """
+    steps = list(getattr(model, "named_steps", {"clf": model}).values())
+    clf = steps[-1]
+    coef = np.asarray(clf.coef_, dtype=np.float64)
+    if coef.shape[0] != 1:
+        raise ProbeError(f"linear_weights needs a binary probe, got {coef.shape[0]} classes")
+    coef, intercept = coef[0], float(np.ravel(clf.intercept_)[0])
+    for step in reversed(steps[:-1]):
+        mean = getattr(step, "mean_", None)
+        scale = getattr(step, "scale_", None)
+        if mean is None and scale is None:
+            raise ProbeError(f"cannot fold probe step {type(step).__name__} into linear weights")
+        scale = np.ones_like(coef) if scale is None else np.asarray(scale, dtype=np.float64)
+        mean = np.zeros_like(coef) if mean is None else np.asarray(mean, dtype=np.float64)
+        coef = coef / scale
+        intercept = intercept - float(coef @ mean)
+    return coef, intercept
+
+
+def mean_diff_cosines(
+    x_by_condition: Mapping[str, Any],
+    directions: Mapping[str, tuple[str, str]],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[dict]:
+    """Cosine between every pair of mean-difference directions, with a bootstrap CI.
+
+    ``directions`` maps a name to (pos, neg) conditions; direction = mean(pos) - mean(neg).
+    Each resample draws every condition's rows with replacement (stratified), recomputes
+    all directions and their cosines; the CI is the percentile interval. ``split_half`` is
+    each pair's mean cosine between directions fitted on disjoint random halves of the
+    prompts (a reliability reference: what the cosine of a direction with itself looks like
+    at this sample size).
+    """
+    names = list(directions)
+    if len(names) < 2:
+        raise ProbeError("probes.directions needs at least two named directions to compare")
+    conds = sorted({c for pair in directions.values() for c in pair})
+    missing = [c for c in conds if c not in x_by_condition]
+    if missing:
+        raise ProbeError(f"probes.directions names condition(s) {missing} that have no rows")
+    xs = {c: _as_matrix(x_by_condition[c], f"condition {c!r}") for c in conds}
+    rng = np.random.default_rng(seed)
+
+    def cosines(means: dict[str, np.ndarray]) -> np.ndarray:
+        vecs = np.stack([means[p] - means[n] for p, n in (directions[k] for k in names)])
+        norms = np.linalg.norm(vecs, axis=-1, keepdims=True)
+        unit = vecs / np.where(norms == 0, 1, norms)
+        return unit @ unit.T
+
+    point = cosines({c: x.mean(0) for c, x in xs.items()})
+    boots = np.empty((int(n_bootstrap), len(names), len(names)))
+    for b in range(int(n_bootstrap)):
+        means = {c: x[rng.integers(0, len(x), len(x))].mean(0) for c, x in xs.items()}
+        boots[b] = cosines(means)
+    halves = []
+    for _ in range(20):
+        perm = {c: rng.permutation(len(x)) for c, x in xs.items()}
+        first = {c: xs[c][perm[c][: len(perm[c]) // 2]].mean(0) for c in conds}
+        second = {c: xs[c][perm[c][len(perm[c]) // 2 :]].mean(0) for c in conds}
+        vec = {
+            h: np.stack([m[p] - m[n] for p, n in (directions[k] for k in names)])
+            for h, m in (("a", first), ("b", second))
+        }
+        norm = {h: v / np.linalg.norm(v, axis=-1, keepdims=True) for h, v in vec.items()}
+        halves.append(np.sum(norm["a"] * norm["b"], axis=-1))
+    split_half = np.mean(halves, axis=0)
+    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    out = []
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if j <= i:
+                continue
+            lo, hi = np.quantile(boots[:, i, j], [lo_q, hi_q]) if n_bootstrap else (math.nan,) * 2
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "cosine": float(point[i, j]),
+                    "lo": float(lo),
+                    "hi": float(hi),
+                    "split_half_a": float(split_half[i]),
+                    "split_half_b": float(split_half[j]),
+                }
+            )
+    return out

@@ -32,6 +32,16 @@ class ModelConfig:
 
 
 @dataclass
+class VariantsConfig:
+    rubrics: str = MISSING  # JSON file {condition: rubric text}; relative to the project root
+    kinds: list[str] = field(
+        default_factory=lambda: ["clean", "rubric", "padding", "wrong_rubric"]
+    )  # clean | rubric (own) | padding (random words, same token count) | wrong_rubric
+    placement: str = "before"  # before | after the task text
+    separator: str = "\n\n"  # between the rubric (or padding) and the task text
+
+
+@dataclass
 class ConceptConfig:
     name: str = MISSING  # concept name, e.g. color_swap
     dataset: str = MISSING  # JSONL file (schema in README); relative to the project root
@@ -39,6 +49,9 @@ class ConceptConfig:
     instruction: str = "{text}"  # user message template; {text} is the dataset question
     system_prompt: str | None = None  # null: the chat template's default system prompt
     fewshot: list[dict[str, str]] = field(default_factory=list)  # [{text, answer}] examples
+    extra_datasets: list[str] = field(default_factory=list)  # more JSONL files, rows appended
+    response_key: str | None = None  # dataset key holding an assistant reply to render after
+    variants: VariantsConfig | None = None  # expand each row into rubric/padding variants
 
 
 @dataclass
@@ -66,6 +79,16 @@ class DirectionsConfig:
 
 
 @dataclass
+class FluencyConfig:
+    n_prompts: int = 6  # swap questions also answered at length, steered and not (0 = off)
+    max_tokens: int = 32  # length of those long answers
+    instruction: str = "{text} Describe it in two or three sentences."  # zero-shot template
+    ngram: int = 3  # n of the repeated-n-gram share
+    max_period: int = 10  # longest token cycle that counts as a loop
+    min_repeats: int = 3  # copies of the cycle that must end the answer to count as a loop
+
+
+@dataclass
 class ScoreConfig:
     scorer: Any = "logit"  # logit | generate, or {_target_: pipeline.scoring.LogitScorer, ...}
     batch_size: int = 16  # prompts per forward of the logit scorer
@@ -73,6 +96,7 @@ class ScoreConfig:
     swap: dict[str, str] = field(default_factory=dict)  # condition -> target word
     controls: list[str] = field(default_factory=list)  # conditions used for contamination
     eval_split: str = "all"  # all | train | test: which prompts are evaluated
+    fluency: FluencyConfig = field(default_factory=FluencyConfig)  # loops and repetition
 
 
 @dataclass
@@ -86,8 +110,38 @@ class SteerConfig:
 
 
 @dataclass
+class ProbesConfig:
+    folds: int = 5  # stratified k-fold CV; every class needs at least this many examples
+    n_permutations: int = 100  # label shuffles for the per-layer permutation p-value (0: skip)
+    alpha: float = 0.05  # significance level of the chance line and of p-values
+    probe: Any = field(
+        default_factory=lambda: {"_target_": "pipeline.probes.LogisticProbe", "C": 1.0}
+    )  # factory of the estimator (make(seed) -> scikit-learn estimator)
+    layers: list[int] | None = None  # layers to probe (negative ok); null: every captured layer
+    pairs: Any = "all"  # all: a probe per pair of conditions | [[a, b], ...] | [] none
+    contrasts: dict[str, Any] = field(default_factory=dict)  # name -> {pos: [...], neg: [...]}
+    multiclass: list[str] = field(default_factory=list)  # conditions of one k-way probe
+    transfer: dict[str, list[str]] = field(default_factory=dict)  # contrast -> conditions
+    directions: dict[str, Any] = field(default_factory=dict)  # name -> {pos, neg} (mean diff)
+    n_bootstrap: int = 1000  # resamples for cosine CIs
+
+
+@dataclass
+class ContaminationConfig:
+    layers: list[int] | None = None  # layers compared (negative ok); null: every captured layer
+    layer: int | None = None  # headline layer of the table; null: the middle layer
+    reference: str = "clean"  # the variant every other variant is compared with
+    compare: list[list[str]] = field(
+        default_factory=lambda: [["rubric", "padding"], ["rubric", "wrong_rubric"]]
+    )  # paired differences of cosine, with bootstrap CIs
+    n_bootstrap: int = 1000  # resamples (scipy.stats.bootstrap, percentile)
+    confidence: float = 0.95  # CI level
+
+
+@dataclass
 class ReportConfig:
     plots: bool = True  # write PNG plots
+    reference: dict[str, Any] = field(default_factory=dict)  # published figures shown beside ours
 
 
 @dataclass
@@ -111,6 +165,8 @@ class RootConfig:
     directions: DirectionsConfig = MISSING  # direction-extraction stage
     score: ScoreConfig = MISSING  # how steering is scored (baseline and steer stages)
     steer: SteerConfig = MISSING  # steering stage
+    probes: ProbesConfig = field(default_factory=ProbesConfig)  # probe cross-validation stage
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # rubric
     report: ReportConfig = MISSING  # report stage
     paths: PathsConfig = field(default_factory=PathsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -1,7 +1,7 @@
 """The stages of the DAG and what each reads; ``STAGES`` is the registry the runner uses."""
 
 from pipeline.dag import Stage
-from stages import capture, directions, prompts, report, steer
+from stages import capture, contamination, directions, probe_report, probes, prompts, report, steer
 
 STAGES: dict[str, Stage] = {
     "prompts": Stage(
@@ -18,6 +18,8 @@ STAGES: dict[str, Stage] = {
         needs=("prompts",),
         version=capture.VERSION,
         fingerprint=capture.fingerprint,
+        resumable=True,  # part files of a killed attempt are reused
+        sharded=True,  # under mlx.launch each rank captures its share of the batches
     ),
     "directions": Stage(
         name="directions",
@@ -48,5 +50,33 @@ STAGES: dict[str, Stage] = {
         reads=("model", "score", "report"),
         needs=("directions", "baseline", "steer"),
         version=report.VERSION,
+    ),
+    "probes": Stage(
+        name="probes",
+        run=probes.run,
+        reads=("probes", "seed"),
+        needs=("prompts", "capture"),
+        version=probes.VERSION,
+    ),
+    "probe_report": Stage(
+        name="probe_report",
+        run=probe_report.run_probes,
+        reads=("model", "report"),
+        needs=("probes",),
+        version=probe_report.VERSION,
+    ),
+    "contamination": Stage(
+        name="contamination",
+        run=contamination.run,
+        reads=("contamination", "seed"),
+        needs=("prompts", "capture"),
+        version=contamination.VERSION,
+    ),
+    "contamination_report": Stage(
+        name="contamination_report",
+        run=probe_report.run_contamination,
+        reads=("model", "report"),
+        needs=("contamination",),
+        version=probe_report.VERSION,
     ),
 }

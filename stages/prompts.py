@@ -1,22 +1,47 @@
 """Stage `prompts`: a dataset file + concept config -> prompts.parquet.
 
 Columns: prompt_id, condition, label, text, chat_text, tokens (list<int32>), n_tokens,
-split, answer, meta. ``chat_text`` is exactly what the model reads (chat template applied).
+split, answer, meta, base_id, variant. ``chat_text`` is exactly what the model reads (chat
+template applied).
+
+Two concept options shape the text:
+- ``response_key``: the dataset row's reply (that meta key) is rendered as the assistant's
+  turn, and the text ends where the reply ends (no end-of-turn token), so the last token is
+  the reply's own last token.
+- ``variants``: each row becomes one prompt per kind: ``clean`` (the task alone), ``rubric``
+  (its condition's rubric before the task), ``wrong_rubric`` (the next condition's rubric, in
+  sorted order), ``padding`` (random common words with the same token count as its rubric).
+  ``base_id`` ties the variants of one row together.
 """
 
 from __future__ import annotations
 
+import json
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.cache import file_sha256
+from pipeline.dag import ConfigError
 from pipeline.models import load_model, model_fingerprint
 from stages.datasets import DatasetError, read_jsonl, resolve_dataset_path
 
-VERSION = "1"
+VERSION = "2"
 FORMATS = ("chat", "plain")
+VARIANT_KINDS = ("clean", "rubric", "padding", "wrong_rubric")
+# Content-neutral words for the padding variant (no grading, rubric or task vocabulary).
+PADDING_WORDS = (
+    "apple river window garden pencil cloud table morning bottle orange yellow silver "
+    "mountain bicycle kitchen letter forest candle pocket ladder harbor blanket button "
+    "carpet basket mirror pillow hammer island marble meadow paper pepper rabbit saddle "
+    "shadow spoon tunnel violin wagon walnut whistle anchor barrel castle cherry copper "
+    "desert feather glove honey jacket kettle lantern lemon magnet needle ocean parrot "
+    "pebble pumpkin ribbon rocket sandal shell sponge sugar thunder tiger tomato towel "
+    "trumpet umbrella valley velvet wheel willow wool yarn zebra cotton dolphin engine "
+    "fabric falcon fountain ginger granite helmet jungle kitten lizard meadow napkin"
+).split()
 
 
 def select_conditions(df: pd.DataFrame, conditions: list[str] | None, path: Path) -> list[str]:
@@ -36,7 +61,7 @@ def select_conditions(df: pd.DataFrame, conditions: list[str] | None, path: Path
 def assign_splits(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Series:
     """Keep given splits; mark ``test_fraction`` of each condition's other rows as test."""
     if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"prompts.test_fraction must be in [0, 1), not {test_fraction}")
+        raise ConfigError(f"prompts.test_fraction must be in [0, 1), not {test_fraction}")
     split = df["split"].fillna("train").astype(str)
     if test_fraction == 0:
         return split
@@ -49,12 +74,24 @@ def assign_splits(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Serie
 
 
 def render(
-    tokenizer, user_text: str, fmt: str, system_prompt: str | None, shots: list[tuple[str, str]]
+    tokenizer,
+    user_text: str,
+    fmt: str,
+    system_prompt: str | None,
+    shots: list[tuple[str, str]],
+    response: str | None = None,
 ) -> tuple[str, list]:
-    """The text the model reads and its token ids; ``shots`` are (question, answer) examples."""
+    """The text the model reads and its token ids; ``shots`` are (question, answer) examples.
+
+    With ``response`` the assistant's reply follows the user turn and the text stops at the
+    reply's end (the end-of-turn marker is left out, so the last token belongs to the reply).
+    """
     if fmt == "plain":
         text = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in shots)
-        text += f"Q: {user_text}\nA:" if shots else user_text
+        if response is not None:
+            text += f"Q: {user_text}\nA: {response}"
+        else:
+            text += f"Q: {user_text}\nA:" if shots else user_text
         return text, list(tokenizer.encode(text))
     messages = []
     if system_prompt is not None:
@@ -62,21 +99,159 @@ def render(
     for q, a in shots:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": user_text})
-    chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if response is None:
+        chat_text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+    else:
+        messages.append({"role": "assistant", "content": response})
+        full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        end = full.rfind(response)
+        if end < 0:
+            raise DatasetError(
+                "the chat template changed the assistant reply's text, so its end cannot be "
+                f"found: {response[:60]!r}; use prompts.format=plain or simplify the reply"
+            )
+        chat_text = full[: end + len(response)]
     return chat_text, list(tokenizer.encode(chat_text, add_special_tokens=False))
+
+
+def read_rubrics(path: Path, conditions: list[str]) -> dict[str, str]:
+    """{condition: rubric} from a JSON file; every condition needs a non-empty rubric."""
+    try:
+        rubrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+    if not isinstance(rubrics, dict):
+        raise DatasetError(f"{path}: expected a JSON object {{condition: rubric text}}")
+    missing = [c for c in conditions if not isinstance(rubrics.get(c), str) or not rubrics[c]]
+    if missing:
+        raise DatasetError(
+            f"{path}: no rubric for condition(s) {missing} (has {sorted(rubrics)}); add them "
+            "or fix concept.conditions"
+        )
+    return {c: rubrics[c] for c in conditions}
+
+
+def padding_like(tokenizer, target: str, seed: int) -> str:
+    """Random common words whose token count equals that of ``target`` (seeded).
+
+    Words are drawn until the count reaches the target; if the last word overshoots, other
+    last words are tried in a seeded order. If none fits exactly (rare), the closest count not
+    above the target is kept; the prompts table records every prompt's token count.
+    """
+    n_target = len(tokenizer.encode(target, add_special_tokens=False))
+    rng = np.random.default_rng(seed)
+
+    def count(ws: list[str]) -> int:
+        return len(tokenizer.encode(" ".join(ws), add_special_tokens=False))
+
+    words: list[str] = []
+    while count(words) < n_target:
+        words.append(str(rng.choice(PADDING_WORDS)))
+    if count(words) > n_target:
+        head = words[:-1]
+        for word in rng.permutation(PADDING_WORDS):
+            if count([*head, str(word)]) == n_target:
+                words = [*head, str(word)]
+                break
+        else:
+            words = head
+    return " ".join(words)
+
+
+def expand_variants(
+    df: pd.DataFrame, variants: dict, conditions: list[str], tokenizer, seed: int
+) -> pd.DataFrame:
+    """One row per (dataset row, kind): text with the rubric, padding or nothing added."""
+    kinds = list(variants.get("kinds") or VARIANT_KINDS)
+    unknown = [k for k in kinds if k not in VARIANT_KINDS]
+    if unknown:
+        raise ValueError(
+            f"concept.variants.kinds has unknown kind(s) {unknown}; use {VARIANT_KINDS}"
+        )
+    placement = variants.get("placement", "before")
+    if placement not in ("before", "after"):
+        raise ValueError(f"concept.variants.placement must be before or after, not {placement!r}")
+    sep = variants.get("separator", "\n\n")
+    rubrics = read_rubrics(resolve_dataset_path(variants["rubrics"]), conditions)
+    order = sorted(rubrics)
+    if "wrong_rubric" in kinds and len(order) < 2:
+        raise DatasetError("wrong_rubric needs rubrics for at least 2 conditions")
+    wrong = {c: order[(order.index(c) + 1) % len(order)] for c in order}
+    pad_cache: dict[tuple[str, int], str] = {}
+    rows = []
+    for row in df.to_dict("records"):
+        cond = row["condition"]
+        for kind in kinds:
+            if kind == "clean":
+                extra = None
+            elif kind == "rubric":
+                extra = rubrics[cond]
+            elif kind == "wrong_rubric":
+                extra = rubrics[wrong[cond]]
+            else:
+                pad_seed = seed * 1_000_003 + zlib.crc32(row["id"].encode())
+                key = (cond, pad_seed)
+                if key not in pad_cache:
+                    pad_cache[key] = padding_like(tokenizer, rubrics[cond], pad_seed)
+                extra = pad_cache[key]
+            text = row["text"]
+            if extra is not None:
+                text = f"{extra}{sep}{text}" if placement == "before" else f"{text}{sep}{extra}"
+            rows.append(
+                {
+                    **row,
+                    "id": f"{row['id']}|{kind}",
+                    "text": text,
+                    "base_id": row["id"],
+                    "variant": kind,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def read_datasets(concept: dict) -> tuple[pd.DataFrame, list[Path]]:
+    """Rows of the concept's dataset and extra datasets (ids unique across files)."""
+    paths = [resolve_dataset_path(concept["dataset"])]
+    paths += [resolve_dataset_path(p) for p in concept.get("extra_datasets") or []]
+    frames = [read_jsonl(p) for p in paths]
+    df = pd.concat(frames, ignore_index=True)
+    dup = df["id"][df["id"].duplicated()]
+    if len(dup):
+        raise DatasetError(
+            f"id {dup.iloc[0]!r} appears in more than one of {[str(p) for p in paths]}; "
+            "ids must be unique across concept.dataset and concept.extra_datasets"
+        )
+    return df, paths
 
 
 def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer, seed: int):
     """Pure part of the stage: dataset rows -> prompts table (tested without a model)."""
     fmt = prompts_cfg["format"]
     if fmt not in FORMATS:
-        raise ValueError(f"prompts.format must be one of {FORMATS}, not {fmt!r}")
+        raise ConfigError(f"prompts.format must be one of {FORMATS}, not {fmt!r}")
     path = Path(concept["dataset"])
     conditions = select_conditions(df, concept.get("conditions"), path)
     df = df[df["condition"].isin(conditions)].reset_index(drop=True)
+    if concept.get("variants"):
+        df = expand_variants(df, concept["variants"], conditions, tokenizer, seed)
+    else:
+        df = df.assign(base_id=df["id"], variant="")
     label_of = {c: i for i, c in enumerate(conditions)}
     labels = df["label"].where(df["label"].notna(), df["condition"].map(label_of)).astype(int)
     user_texts = [concept["instruction"].format(text=t) for t in df["text"]]
+    responses: list[str | None] = [None] * len(df)
+    key = concept.get("response_key")
+    if key:
+        metas = [json.loads(m) for m in df["meta"]]
+        bad = [i for i, m in enumerate(metas) if not isinstance(m.get(key), str) or not m[key]]
+        if bad:
+            raise DatasetError(
+                f"{path}: row {df['id'].iloc[bad[0]]!r} has no {key!r} string; every row needs "
+                f"one when concept.response_key={key}"
+            )
+        responses = [m[key] for m in metas]
     shots = []
     if prompts_cfg.get("fewshot", True):
         shots = [
@@ -84,7 +259,10 @@ def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer,
             for ex in concept.get("fewshot") or []
         ]
     system = concept.get("system_prompt")
-    rendered = [render(tokenizer, u, fmt, system, shots) for u in user_texts]
+    rendered = [
+        render(tokenizer, u, fmt, system, shots, r)
+        for u, r in zip(user_texts, responses, strict=True)
+    ]
     return pd.DataFrame(
         {
             "prompt_id": df["id"].astype(str),
@@ -97,21 +275,32 @@ def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer,
             "split": assign_splits(df, float(prompts_cfg["test_fraction"]), seed).to_numpy(),
             "answer": df["answer"].astype("string"),
             "meta": df["meta"].astype(str),
+            "base_id": df["base_id"].astype(str),
+            "variant": df["variant"].astype(str),
         }
     )
 
 
 def fingerprint(cfg: dict) -> dict:
-    path = resolve_dataset_path(cfg["concept"]["dataset"])
-    return {"dataset_sha256": file_sha256(path), "model": model_fingerprint(cfg["model"])}
+    concept = cfg["concept"]
+    out = {
+        "dataset_sha256": file_sha256(resolve_dataset_path(concept["dataset"])),
+        "model": model_fingerprint(cfg["model"]),
+    }
+    extra = concept.get("extra_datasets") or []
+    if extra:
+        out["extra_sha256"] = [file_sha256(resolve_dataset_path(p)) for p in extra]
+    if concept.get("variants"):
+        out["rubrics_sha256"] = file_sha256(resolve_dataset_path(concept["variants"]["rubrics"]))
+    return out
 
 
 def run(cfg: dict, inputs: dict, out: Path) -> dict:
     """Stage entry: reads concept, prompts, model (tokenizer), seed."""
     concept = dict(cfg["concept"])
-    path = resolve_dataset_path(concept["dataset"])
+    df, paths = read_datasets(concept)
+    path = paths[0]
     concept["dataset"] = str(path)
-    df = read_jsonl(path)
     tokenizer = load_model(cfg["model"]).tokenizer
     table = build_prompts(df, concept, cfg["prompts"], tokenizer, int(cfg["seed"]))
     table.to_parquet(out / "prompts.parquet", index=False)

@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _overrides(tmp_path: Path, dataset: Path, *extra: str) -> list[str]:
-    return [
+    """Base overrides for the tiny DAG; a key in ``extra`` replaces the base value (a key may
+    be given only once on the command line)."""
+    given = {e.split("=", 1)[0] for e in extra}
+    base = [
         "model=tiny_random",
         f"concept.dataset={dataset}",
         "concept.fewshot=[]",
@@ -26,8 +29,8 @@ def _overrides(tmp_path: Path, dataset: Path, *extra: str) -> list[str]:
         "steer.layer=2",
         "steer.n_random=3",
         "steer.confirm_n=4",
-        *extra,
     ]
+    return [o for o in base if o.split("=", 1)[0] not in given] + list(extra)
 
 
 def _dataset(tmp_path: Path) -> Path:
@@ -74,9 +77,7 @@ def test_multirun_sweep_writes_summary_and_captures_once(tmp_path):
         "-m",
         "pipeline.cli",
         "-m",
-        *_overrides(tmp_path, dataset),
-        "steer.alpha=0.5,1.5",
-        "steer.layer=1,2",
+        *_overrides(tmp_path, dataset, "steer.alpha=0.5,1.5", "steer.layer=1,2"),
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -108,7 +109,7 @@ def test_multirun_sweep_writes_summary_and_captures_once(tmp_path):
 def test_bad_steering_input_is_a_clear_error(tmp_path, override, message):
     dataset = _dataset(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", *_overrides(tmp_path, dataset), override]
+    cmd = [sys.executable, "-m", "pipeline.cli", *_overrides(tmp_path, dataset, override)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
