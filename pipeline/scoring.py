@@ -6,7 +6,8 @@ ids) plus a steering setting to one row per prompt:
 - ``LogitScorer`` (default): one batched forward; at the answer position, the logit margin
   of the target word over the original word (max over each word's first-token variants:
   "red", "Red", " red", " Red", "RED"), and the top token.
-- ``GenerateScorer``: greedy generation, then the first target word the answer names.
+- ``GenerateScorer``: greedy generation, then the first target word the answer names; the
+  generated token ids are kept (``token_ids``) for the fluency metrics.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class LogitScorer(Scorer):
 
 
 class GenerateScorer(Scorer):
-    """Greedy generation; the answer text and the first of the words it names."""
+    """Greedy generation; the answer text, its token ids and the first word it names."""
 
     kind = "generate"
 
@@ -141,7 +142,10 @@ class GenerateScorer(Scorer):
 
     def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
         answers = greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens, prefix)
-        return [{"answer": text, "named": named_word(text, words)} for text, _ in answers]
+        return [
+            {"answer": text, "named": named_word(text, words), "token_ids": list(ids)}
+            for text, ids in answers
+        ]
 
 
 SCORERS = {"logit": LogitScorer, "generate": GenerateScorer}

@@ -10,29 +10,46 @@ Assigning ``__call__`` on the instance would do nothing (Python looks special me
 the type), and state set as attributes on a layer would become parameters (``nn.Module`` is a
 dict), so the edit and its vectors live in the subclass's closure.
 
-Modes are small classes chosen by name or by Hydra ``_target_``; each maps
-``(h [batch, seq, d_model], vector [d_model], center [d_model] | None, alpha) -> h'`` and keeps
-the arithmetic in ``h``'s dtype.
+Modes (:mod:`pipeline.steering_modes`, re-exported here) are small classes chosen by name or by
+Hydra ``_target_``; each maps ``(h [batch, seq, d_model], vector [d_model], center [d_model] |
+None, alpha) -> h'`` and keeps the arithmetic in ``h``'s dtype. A mode with ``every_layer``
+is applied after every decoder layer; a mode with ``for_layer`` is bound to each layer it
+edits before any layer is touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from pipeline.capture import decoder_layers, resolve_layers, subclass_with_call
 from pipeline.prefix import batched_last_logits, greedy_generate
+from pipeline.steering_modes import (
+    MODES,
+    AblateAllLayersMode,
+    AblateMode,
+    AddMode,
+    ConditionalMode,
+    NormPreservingMode,
+    ReflectMode,
+    SteeringError,
+    SubtractMode,
+    make_mode,
+)
 
 __all__ = [
     "MODES",
+    "AblateAllLayersMode",
     "AblateMode",
     "AddMode",
+    "ConditionalMode",
     "LayerEdit",
+    "NormPreservingMode",
     "ReflectMode",
     "SteeringError",
     "SubtractMode",
@@ -41,114 +58,6 @@ __all__ = [
     "steer",
     "steered_last_logits",
 ]
-
-
-class SteeringError(ValueError):
-    """A steering request that cannot be applied (bad vector, alpha, width or mode)."""
-
-
-def _unit(vector: mx.array) -> mx.array:
-    """``vector / |vector|`` in the vector's dtype."""
-    return vector / mx.linalg.norm(vector)
-
-
-class AddMode:
-    """``h + alpha * vector``: push every position along the direction."""
-
-    needs_center: ClassVar[bool] = False
-
-    def __call__(
-        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
-    ) -> mx.array:
-        return h + alpha * vector
-
-
-class SubtractMode:
-    """``h - alpha * vector``: push every position against the direction."""
-
-    needs_center: ClassVar[bool] = False
-
-    def __call__(
-        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
-    ) -> mx.array:
-        return h - alpha * vector
-
-
-class ReflectMode:
-    """Mirror across the hyperplane through ``center`` orthogonal to ``vector``.
-
-    With ``u = vector / |vector|`` and ``c = (h - center) . u``: ``h' = h - 2 * alpha * c * u``.
-    ``alpha = 1`` is the exact mirror (the positive class mean lands on the negative one when
-    ``center`` is their midpoint and ``vector`` their difference); ``alpha`` scales the move.
-    """
-
-    needs_center: ClassVar[bool] = True
-
-    def __call__(
-        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
-    ) -> mx.array:
-        if center is None:
-            raise ValueError(
-                "reflect mode needs a center (the midpoint of the two class means); "
-                "pass LayerEdit(..., center=...)"
-            )
-        u = _unit(vector)
-        coefficient = (2 * alpha) * ((h - center) @ u)  # [batch, seq]
-        return h - coefficient[..., None] * u
-
-
-class AblateMode:
-    """``h - alpha * (h . u) u`` with ``u = vector / |vector|``; ``alpha = 1`` projects it out."""
-
-    needs_center: ClassVar[bool] = False
-
-    def __call__(
-        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
-    ) -> mx.array:
-        u = _unit(vector)
-        coefficient = alpha * (h @ u)  # [batch, seq]
-        return h - coefficient[..., None] * u
-
-
-MODES: dict[str, type] = {
-    "add": AddMode,
-    "subtract": SubtractMode,
-    "reflect": ReflectMode,
-    "ablate": AblateMode,
-}
-
-
-def make_mode(name_or_cfg: Any) -> Any:
-    """A mode from a name in :data:`MODES`, a config with ``_target_``, a mode class or object."""
-    if isinstance(name_or_cfg, str):
-        if name_or_cfg not in MODES:
-            raise SteeringError(
-                f"unknown steering mode {name_or_cfg!r}; valid modes: {', '.join(MODES)}"
-            )
-        return MODES[name_or_cfg]()
-    if isinstance(name_or_cfg, Mapping):
-        if "_target_" not in name_or_cfg:
-            raise SteeringError(
-                "a steering mode config needs a `_target_` (e.g. pipeline.steering.AddMode); "
-                f"or use a name: {', '.join(MODES)}"
-            )
-        from hydra.utils import instantiate
-
-        try:
-            return instantiate(name_or_cfg)
-        except Exception as err:
-            raise SteeringError(
-                f"cannot build the steering mode {dict(name_or_cfg)}: {err}; valid modes: "
-                f"{', '.join(MODES)}"
-            ) from err
-    if isinstance(name_or_cfg, type):
-        return name_or_cfg()
-    if callable(name_or_cfg):
-        return name_or_cfg
-    raise SteeringError(
-        f"a steering mode must be a name ({', '.join(MODES)}), a config with `_target_`, "
-        f"or a callable mode object; got {type(name_or_cfg).__name__}"
-    )
 
 
 @dataclass(frozen=True)
@@ -282,7 +191,8 @@ def steer(model: Any, edits: Sequence[LayerEdit], mode: Any, alpha: float) -> It
     """Edit the residual stream at the layers named by ``edits`` in every forward inside.
 
     ``mode`` is a name from :data:`MODES`, a ``_target_`` config or a mode object. Several
-    edits on one layer apply in order. Empty ``edits`` makes this a no-op. Raises
+    edits on one layer apply in order; an ``every_layer`` mode applies each edit after every
+    decoder layer. Empty ``edits`` makes this a no-op. Raises
     :class:`SteeringError` (non-finite alpha, zero/non-finite vector, wrong d_model, missing
     center) or :class:`~pipeline.capture.LayerIndexError` (layer out of range) before any
     layer is touched.
@@ -294,15 +204,19 @@ def steer(model: Any, edits: Sequence[LayerEdit], mode: Any, alpha: float) -> It
     alpha = _check_alpha(alpha)
     prepared = _prepare(model, edits, mode)
     blocks = decoder_layers(model)
+    if getattr(mode, "every_layer", False):
+        prepared = [replace(e, layer=i) for i in range(len(blocks)) for e in prepared]
     grouped: dict[int, list[_Prepared]] = {}
     for edit in prepared:
         grouped.setdefault(edit.layer, []).append(edit)
+    bind = getattr(mode, "for_layer", None)
+    modes = {index: bind(index) if bind else mode for index in grouped}  # may raise: not swapped
     swapped: list[tuple[Any, type]] = []
     try:
         for index, layer_edits in sorted(grouped.items()):
             layer = blocks[index]
             original = type(layer)
-            layer.__class__ = _steering_class(original, layer_edits, mode, alpha)
+            layer.__class__ = _steering_class(original, layer_edits, modes[index], alpha)
             swapped.append((layer, original))
         yield
     finally:

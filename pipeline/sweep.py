@@ -55,12 +55,29 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
                     .get("rate"),
                 }
             )
+            row.update(_fluency_columns(r))
         elif (job / "run.json").exists():
             row["status"] = "no report"
         else:
             row["status"] = "failed or running"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _fluency_columns(report: dict) -> dict:
+    """Loop rate, repetition and distinct-2 of the open-ended answers (steered; unsteered)."""
+    long = report.get("fluency", {}).get("long", {})
+    st, un = long.get("steered", {}), long.get("unsteered", {})
+    if not st.get("n"):
+        return {}
+    return {
+        "loop_rate": st["loop"]["rate"],
+        "loop_rate_unsteered": un["loop"]["rate"] if un.get("n") else None,
+        "repeated_ngram_share": st["repeated_ngram_share"],
+        "distinct_2": st["distinct_2"],
+        "long_names_target": st["names_target"]["rate"],
+        "n_long": st["n"],
+    }
 
 
 def _layers(layers: list[int]) -> int | str:
@@ -125,6 +142,9 @@ def write_summary(sweep_dir: Path) -> pd.DataFrame:
         encoding="utf-8",
     )
     plot_sweep(table, sweep_dir / "swap_vs_alpha.png")
+    from stages.report_plots import plot_swap_vs_loop
+
+    plot_swap_vs_loop(table, sweep_dir / "swap_vs_loop.png")
     return table
 
 

@@ -2,7 +2,9 @@
 
 Swap rate with both denominators (questions the unsteered model answered right, and all),
 Wilson intervals, the random-direction baseline (mean +- sd), an exact binomial test of the
-swap count against the random rate, control contamination, and the generation check.
+swap count against the random rate, control contamination, the generation check, and the
+fluency of the steered generations beside the unsteered ones (loop rate, repeated n-grams,
+distinct-n).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pipeline.stats import SwapStats, binomial_test, mean_sd
 from stages.report_plots import plot_layers, plot_random_baseline
 from stages.report_text import render_markdown
 
-VERSION = "2"
+VERSION = "3"
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "model": "Qwen2.5-7B-Instruct-4bit",
     "swap": "102/112 (91.1%)",
@@ -104,6 +106,7 @@ def compute_report(baseline, generations, directions_info, steer_info, cfg) -> d
         }
     controls = _controls(baseline, generations, cfg)
     confirm = _confirm(generations, swap)
+    fluency = fluency_report(baseline, generations, swap)
     class_rates = [c["swap_answered_right"]["rate"] for c in per_class.values()]
     return {
         "bidirectional_swap": float(min(class_rates)) if class_rates else float("nan"),
@@ -120,8 +123,10 @@ def compute_report(baseline, generations, directions_info, steer_info, cfg) -> d
         "random_baseline": tests,
         "controls": controls,
         "confirm": confirm,
+        "fluency": fluency,
         "original_study": ORIGINAL,
         "examples": _examples(baseline, generations, swap),
+        "long_examples": long_examples(baseline, generations),
     }
 
 
@@ -168,6 +173,53 @@ def _confirm(generations, swap) -> dict:
     }
 
 
+FLUENCY_KINDS = {"long": "fluency", "short": "generate"}  # report key -> scorer of the rows
+
+
+def fluency_stats(rows: pd.DataFrame, swap: dict) -> dict:
+    """Loop rate (Wilson CI), mean repetition and distinct-n of some generations; and how
+    many name the target word of their class (NaN metrics of too-short texts are skipped)."""
+    if rows.empty or "loop" not in rows:
+        return {"n": 0}
+    target = rows["condition"].map(swap)
+    has_target = target.notna()
+    names = rows["named"].eq(target) & has_target
+
+    def mean(col: str) -> float:
+        return (
+            float(np.nanmean(rows[col].to_numpy(dtype=float)))
+            if rows[col].notna().any()
+            else float("nan")
+        )
+
+    return {
+        "n": len(rows),
+        "loop": _stats(rows["loop"].fillna(False).astype(bool).sum(), len(rows)),
+        "repeated_ngram_share": mean("repeated_ngram_share"),
+        "distinct_1": mean("distinct_1"),
+        "distinct_2": mean("distinct_2"),
+        "longest_repeat": mean("longest_repeat"),
+        "n_tokens": mean("n_tokens"),
+        "names_target": _stats(names.sum(), int(has_target.sum())),
+    }
+
+
+def fluency_report(baseline, generations, swap) -> dict:
+    """Fluency of the main direction's generations and of the unsteered ones on the same
+    prompts: ``{long|short: {steered, unsteered}}`` (long: the open-ended answers)."""
+    out = {}
+    for key, kind in FLUENCY_KINDS.items():
+        steered = generations[
+            (generations["direction"] == "main") & (generations["scorer"] == kind)
+        ]
+        base = baseline[baseline["scorer"] == kind]
+        base = base[base["prompt_id"].isin(set(steered["prompt_id"]))]
+        if steered.empty:
+            continue
+        out[key] = {"steered": fluency_stats(steered, swap), "unsteered": fluency_stats(base, swap)}
+    return out
+
+
 def _examples(baseline, generations, swap, n: int = 6) -> list[dict]:
     steered = generations[
         (generations["direction"] == "main") & (generations["scorer"] == "generate")
@@ -196,6 +248,28 @@ def _examples(baseline, generations, swap, n: int = 6) -> list[dict]:
     return rows
 
 
+def long_examples(baseline, generations, n: int = 4) -> list[dict]:
+    """The first ``n`` open-ended answers, steered beside unsteered, with their loop flags."""
+    steered = generations[
+        (generations["direction"] == "main") & (generations["scorer"] == "fluency")
+    ].head(n)
+    base = baseline[baseline["scorer"] == "fluency"].set_index("prompt_id")
+    rows = []
+    for _, r in steered.iterrows():
+        b = base.loc[r["prompt_id"]] if r["prompt_id"] in base.index else None
+        rows.append(
+            {
+                "prompt_id": r["prompt_id"],
+                "condition": r["condition"],
+                "unsteered": "" if b is None else b["answer"],
+                "unsteered_loop": None if b is None else bool(b["loop"]),
+                "steered": r["answer"],
+                "steered_loop": bool(r["loop"]),
+            }
+        )
+    return rows
+
+
 def run(cfg: dict, inputs: dict, out: Path) -> dict:
     """Stage entry: reads report, score, model; needs directions, baseline, steer."""
     rcfg = {
@@ -215,10 +289,12 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     report["plots"] = [p.name for p in plots]
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_np), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    long = report["fluency"].get("long", {}).get("steered", {})
     return {
         "swap_rate_answered_right": report["swap"]["answered_right"]["rate"],
         "swap_rate_all": report["swap"]["all"]["rate"],
         "binomial_p": report["random_baseline"]["answered_right"]["binomial_p"],
+        "loop_rate": long["loop"]["rate"] if long.get("n") else None,
     }
 
 

@@ -99,3 +99,45 @@ def plot_random_baseline(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_swap_vs_loop(table, path: Path) -> Path | None:
+    """Sweep plot: swap rate and loop rate against alpha per mode, and swap against loop.
+
+    ``table`` is the sweep summary (columns mode, alpha, swap_answered_right, loop_rate,
+    loop_rate_unsteered); None when it has no loop rates or fewer than two alphas.
+    """
+    need = {"mode", "alpha", "swap_answered_right", "loop_rate"}
+    if not need <= set(table.columns) or table["alpha"].nunique() < 2:
+        return None
+    table = table.dropna(subset=["loop_rate"]).sort_values("alpha")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.3))
+    for mode, group in table.groupby("mode", sort=True):
+        line = ax1.plot(group["alpha"], group["swap_answered_right"], "o-", label=mode)
+        color = line[0].get_color()
+        ax2.plot(group["alpha"], group["loop_rate"], "o-", color=color, label=mode)
+        ax3.plot(group["loop_rate"], group["swap_answered_right"], "o-", color=color, label=mode)
+        for _, row in group.iterrows():
+            ax3.annotate(
+                f"{row['alpha']:g}",
+                (row["loop_rate"], row["swap_answered_right"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    if "loop_rate_unsteered" in table and table["loop_rate_unsteered"].notna().any():
+        base = float(table["loop_rate_unsteered"].dropna().iloc[0])
+        ax2.axhline(base, color="grey", ls="--", lw=1, label=f"unsteered ({100 * base:.0f}%)")
+    ax2.axhline(0.05, color="tab:red", ls=":", lw=1, label="5% goal")
+    ax1.set(xlabel="alpha", ylabel="swap rate (answered right unsteered)", ylim=(0, 1.02))
+    ax2.set(xlabel="alpha", ylabel="loop rate (open-ended answers)", ylim=(-0.02, 1.02))
+    ax3.set(xlabel="loop rate", ylabel="swap rate", xlim=(-0.02, 1.02), ylim=(0, 1.02))
+    ax1.set_title("colour swap vs alpha", fontsize=10)
+    ax2.set_title("answers that end in a token loop", fontsize=10)
+    ax3.set_title("swap against loop rate (labels: alpha)", fontsize=10)
+    for ax in (ax1, ax2, ax3):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -54,15 +54,21 @@ def render_markdown(r: dict) -> str:
         f"{100 * r['bidirectional_swap']:.1f}% | |"
     )
     t = rb["answered_right"]
-    lines.append(
-        f"| random directions (mean +- sd) | {100 * t['random_mean']:.1f}% +- "
-        f"{100 * t['random_sd']:.1f}% | {r['original_study']['random']} |"
-    )
-    floor = " (floored: no random swaps)" if t["p0_floored"] else ""
-    lines.append(
-        f"| exact binomial test vs random rate p0 = {t['p0']:.4f}{floor} | "
-        f"p = {t['binomial_p']:.3g} | p = {r['original_study']['binomial_p']:.2g} |"
-    )
+    if t["random_rates"]:
+        lines.append(
+            f"| random directions (mean +- sd) | {100 * t['random_mean']:.1f}% +- "
+            f"{100 * t['random_sd']:.1f}% | {r['original_study']['random']} |"
+        )
+        floor = " (floored: no random swaps)" if t["p0_floored"] else ""
+        lines.append(
+            f"| exact binomial test vs random rate p0 = {t['p0']:.4f}{floor} | "
+            f"p = {t['binomial_p']:.3g} | p = {r['original_study']['binomial_p']:.2g} |"
+        )
+    else:
+        lines.append(
+            "| random directions | none run (steer.n_random=0): no baseline rate, no test | "
+            f"{r['original_study']['random']} |"
+        )
     c = r["controls"]
     if "generate_bleed" in c:
         lines.append(
@@ -81,6 +87,14 @@ def render_markdown(r: dict) -> str:
             f"{_pct(cf['generate_swap'])}; agrees with logit verdict on "
             f"{100 * cf['agreement']:.0f}% | |"
         )
+    long = (r.get("fluency") or {}).get("long", {})
+    if long.get("steered", {}).get("n"):
+        un = long["unsteered"]
+        lines.append(
+            f"| loop rate of open-ended answers, steered (unsteered) | "
+            f"{_pct(long['steered']['loop'])} ({_pct(un['loop']) if un.get('n') else 'n/a'}) | |"
+        )
+    lines += _fluency_lines(r)
     lines += [
         "",
         "## Examples (greedy, steered)",
@@ -93,6 +107,19 @@ def render_markdown(r: dict) -> str:
             f"| {e['prompt_id']} | {e['condition']} | {_cell(e['unsteered'])} | "
             f"{_cell(e['steered'])} |"
         )
+    if r.get("long_examples"):
+        lines += [
+            "",
+            "## Examples (open-ended answers, greedy; [loop] = ends in a loop)",
+            "",
+            "| prompt | unsteered | steered |",
+            "| --- | --- | --- |",
+        ]
+        for e in r["long_examples"]:
+            lines.append(
+                f"| {e['prompt_id']} | {_loop_tag(e['unsteered_loop'])}{_cell(e['unsteered'])} | "
+                f"{_loop_tag(e['steered_loop'])}{_cell(e['steered'])} |"
+            )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r.get("plots", [])]
     lines += [
         "",
@@ -103,6 +130,51 @@ def render_markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _num(value: float, pct: bool = False) -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+
+
+def _loop_tag(flag) -> str:
+    return "[loop] " if flag else ""
+
+
+def _fluency_lines(r: dict) -> list[str]:
+    """The fluency table: loop rate, repetition and distinct-n, steered beside unsteered."""
+    fl = r.get("fluency") or {}
+    if not fl:
+        return []
+    spec = r["steer"].get("fluency", {})
+    lines = [
+        "",
+        "## Fluency",
+        "",
+        f"Every generation's token ids are scored (pipeline/fluency.py): a generation is a loop "
+        f"when it ends in at least {spec.get('min_repeats', '?')} copies of a cycle of at most "
+        f"{spec.get('max_period', '?')} tokens. Long answers: {spec.get('n_prompts', '?')} swap "
+        f"questions answered open-ended ({spec.get('max_tokens', '?')} tokens, "
+        f"`{spec.get('instruction', '')}`); short answers: the generation check above.",
+        "",
+        f"| generations | n | loop rate | repeated {spec.get('ngram', 3)}-gram share | "
+        "distinct-1 | distinct-2 | longest repeat (tokens) | mean tokens | names the target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {"long": "long answers", "short": "short answers"}
+    for key, sides in fl.items():
+        for side in ("unsteered", "steered"):
+            f = sides[side]
+            if not f.get("n"):
+                continue
+            lines.append(
+                f"| {names[key]}, {side} | {f['n']} | {_pct(f['loop'])} | "
+                f"{_num(f['repeated_ngram_share'])} | {_num(f['distinct_1'])} | "
+                f"{_num(f['distinct_2'])} | {f['longest_repeat']:.1f} | "
+                f"{f['n_tokens']:.1f} | {_pct(f['names_target'])} |"
+            )
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -6,7 +6,14 @@ It does not depend on the steering setting, so a sweep over alpha and layer comp
 steer (reads model, score, steer, seed): the main direction, N random directions of equal
 norm (same center) for the baseline rate, the controls for contamination, and greedy
 generations on a seeded sample to confirm the logit verdicts. Writes generations.parquet:
-prompt_id, condition, direction, scorer, margin, top_token, top_word, answer, named, swapped.
+prompt_id, condition, direction, scorer, margin, top_token, top_word, answer, named,
+token_ids, the fluency metrics of every generation (pipeline.fluency), swapped.
+
+Fluency (``score.fluency``): a seeded sample of the swap questions is also answered at length
+(zero-shot chat, ``instruction``, ``max_tokens``), unsteered in baseline and steered in steer,
+as rows of scorer ``fluency``: short colour answers cannot show whether steering makes the
+model fall into loops. It lives in ``score`` so that the unsteered reference is computed once
+per sweep.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.capture import resolve_layers
 from pipeline.directions import DirectionSet
+from pipeline.fluency import FluencyError, FluencySpec, fluency
 from pipeline.models import load_model, model_fingerprint
 from pipeline.scoring import (
     UNSTEERED,
@@ -31,10 +39,12 @@ from pipeline.scoring import (
     make_scorer,
 )
 from pipeline.steering import LayerEdit, SteeringError, make_mode
+from pipeline.steering_modes import mode_name
+from stages.prompts import render
 
 log = logging.getLogger(__name__)
 
-VERSION = "2"
+VERSION = "3"
 
 
 def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -73,12 +83,64 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     return out
 
 
+def fluency_spec(score: dict) -> FluencySpec:
+    """The fluency metrics' parameters from ``score.fluency``."""
+    f = score["fluency"]
+    try:
+        return FluencySpec(int(f["ngram"]), int(f["max_period"]), int(f["min_repeats"]))
+    except FluencyError as err:
+        raise ScoringError(f"score.fluency: {err}") from err
+
+
+def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer) -> pd.DataFrame:
+    """``score.fluency.n_prompts`` swap questions, evenly spaced over the table (so every swap
+    class is covered, without a seed), as open-ended zero-shot chat prompts (``tokens``)."""
+    f = score["fluency"]
+    n = int(f["n_prompts"])
+    if n < 0:
+        raise ScoringError(f"score.fluency.n_prompts must be >= 0 (0 = off), not {n}")
+    if "{text}" not in f["instruction"]:
+        raise ScoringError(
+            f"score.fluency.instruction {f['instruction']!r} has no {{text}}: it must place the "
+            "question, e.g. '{text} Describe it in two or three sentences.'"
+        )
+    n = min(n, len(swap))
+    picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
+    sample = swap.iloc[picks].reset_index(drop=True)
+    texts = [f["instruction"].format(text=t) for t in sample["text"]]
+    sample["tokens"] = [render(tokenizer, t, "chat", None, [])[1] for t in texts]
+    return sample
+
+
+def add_fluency(table: pd.DataFrame, spec: FluencySpec) -> pd.DataFrame:
+    """The fluency metrics of every row that holds generated ``token_ids`` (others: NaN)."""
+    if "token_ids" not in table:
+        return table
+    metrics = [
+        fluency(list(ids), spec).as_dict() if isinstance(ids, (list, np.ndarray)) else {}
+        for ids in table["token_ids"]
+    ]
+    extra = pd.DataFrame(metrics, index=table.index)
+    if "loop" in extra:
+        extra["loop"] = extra["loop"].astype("boolean")
+    return pd.concat([table, extra], axis=1)
+
+
+def _fluency_rows(lm, swap, score, steering, direction) -> list[pd.DataFrame]:
+    sample = fluency_prompts(swap, score, lm.tokenizer)
+    if sample.empty:
+        return []
+    gen = GenerateScorer(max_tokens=int(score["fluency"]["max_tokens"]))
+    answers = _score(gen, lm, sample, score, steering, lm.pad_id)
+    return [_rows(sample, answers, direction, "fluency")]
+
+
 def fingerprint(cfg: dict) -> dict:
     return {"model": model_fingerprint(cfg["model"])}
 
 
 def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage `baseline`: unsteered logit scores and greedy answers for all eval prompts."""
+    """Stage `baseline`: unsteered logit scores, greedy answers, long answers for fluency."""
     score = cfg["score"]
     lm = load_model(cfg["model"])
     prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
@@ -96,7 +158,8 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
     ]
     answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
     frames.append(_rows(both, answers, "none", "generate"))
-    table = pd.concat(frames, ignore_index=True)
+    frames += _fluency_rows(lm, swap, score, UNSTEERED, "none")
+    table = add_fluency(pd.concat(frames, ignore_index=True), fluency_spec(score))
     table.to_parquet(out / "baseline.parquet", index=False)
     return {"n_questions": len(swap), "n_controls": len(controls)}
 
@@ -121,6 +184,7 @@ def steer_layers(steer: dict, ds: DirectionSet, n_layers: int) -> list[int]:
 def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
     """Stage `steer`: main + random directions on the questions, controls, confirmation."""
     score, steer = cfg["score"], cfg["steer"]
+    spec = fluency_spec(score)  # bad fluency settings fail before the model loads
     alpha = float(steer["alpha"])
     if not np.isfinite(alpha):
         raise SteeringError(f"steer.alpha must be a finite number, not {alpha}")
@@ -151,16 +215,18 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
         gen = GenerateScorer(max_tokens=score["max_tokens"])
         answers = _score(gen, lm, sample, score, main, pad)
         frames.append(_rows(sample, answers, "main", "generate"))
-    table = pd.concat(frames, ignore_index=True)
+    frames += _fluency_rows(lm, swap, score, main, "main")
+    table = add_fluency(pd.concat(frames, ignore_index=True), spec)
     table["swapped"] = _swapped(table, score)
     table.to_parquet(out / "generations.parquet", index=False)
     info = {
         "layers": layers,
         "alpha": alpha,
-        "mode": type(mode).__name__,
+        "mode": mode_name(mode),
         "positions": positions,
         "n_random": len(randoms),
         "scorer": scorer.kind,
+        "fluency": dict(score["fluency"]),
     }
     (out / "steer.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return info

@@ -9,9 +9,12 @@ from omegaconf import OmegaConf
 from pipeline.capture import LayerIndexError, capture_layers
 from pipeline.steering import (
     MODES,
+    AblateAllLayersMode,
     AblateMode,
     AddMode,
+    ConditionalMode,
     LayerEdit,
+    NormPreservingMode,
     ReflectMode,
     SteeringError,
     SubtractMode,
@@ -27,6 +30,7 @@ TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]
 PROMPT = [5, 9, 17, 3]
 LAYER = 1  # middle layer of the 3-layer tiny models
 N_GEN = 12
+ONE_LAYER_MODES = [name for name in MODES if name != "ablate_all"]  # edit only their layer
 
 
 class StubTokenizer:
@@ -89,6 +93,10 @@ def _np_reference(mode: str, h: np.ndarray, v: np.ndarray, c: np.ndarray, alpha:
         return h - alpha * v
     if mode == "reflect":
         return h - 2 * alpha * ((h - c) @ u)[..., None] * u
+    if mode == "reflect_norm":
+        edited = _np_reference("reflect", h, v, c, alpha)
+        scale = np.linalg.norm(h, axis=-1) / np.linalg.norm(edited, axis=-1)
+        return edited * scale[..., None]
     return h - alpha * (h @ u)[..., None] * u
 
 
@@ -135,12 +143,20 @@ def test_make_mode_names_configs_and_errors():
         make_mode("amplify")
     with pytest.raises(ValueError, match="_target_"):
         make_mode({"name": "add"})
+    norm = make_mode({"_target_": "pipeline.steering.NormPreservingMode", "inner": "add"})
+    assert isinstance(norm.inner, AddMode) and not norm.needs_center
+    nested = {"_target_": "pipeline.steering.ReflectMode"}
+    norm = make_mode({"_target_": "pipeline.steering.NormPreservingMode", "inner": nested})
+    assert isinstance(norm.inner, ReflectMode) and norm.needs_center
+    assert isinstance(make_mode("ablate_all"), AblateAllLayersMode)
+    with pytest.raises(ValueError, match="exactly one probe source"):
+        make_mode({"_target_": "pipeline.steering.ConditionalMode"})
 
 
 # --- edits inside real forwards ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(MODES))
+@pytest.mark.parametrize("name", ONE_LAYER_MODES)
 def test_steered_layer_output_is_exactly_the_edit(arch_model, name):
     arch, model = arch_model
     tokens = mx.array(TOKENS)
@@ -333,6 +349,178 @@ def test_invalid_requests_fail_before_touching_the_model(edit, mode, alpha, erro
 def test_reflect_mode_without_center_raises():
     with pytest.raises(ValueError, match="needs a center"):
         ReflectMode()(mx.ones((1, 2, 4)), mx.ones(4), None, 1.0)
+
+
+# --- norm-preserving, every-layer ablation, conditional steering ------------------------
+
+
+def test_norm_preserving_keeps_each_positions_norm_and_turns_like_inner(core_model):
+    arch, model = core_model
+    tokens = mx.array(TOKENS)
+    vector, center = _direction(model, scale=3.0)
+    h = np.array(embed_and_run_layers(model, arch, tokens, LAYER))
+    mode = NormPreservingMode("add")
+    with steer(model, [LayerEdit(LAYER, vector, center)], mode, 2.0):
+        with capture_layers(model, [LAYER]) as recorder:
+            model(tokens)
+    edited = np.array(recorder.outputs[LAYER])
+    np.testing.assert_allclose(
+        np.linalg.norm(edited, axis=-1), np.linalg.norm(h, axis=-1), rtol=1e-5
+    )
+    added = h + 2.0 * vector  # same direction as the plain add, rescaled
+    cos = (
+        (edited * added).sum(-1) / np.linalg.norm(edited, axis=-1) / np.linalg.norm(added, axis=-1)
+    )
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)
+    assert np.linalg.norm(added, axis=-1).max() > 1.5 * np.linalg.norm(h, axis=-1).max()
+
+
+def test_ablate_all_layers_matches_a_hand_forward_with_ablation_after_each_layer():
+    from mlx_lm.models.base import create_attention_mask
+
+    model = tiny_model("llama")
+    tokens = mx.array(TOKENS)
+    vector, _ = _direction(model)
+    u = mx.array(_np_unit(vector))
+    n = len(model.layers)
+    with steer(model, [LayerEdit(LAYER, vector)], "ablate_all", 1.0):
+        assert all(type(layer).__name__.startswith("Steering") for layer in model.layers)
+        with capture_layers(model, list(range(n))) as recorder:
+            steered_logits = np.array(model(tokens))
+    h = model.model.embed_tokens(tokens)
+    mask = create_attention_mask(h, None)
+    for i, layer in enumerate(model.layers):  # classes are restored: the plain layers
+        h = layer(h, mask, None)
+        h = h - (h @ u)[..., None] * u
+        np.testing.assert_allclose(np.array(recorder.outputs[i]), np.array(h), atol=1e-5)
+        np.testing.assert_allclose(np.array(recorder.outputs[i]) @ np.array(u), 0.0, atol=1e-5)
+    with steer(model, [LayerEdit(LAYER, vector)], "ablate", 1.0):
+        one_layer = np.array(model(tokens))
+    assert not np.allclose(steered_logits, one_layer, atol=1e-4)
+
+
+def _probe_on(model, arch, vector):
+    """A hand-made probe along ``vector`` whose boundary splits layer LAYER's positions."""
+    h = np.array(embed_and_run_layers(model, arch, mx.array(TOKENS), LAYER))[0]
+    coef = _np_unit(vector).astype(np.float32)
+    scores = h @ coef
+    ordered = np.sort(scores)
+    half = len(ordered) // 2  # boundary midway between two positions: about half fire
+    intercept = -float(ordered[half - 1] + ordered[half]) / 2
+    return h, coef, intercept, scores + intercept > 0
+
+
+@pytest.mark.parametrize("inner", ["add", "reflect"])
+def test_conditional_edits_exactly_where_the_probe_fires(core_model, inner):
+    arch, model = core_model
+    vector, center = _direction(model)
+    h, coef, intercept, fires = _probe_on(model, arch, vector)
+    assert fires.any() and not fires.all()
+    mode = ConditionalMode(inner, threshold=0.5, coef=coef, intercept=intercept)
+    with steer(model, [LayerEdit(LAYER, vector, center)], mode, 1.5):
+        with capture_layers(model, [LAYER]) as recorder:
+            model(mx.array(TOKENS))
+    edited = np.array(recorder.outputs[LAYER])[0]
+    np.testing.assert_array_equal(edited[~fires], h[~fires])
+    expected = _np_reference(inner, h.astype(np.float64), vector, center, 1.5)
+    np.testing.assert_allclose(edited[fires], expected[fires], rtol=1e-6, atol=1e-5)
+    assert np.abs(edited[fires] - h[fires]).max() > 1e-2
+
+
+def test_conditional_threshold_never_firing_and_alpha_zero_are_bit_identical(core_model):
+    arch, model = core_model
+    tokens = mx.array(TOKENS)
+    vector, center = _direction(model)
+    _, coef, intercept, _ = _probe_on(model, arch, vector)
+    plain = np.array(model(tokens))
+    edits = [LayerEdit(LAYER, vector, center)]
+    never = ConditionalMode("add", threshold=1.0, coef=coef, intercept=intercept)
+    with steer(model, edits, never, 50.0):
+        assert np.array_equal(np.array(model(tokens)), plain)
+    some = ConditionalMode("reflect", threshold=0.5, coef=coef, intercept=intercept)
+    with steer(model, edits, some, 0.0):
+        assert np.array_equal(np.array(model(tokens)), plain)
+    with steer(model, edits, some, 2.0):
+        assert not np.allclose(np.array(model(tokens)), plain, atol=1e-4)
+
+
+def test_conditional_cached_generation_matches_uncached_recompute(core_model):
+    arch, model = core_model
+    vector, center = _direction(model, scale=4.0)
+    _, coef, intercept, _ = _probe_on(model, arch, vector)
+    edits = [LayerEdit(LAYER, vector, center)]
+    mode = ConditionalMode("add", coef=coef, intercept=intercept)
+    _, cached = generate_steered(model, StubTokenizer(), PROMPT, edits, mode, 1.0, N_GEN)
+    with steer(model, edits, mode, 1.0):
+        uncached = _uncached_greedy(model, PROMPT, N_GEN)
+    assert cached == uncached
+
+
+def test_conditional_probe_from_a_probes_file(core_model, tmp_path):
+    from safetensors.numpy import save_file
+
+    arch, model = core_model
+    vector, _ = _direction(model)
+    h, coef, intercept, fires = _probe_on(model, arch, vector)
+    path = tmp_path / "probes.safetensors"
+    save_file(
+        {
+            f"red_vs_green/{LAYER}/coef": coef,
+            f"red_vs_green/{LAYER}/intercept": np.array([intercept], np.float32),
+            "red_vs_green/0/coef": -coef,
+            "red_vs_green/0/intercept": np.array([0.0], np.float32),
+        },
+        str(path),
+    )
+    cfg = {"_target_": "pipeline.steering.ConditionalMode", "probe_path": str(path)}
+    mode = make_mode(cfg)  # no probe_layer: the probe of the steered layer is picked
+    with steer(model, [LayerEdit(LAYER, vector)], mode, 1.0):
+        with capture_layers(model, [LAYER]) as recorder:
+            model(mx.array(TOKENS))
+    edited = np.array(recorder.outputs[LAYER])[0]
+    np.testing.assert_array_equal(edited[~fires], h[~fires])
+    np.testing.assert_allclose(edited[fires], h[fires] + vector, rtol=1e-6, atol=1e-5)
+
+    classes = [type(layer) for layer in model.layers]
+    wrong_layer = make_mode({**cfg, "probe_layer": 0, "contrast": "red_vs_green"})
+    with pytest.raises(SteeringError, match="fitted at layer 0 but the edit is at layer 1"):
+        with steer(model, [LayerEdit(LAYER, vector)], wrong_layer, 1.0):
+            pytest.fail("the body must not run")
+    missing = make_mode(cfg)
+    with pytest.raises(SteeringError, match="no probe 'red_vs_green/2'"):
+        with steer(model, [LayerEdit(LAYER, vector), LayerEdit(2, vector)], missing, 1.0):
+            pytest.fail("the body must not run")
+    assert [type(layer) for layer in model.layers] == classes
+    with pytest.raises(SteeringError, match="no_such_contrast"):
+        make_mode({**cfg, "contrast": "no_such_contrast", "probe_layer": 1})
+    with pytest.raises(SteeringError, match="does not exist"):
+        make_mode({**cfg, "probe_path": str(tmp_path / "nope.safetensors"), "probe_layer": 1})
+
+
+def test_conditional_rejects_bad_probes():
+    with pytest.raises(SteeringError, match=r"threshold must be in \[0, 1\]"):
+        ConditionalMode("add", threshold=1.5, coef=np.ones(4), intercept=0.0)
+    with pytest.raises(SteeringError, match="exactly one probe source"):
+        ConditionalMode("add", coef=np.ones(4), probe_path="x.safetensors")
+    with pytest.raises(SteeringError, match="finite"):
+        ConditionalMode("add", coef=np.r_[np.nan, 1.0], intercept=0.0)
+    mode = ConditionalMode("add", coef=np.ones(4), intercept=0.0)
+    with pytest.raises(SteeringError, match="d_model=8"):
+        mode(mx.ones((1, 2, 8)), mx.ones(8), None, 1.0)
+
+
+@pytest.mark.parametrize("name", ["reflect_norm", "ablate_all"])
+def test_new_modes_restore_classes_after_an_exception(core_model, name):
+    _, model = core_model
+    tokens = mx.array(TOKENS)
+    classes = [type(layer) for layer in model.layers]
+    before = np.array(model(tokens))
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, _edits(model), name, 3.0):
+            model(tokens)
+            raise RuntimeError("boom")
+    assert [type(layer) for layer in model.layers] == classes
+    assert np.array_equal(np.array(model(tokens)), before)
 
 
 # --- the real embedded model ------------------------------------------------------------
