@@ -195,3 +195,54 @@ def test_rubric_contamination_runs_and_reports(tmp_path):
     assert (tmp_path / "run" / "contamination.png").stat().st_size > 1000
     cos = pd.read_parquet(Path(out["contamination"]["path"]) / "cosines.parquet")
     assert np.isfinite(cos["cosine"]).all()
+
+
+def test_the_probes_stage_file_drives_conditional_steering_with_the_fitted_probability(tmp_path):
+    """The probes.safetensors contract: load_probe reads the stage's file, and
+    sigmoid(h @ coef + intercept) equals the fitted probe's predict_proba on the same states;
+    a steer run with steer/mode=conditional on that file completes."""
+    from pipeline.probes import LogisticProbe
+    from pipeline.steering_modes import load_probe
+    from stages.capture import read_activations
+    from stages.directions import activation_matrix
+    from tests.helpers import write_dataset
+
+    data = write_dataset(tmp_path / "c.jsonl", n_per_class=6, conditions=("green", "red"))
+    base = [
+        "model=tiny_random",
+        f"concept.dataset={data}",
+        "concept.fewshot=[]",
+        "concept.conditions=[green,red]",
+        "score.controls=[]",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        "probes.pairs=[[green,red]]",
+        "probes.n_permutations=0",
+        "probes.folds=3",
+        "steer.layer=2",
+    ]
+    out = run_experiment(compose_config([*base, "pipeline.stages=[probes]"]), tmp_path / "p")
+    path = Path(out["probes"]["path"]) / "probes.safetensors"
+    coef, intercept = load_probe(path, "green_vs_red", 2)
+    prompts = pd.read_parquet(Path(out["prompts"]["path"]) / "prompts.parquet")
+    x = activation_matrix(
+        read_activations(Path(out["capture"]["path"]), [2]), prompts["prompt_id"].tolist()
+    )[2]
+    y = (prompts["condition"] == "green").to_numpy()
+    fitted = LogisticProbe().make(42).fit(x, y)
+    p = 1 / (1 + np.exp(-(x.astype(np.float64) @ coef + intercept)))
+    np.testing.assert_allclose(p, fitted.predict_proba(x)[:, 1], atol=2e-4)
+    steered = run_experiment(
+        compose_config(
+            [
+                *base,
+                "steer/mode=conditional",
+                f"steer.mode.probe_path={path}",
+                "steer.mode.contrast=green_vs_red",
+                "steer.n_random=1",
+                "steer.confirm_n=2",
+                "score.fluency.n_prompts=1",
+            ]
+        ),
+        tmp_path / "s",
+    )
+    assert "steer" in steered and "report" in steered
