@@ -33,8 +33,8 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: setup  ## speed and memory ratios (bench/README)
-	$(PY) bench/run.py
+bench: setup  ## speed and memory ratios (bench/README.md); ARGS=--full adds the unfixed run
+	$(PY) bench/run.py $(ARGS)
 
 clean-artifacts:  ## delete cached artifacts (runs are kept)
 	rm -rf outputs/artifacts

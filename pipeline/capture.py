@@ -190,30 +190,55 @@ def capture_batch(
     layers: Sequence[int] | None = None,
     positions: str = "last",
     pad_id: int = 0,
+    prefix: tuple[int, list | None] | None = None,
+    dtype: Any = np.float32,
 ) -> dict[int, np.ndarray | list[np.ndarray]]:
     """Capture activations for one right-padded batch of token sequences.
 
     Right padding with causal attention means real positions never attend to the pads, so no
     extra mask is needed. The forward stops after the highest selected layer.
 
-    Returns resolved layer index -> for ``positions="last"``: float32 ``[batch, d_model]`` at
-    each sequence's last real token; ``"mean"``: float32 ``[batch, d_model]`` mean over real
-    tokens; ``"all"``: list of float32 ``[len_i, d_model]``, one per sequence.
+    ``prefix``: ``(length, cache)`` of a prefix every sequence starts with, run earlier by
+    :func:`pipeline.prefix.shared_prefix` (same model state); with ``positions="last"`` only
+    the suffixes are run, on copies of that KV cache (exact: causal attention). Ignored for
+    the other positions, which need the prefix's own activations.
+
+    Returns resolved layer index -> for ``positions="last"``: ``[batch, d_model]`` at each
+    sequence's last real token; ``"mean"``: ``[batch, d_model]`` mean over real tokens (taken
+    in float32); ``"all"``: list of ``[len_i, d_model]``, one per sequence; all in ``dtype``
+    (numpy float32 or float16, converted inside MLX).
     """
+    out_dtype = {np.dtype(np.float32): mx.float32, np.dtype(np.float16): mx.float16}.get(
+        np.dtype(dtype)
+    )
+    if out_dtype is None:
+        raise ValueError(f"capture dtype must be float32 or float16, not {np.dtype(dtype)}")
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; valid: {', '.join(POSITIONS)}")
-    tokens, lengths = _padded_batch(sequences, pad_id)
+    cache, skip = None, 0
+    if prefix is not None and prefix[1] is not None and positions == "last":
+        from pipeline.prefix import expand_cache
+
+        skip = prefix[0]
+        if min(len(seq) for seq in sequences) <= skip:
+            raise ValueError(f"every sequence must go on after the {skip}-token prefix")
+        cache = expand_cache(prefix[1], len(sequences))
+    tokens, lengths = _padded_batch([list(seq[skip:]) for seq in sequences], pad_id)
     with capture_layers(model, layers, stop_after_last=True) as recorder:
-        recorder.run(model, tokens)
+        recorder.run(model, tokens, **({} if cache is None else {"cache": cache}))
     length_array = mx.array(lengths, dtype=mx.int32)
+    lengths = [n + skip for n in lengths]
     reduced = {
-        index: _reduce(recorder.outputs[index], length_array, positions)
+        index: _reduce(recorder.outputs[index], length_array, positions).astype(out_dtype)
         for index in recorder.layers
     }
     mx.eval(*reduced.values())
+    # the one-off recording classes form reference cycles that keep the recorder alive until
+    # Python's cyclic GC runs: drop the full [batch, seq, d_model] outputs now
+    recorder.outputs.clear()
     result: dict[int, np.ndarray | list[np.ndarray]] = {}
     for index, values in reduced.items():
-        array = np.array(values, dtype=np.float32)
+        array = np.array(values)
         if positions == "all":
             result[index] = [array[row, :length].copy() for row, length in enumerate(lengths)]
         else:

@@ -1,9 +1,16 @@
 """Stage `capture`: prompts + model -> activations/ Parquet dataset.
 
-One row per (prompt, layer, position): prompt_id, layer, position, vector
-(fixed_size_list<float32|float16, d_model>). position is the token index; -1 means the mean
-over the prompt's tokens. Batches are written as part files through an atomic rename, so
-a killed capture resumes from the parts it completed and memory is bounded by one batch.
+One row per (prompt, layer, position): prompt_id, layer, position, vector. position is the
+token index; -1 means the mean over the prompt's tokens. Batches are written as part files
+through an atomic rename, so a killed capture resumes from the parts it completed and memory
+is bounded by one batch.
+
+:func:`read_activations` returns vector as float32|float16 arrays [d_model] (a
+fixed_size_list column in Arrow). On disk the column is fixed_size_binary: each vector's raw
+little-endian bytes, with its dtype and d_model in the field's metadata. Parquet has no
+fixed-size list, so a list column pays repetition and definition levels for every float and
+writes at ~0.1-0.3x (float32) and ~0.04-0.1x (float16) of np.save; raw bytes write at
+~0.75x and ~0.7x (``make bench``). Parts holding a list column (hand-written) read the same.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +28,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.capture import POSITIONS, capture_batch, resolve_layers
+from pipeline.dag import ConfigError
+from pipeline.distributed import current_shard
 from pipeline.models import load_model, model_fingerprint
+from pipeline.prefix import shared_prefix
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "2"  # 2: last-token capture reuses the shared prefix's KV cache
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -35,7 +46,7 @@ class PromptTooLongError(ValueError):
 def plan_batches(n_tokens: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Row indices per batch, sorted by length so padding is small; deterministic."""
     if batch_size < 1:
-        raise ValueError(f"capture.batch_size must be >= 1, not {batch_size}")
+        raise ConfigError(f"capture.batch_size must be >= 1, not {batch_size}")
     order = np.argsort(n_tokens, kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -43,37 +54,93 @@ def plan_batches(n_tokens: np.ndarray, batch_size: int) -> list[np.ndarray]:
 def batch_table(
     ids: list[str], captured: dict, positions: str, lengths: list[int], dtype
 ) -> pa.Table:
-    """Rows of one batch: layer-major, then prompt, then position."""
-    prompt_ids, layers, pos, vecs = [], [], [], []
-    for layer, value in captured.items():
-        for i, pid in enumerate(ids):
-            if positions == "all":
+    """Rows of one batch: layer-major, then prompt, then position. With one row per (layer,
+    prompt) each layer's [batch, d_model] array becomes one chunk of the vector column as it
+    is (no copy when it already has ``dtype``)."""
+    layer_ids = list(captured)
+    if positions == "all":
+        prompt_ids, layers, pos, vecs = [], [], [], []
+        for layer, value in captured.items():
+            for i, pid in enumerate(ids):
                 arr = value[i]
                 prompt_ids += [pid] * len(arr)
                 pos.append(np.arange(len(arr), dtype=np.int32))
-            else:
-                arr = value[i][None, :]
-                prompt_ids.append(pid)
-                pos.append(np.array([-1 if positions == "mean" else lengths[i] - 1]))
-            layers.append(np.full(len(arr), layer, dtype=np.int16))
-            vecs.append(arr)
-    flat = np.concatenate(vecs).astype(dtype, copy=False)
-    d_model = flat.shape[1]
-    vector = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), d_model)
-    return pa.table(
-        {
-            "prompt_id": pa.array(prompt_ids, pa.string()),
-            "layer": pa.array(np.concatenate(layers), pa.int16()),
-            "position": pa.array(np.concatenate(pos).astype(np.int32), pa.int32()),
-            "vector": vector,
-        }
+                layers.append(np.full(len(arr), layer, dtype=np.int16))
+                vecs.append(arr)
+        vector_field, vector = vector_column(np.concatenate(vecs).astype(dtype, copy=False))
+        layer_col, pos_col = np.concatenate(layers), np.concatenate(pos)
+    else:  # one row per (layer, prompt): no per-row Python work
+        chunks = [vector_column(np.asarray(captured[layer], dtype=dtype)) for layer in layer_ids]
+        vector_field = chunks[0][0]
+        vector = pa.chunked_array([chunk for _, chunk in chunks], vector_field.type)
+        prompt_ids = list(ids) * len(layer_ids)
+        layer_col = np.repeat(np.array(layer_ids, dtype=np.int16), len(ids))
+        one = [-1] * len(ids) if positions == "mean" else [n - 1 for n in lengths]
+        pos_col = np.tile(np.array(one, dtype=np.int32), len(layer_ids))
+    schema = pa.schema(
+        [
+            pa.field("prompt_id", pa.string()),
+            pa.field("layer", pa.int16()),
+            pa.field("position", pa.int32()),
+            vector_field,
+        ]
     )
+    columns = [
+        pa.array(prompt_ids, pa.string()),
+        pa.array(layer_col, pa.int16()),
+        pa.array(pos_col.astype(np.int32, copy=False), pa.int32()),
+        vector,
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def vector_column(flat: np.ndarray) -> tuple[pa.Field, pa.Array]:
+    """[rows, d_model] float array -> (field, fixed_size_binary column of each row's raw
+    little-endian bytes); the field's metadata names the dtype and d_model."""
+    flat = np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<"))
+    rows, width = flat.shape
+    kind = pa.binary(width * flat.dtype.itemsize)
+    meta = {"dtype": np.dtype(flat.dtype).name, "d_model": str(width)}
+    array = pa.FixedSizeBinaryArray.from_buffers(kind, rows, [None, pa.py_buffer(flat)])
+    return pa.field("vector", kind, metadata=meta), array
+
+
+def decode_vectors(table: pa.Table) -> pa.Table:
+    """Turn a fixed_size_binary vector column back into fixed_size_list<float> (zero-copy view
+    of the bytes); a list column is returned as it is."""
+    index = table.schema.get_field_index("vector")
+    if index < 0 or not pa.types.is_fixed_size_binary(table.schema.field(index).type):
+        return table
+    field = table.schema.field(index)
+    meta = {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
+    if "dtype" not in meta or "d_model" not in meta:
+        raise ValueError("the vector column has no dtype/d_model metadata: not a capture part")
+    dtype, width = np.dtype(meta["dtype"]).newbyteorder("<"), int(meta["d_model"])
+    column = table.column(index).combine_chunks()
+    values = np.zeros(0, dtype)
+    if len(column):
+        start = column.offset * column.type.byte_width
+        values = np.frombuffer(
+            column.buffers()[1], dtype=dtype, count=len(column) * width, offset=start
+        )
+    native = values.astype(dtype.newbyteorder("="), copy=False)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(native), width)
+    return table.set_column(index, pa.field("vector", vectors.type), vectors)
 
 
 def write_part(table: pa.Table, path: Path) -> None:
-    """Write a Parquet part through a temporary name, then rename (complete or absent)."""
+    """Write a Parquet part through a temporary name, then rename (complete or absent).
+
+    Options measured by ``make bench`` (bench/run.py parquet): no compression (activations
+    barely compress), dictionary only for prompt_id, no statistics for the vector bytes."""
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="none", use_dictionary=["prompt_id"])
+    pq.write_table(
+        table,
+        tmp,
+        compression="none",
+        use_dictionary=["prompt_id"],
+        write_statistics=["prompt_id", "layer", "position"],
+    )
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -87,9 +154,11 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     """Stage entry: reads model, capture; needs prompts."""
     ccfg = cfg["capture"]
     if ccfg["positions"] not in POSITIONS:
-        raise ValueError(f"capture.positions must be one of {POSITIONS}, not {ccfg['positions']!r}")
+        raise ConfigError(
+            f"capture.positions must be one of {POSITIONS}, not {ccfg['positions']!r}"
+        )
     if ccfg["dtype"] not in DTYPES:
-        raise ValueError(f"capture.dtype must be one of {list(DTYPES)}, not {ccfg['dtype']!r}")
+        raise ConfigError(f"capture.dtype must be one of {list(DTYPES)}, not {ccfg['dtype']!r}")
     prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
     lm = load_model(cfg["model"])
     layers = resolve_layers(ccfg["layers"], lm.n_layers)
@@ -106,17 +175,28 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     act_dir.mkdir(exist_ok=True)
     batches = plan_batches(prompts["n_tokens"].to_numpy(), int(ccfg["batch_size"]))
     resumed = 0
+    prefix = None  # the prompts' shared prefix (few-shot turns), run once when first needed
+    write_s, start = 0.0, time.perf_counter()
+    shard = current_shard()  # under mlx.launch: this rank's share of the batches
     for b, rows in enumerate(tqdm(batches, desc="capture", unit="batch", leave=False)):
+        if not shard.owns(b):
+            continue
         part = act_dir / f"part-{b:05d}.parquet"
         if part.exists():  # completed by an interrupted earlier attempt of this same key
             resumed += 1
             continue
+        if prefix is None:
+            prefix = capture_prefix(lm.model, prompts["tokens"], ccfg["positions"])
         seqs = [list(map(int, t)) for t in prompts["tokens"].iloc[rows]]
-        captured = capture_batch(lm.model, seqs, layers, ccfg["positions"], pad_id=pad_id)
+        captured = capture_batch(
+            lm.model, seqs, layers, ccfg["positions"], pad_id, prefix, DTYPES[ccfg["dtype"]]
+        )
         ids = prompts["prompt_id"].iloc[rows].tolist()
         lengths = [len(s) for s in seqs]
         table = batch_table(ids, captured, ccfg["positions"], lengths, DTYPES[ccfg["dtype"]])
+        t = time.perf_counter()
         write_part(table, part)
+        write_s += time.perf_counter() - t
     if resumed:
         log.info("capture resumed: %d of %d batches were already complete", resumed, len(batches))
     meta = {
@@ -130,8 +210,23 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "n_batches": len(batches),
         "dequantized": lm.dequantized,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return {**meta, "resumed_batches": resumed}
+    if shard.size > 1:
+        mine = sum(shard.owns(b) for b in range(len(batches)))
+        log.info(
+            "capture shard %d/%d: %d of %d batches", shard.rank, shard.size, mine, len(batches)
+        )
+    if shard.rank == 0:  # one writer of the shared metadata
+        (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    timing = {"seconds": round(time.perf_counter() - start, 3), "write_seconds": round(write_s, 3)}
+    return {**meta, "resumed_batches": resumed, "timing": timing}
+
+
+def capture_prefix(model, tokens: pd.Series, positions: str) -> tuple[int, list | None]:
+    """(length, KV cache) of the prefix all prompts share, for last-token capture: each batch
+    then runs only its suffixes (exact, causal attention); (0, None) when not applicable."""
+    if positions != "last" or len(tokens) < 2:
+        return 0, None
+    return shared_prefix(model, [list(map(int, t)) for t in tokens])
 
 
 def _context_length(model) -> int | None:
@@ -146,4 +241,4 @@ def _context_length(model) -> int | None:
 def read_activations(path: Path, layers: list[int] | None = None) -> pd.DataFrame:
     """Load a capture artifact's rows (optionally only some layers) as a DataFrame."""
     filters = [("layer", "in", layers)] if layers else None
-    return pq.read_table(path / "activations", filters=filters).to_pandas()
+    return decode_vectors(pq.read_table(path / "activations", filters=filters)).to_pandas()

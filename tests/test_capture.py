@@ -183,3 +183,80 @@ def test_model_without_layers_raises_type_error():
     with pytest.raises(TypeError, match="NoLayers"):
         with capture_layers(NoLayers()):
             pass
+
+
+def test_last_token_capture_with_prefix_cache_equals_plain_capture(arch_model):
+    from pipeline.prefix import shared_prefix
+
+    _, model = arch_model
+    prefix = [7, 3, 19, 42, 8, 11]
+    sequences = [prefix + [5], prefix + [60, 23, 8], prefix + [9, 9], prefix + [100] * 5]
+    shared = shared_prefix(model, sequences)
+    if shared[1] is None:  # sliding-window or other non-plain caches: plain capture
+        assert type(model).__module__.endswith("gemma3_text")
+        return
+    assert shared[0] == len(prefix)
+    reused = capture_batch(model, sequences, layers=[0, -1], positions="last", prefix=shared)
+    plain = capture_batch(model, sequences, layers=[0, -1], positions="last")
+    for index, vectors in plain.items():
+        np.testing.assert_allclose(reused[index], vectors, **TOL)
+    # the other positions ignore the prefix (they need its activations)
+    mean = capture_batch(model, sequences, layers=[1], positions="mean", prefix=shared)
+    np.testing.assert_array_equal(mean[1], capture_batch(model, sequences, [1], "mean")[1])
+    with pytest.raises(ValueError, match="prefix"):
+        capture_batch(model, [prefix], [0], "last", prefix=shared)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_parts_round_trip_through_read_activations(tmp_path, dtype, positions):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.capture import batch_table, read_activations, write_part
+
+    rng = np.random.default_rng(0)
+    lengths = [2, 3, 4]
+    if positions == "all":
+        captured = {
+            k: [rng.standard_normal((n, 8), dtype=np.float32) for n in lengths] for k in (0, 5)
+        }
+    else:
+        captured = {k: rng.standard_normal((3, 8), dtype=np.float32) for k in (0, 5)}
+    (tmp_path / "activations").mkdir()
+    table = batch_table(["a", "b", "c"], captured, positions, lengths, dtype)
+    assert pa.types.is_fixed_size_binary(table.schema.field("vector").type)
+    write_part(table, tmp_path / "activations" / "part-00000.parquet")
+    # a hand-written part with a list column (another artifact) reads the same way
+    listed = pa.table(
+        {
+            "prompt_id": ["z"],
+            "layer": pa.array([5], pa.int16()),
+            "position": pa.array([0], pa.int32()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, dtype)), 8),
+        }
+    )
+    (tmp_path / "listed" / "activations").mkdir(parents=True)
+    pq.write_table(listed, tmp_path / "listed" / "activations" / "part-00000.parquet")
+    df = read_activations(tmp_path)
+    assert read_activations(tmp_path, [3]).empty
+    got = df
+    assert list(got.layer.unique()) == [0, 5]
+    for layer in (0, 5):
+        rows = got[got.layer == layer]
+        expected = captured[layer] if positions != "all" else np.concatenate(captured[layer])
+        np.testing.assert_array_equal(np.stack(rows.vector.to_numpy()), expected.astype(dtype))
+        assert rows.vector.iloc[0].dtype == dtype
+    if positions == "last":
+        assert got.position.tolist()[:3] == [1, 2, 3]
+    assert np.array_equal(read_activations(tmp_path / "listed").vector.iloc[0], np.ones(8, dtype))
+
+
+def test_capture_batch_returns_the_asked_dtype():
+    model = tiny_model("llama")
+    f32 = capture_batch(model, [SHORT, LONG], [0], "last")[0]
+    f16 = capture_batch(model, [SHORT, LONG], [0], "last", dtype=np.float16)[0]
+    assert f32.dtype == np.float32 and f16.dtype == np.float16
+    np.testing.assert_array_equal(f16, f32.astype(np.float16))
+    with pytest.raises(ValueError, match="float32 or float16"):
+        capture_batch(model, [SHORT], [0], "last", dtype=np.int32)

@@ -115,3 +115,72 @@ def test_suffix_positions_equal_a_position_masked_full_forward(arch):
     with steer(model, list(edits), ReflectMode(), 1.0):
         reused = batched_last_logits(model, SEQS, 0, 2, prefix)
     np.testing.assert_allclose(reused, full, atol=2e-5, rtol=1e-4)
+
+
+# --- batched greedy generation ------------------------------------------------------------
+
+RAGGED = [PREFIX + [50, 51, 52], PREFIX[:6] + [60], [3, 4] + PREFIX, PREFIX + [80, 81] * 4, [9]]
+
+
+class _EosTok(_Tok):
+    def __init__(self, eos):
+        self.eos_token_id = eos
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("use_prefix", [True, False])
+def test_batched_greedy_equals_per_prompt_greedy(arch, use_prefix):
+    model = tiny_model(arch, seed=4)
+    d = model.args.hidden_size if hasattr(model.args, "hidden_size") else model.args.n_embd
+    rng = np.random.default_rng(3)
+    edits = [LayerEdit(1, 2 * rng.standard_normal(d).astype(np.float32), np.zeros(d, np.float32))]
+    seqs = SEQS if use_prefix else RAGGED
+    prefix = None if use_prefix else False
+    with steer(model, edits, ReflectMode(), 1.0):
+        one = greedy_generate(model, _Tok(), seqs, max_tokens=9, prefix=prefix, batch_size=1)
+        # an EOS that some rows reach early (rows leave the batch at different steps)
+        eos = one[1][1][2]
+        one = greedy_generate(model, _EosTok(eos), seqs, 9, prefix=prefix, batch_size=1)
+        many = greedy_generate(model, _EosTok(eos), seqs, 9, prefix=prefix, batch_size=3)
+    assert [ids for _, ids in many] == [ids for _, ids in one]
+    assert len({len(ids) for _, ids in one}) > 1  # rows stopped at different steps
+
+
+def test_last_logits_head_only_at_last_positions_equals_full_logits():
+    from pipeline.prefix import head_at, last_logits
+
+    model = tiny_model("llama", seed=5)
+    tokens = mx.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    full = model(tokens)
+    got = last_logits(model, tokens, [3, 1])
+    np.testing.assert_allclose(
+        np.array(got), np.array(full[mx.array([0, 1]), mx.array([3, 1])]), atol=1e-5
+    )
+    with head_at(model, mx.array([3, 1])):
+        assert model(tokens).shape == (2, 1, full.shape[-1])
+    assert model(tokens).shape == full.shape  # class restored
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_per_prompt_greedy():
+    from pipeline.models import load_model
+
+    lm = load_model({"name": "smollm2_135m", "source": "embedded", "dequantize": "auto"})
+    system = [{"role": "system", "content": "Answer with one word."}]
+    questions = [
+        "What colour is grass?",
+        "What colour is the sky?",
+        "What is 2+2?",
+        "Name a fruit.",
+        "What colour is a tomato?",
+        "Capital of France?",
+    ]
+    seqs = [
+        lm.tokenizer.apply_chat_template(
+            system + [{"role": "user", "content": q}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    one = greedy_generate(lm.model, lm.tokenizer, seqs, max_tokens=10, batch_size=1)
+    many = greedy_generate(lm.model, lm.tokenizer, seqs, max_tokens=10, batch_size=4)
+    assert [ids for _, ids in many] == [ids for _, ids in one]

@@ -1,0 +1,1 @@
+"""`make bench`: speed and memory ratios on the embedded model (bench/run.py)."""
