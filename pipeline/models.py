@@ -59,6 +59,7 @@ def should_dequantize(option: str | bool) -> bool:
     """Resolve the ``dequantize`` option: auto = only when running on the CPU."""
     if isinstance(option, bool):
         return option
+    option = str(option).lower()  # `model.dequantize=false` arrives as "False" (a str field)
     if option == "auto":
         return mx.default_device() == mx.cpu or not _gpu_available()
     if option in ("true", "false"):

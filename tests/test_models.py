@@ -101,3 +101,12 @@ def test_blas_selection():
     assert ref.stdout.strip() == "reference"
     bad = _blas_in_subprocess({"MLX_INTERP_BLAS": "/nonexistent/libblas.so"})
     assert bad.returncode != 0 and "pip install mkl" in bad.stderr
+
+
+def test_dequantize_option_accepts_what_the_command_line_gives():
+    from pipeline.models import ModelLoadError, should_dequantize
+
+    assert should_dequantize("False") is False and should_dequantize("TRUE") is True
+    assert should_dequantize(False) is False and should_dequantize("true") is True
+    with pytest.raises(ModelLoadError, match="must be auto, true or false"):
+        should_dequantize("maybe")

@@ -115,7 +115,9 @@ def test_capture_killed_by_sigkill_resumes_and_matches_uninterrupted(tmp_path):
     partial_parts: list[Path] = []
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        partial_parts = list((outputs / "artifacts" / "capture").glob("*.partial/activations/*"))
+        partial_parts = list(
+            (outputs / "artifacts" / "capture").glob("*.partial/activations/part-*")
+        )
         if len(partial_parts) >= 10:
             break
         time.sleep(0.05)
