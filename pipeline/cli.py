@@ -33,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.models import ModelLoadError
     from pipeline.probes import ProbeError
     from pipeline.scoring import ScoringError
+    from pipeline.sites import SiteError
     from pipeline.steering import SteeringError
     from stages.capture import PromptTooLongError
     from stages.datasets import DatasetError
@@ -48,6 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DatasetError,
         DirectionError,
         ScoringError,
+        SiteError,
         SteeringError,
     )
 

@@ -68,6 +68,7 @@ class CaptureConfig:
     batch_size: int = 16  # prompts per forward; memory is bounded by this
     dtype: str = "float32"  # float32 | float16 for the stored vectors
     max_tokens: int | None = None  # refuse prompts longer than this (null: model context)
+    sites: list[str] = field(default_factory=list)  # also: layers.8.attn, layers.8.mlp, heads
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pipeline.dag import ConfigError
 from pipeline.distributed import current_shard
 from pipeline.models import load_model, model_fingerprint
 from pipeline.prefix import shared_prefix
+from pipeline.sites import capture_sites_batch, parse_site, resolve_sites
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,12 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     pad_id = lm.pad_id
     act_dir = out / "activations"
     act_dir.mkdir(exist_ok=True)
+    site_names = (
+        [s.name for s in resolve_sites(lm.model, ccfg["sites"])] if ccfg.get("sites") else []
+    )
+    site_dir = out / "sites"
+    if site_names:
+        site_dir.mkdir(exist_ok=True)
     batches = plan_batches(prompts["n_tokens"].to_numpy(), int(ccfg["batch_size"]))
     resumed = 0
     prefix = None  # the prompts' shared prefix (few-shot turns), run once when first needed
@@ -182,21 +189,28 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         if not shard.owns(b):
             continue
         part = act_dir / f"part-{b:05d}.parquet"
-        if part.exists():  # completed by an interrupted earlier attempt of this same key
+        site_part = site_dir / f"part-{b:05d}.parquet"
+        need_sites = bool(site_names) and not site_part.exists()
+        if part.exists() and not need_sites:  # completed by an interrupted earlier attempt
             resumed += 1
             continue
-        if prefix is None:
-            prefix = capture_prefix(lm.model, prompts["tokens"], ccfg["positions"])
         seqs = [list(map(int, t)) for t in prompts["tokens"].iloc[rows]]
-        captured = capture_batch(
-            lm.model, seqs, layers, ccfg["positions"], pad_id, prefix, DTYPES[ccfg["dtype"]]
-        )
         ids = prompts["prompt_id"].iloc[rows].tolist()
         lengths = [len(s) for s in seqs]
-        table = batch_table(ids, captured, ccfg["positions"], lengths, DTYPES[ccfg["dtype"]])
-        t = time.perf_counter()
-        write_part(table, part)
-        write_s += time.perf_counter() - t
+        if not part.exists():
+            if prefix is None:
+                prefix = capture_prefix(lm.model, prompts["tokens"], ccfg["positions"])
+            captured = capture_batch(
+                lm.model, seqs, layers, ccfg["positions"], pad_id, prefix, DTYPES[ccfg["dtype"]]
+            )
+            table = batch_table(ids, captured, ccfg["positions"], lengths, DTYPES[ccfg["dtype"]])
+            t = time.perf_counter()
+            write_part(table, part)
+            write_s += time.perf_counter() - t
+        if need_sites:
+            got = capture_sites_batch(lm.model, seqs, site_names, ccfg["positions"], pad_id)
+            table = site_table(ids, got, ccfg["positions"], lengths, DTYPES[ccfg["dtype"]])
+            write_part(table, site_part)
     if resumed:
         log.info("capture resumed: %d of %d batches were already complete", resumed, len(batches))
     meta = {
@@ -209,6 +223,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "n_prompts": int(len(prompts)),
         "n_batches": len(batches),
         "dequantized": lm.dequantized,
+        "sites": site_names,
     }
     if shard.size > 1:
         mine = sum(shard.owns(b) for b in range(len(batches)))
@@ -219,6 +234,37 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     timing = {"seconds": round(time.perf_counter() - start, 3), "write_seconds": round(write_s, 3)}
     return {**meta, "resumed_batches": resumed, "timing": timing}
+
+
+def site_table(ids: list[str], got: dict, positions: str, lengths: list[int], dtype) -> pa.Table:
+    """Rows of one batch of site outputs: like :func:`batch_table` plus a ``site`` column
+    (e.g. ``layers.8.mlp``); per-head outputs are flattened to n_heads * head_dim."""
+    names = list(got)
+
+    def flat(value):
+        if positions == "all":
+            return [v.reshape(len(v), -1) for v in value]
+        return value.reshape(len(value), -1)
+
+    table = batch_table(
+        ids, {i: flat(got[n]) for i, n in enumerate(names)}, positions, lengths, dtype
+    )
+    index = table.column("layer").to_numpy()
+    site_col = pa.array([names[i] for i in index], pa.string())
+    layer_col = pa.array([parse_site(names[i]).layer for i in index], pa.int16())
+    table = table.set_column(1, "layer", layer_col)
+    return table.add_column(1, "site", site_col)
+
+
+def read_sites(path: Path, sites: list[str] | None = None) -> pd.DataFrame:
+    """A capture artifact's site rows (``capture.sites``): prompt_id, site, layer, position,
+    vector (heads flattened to n_heads * head_dim)."""
+    if not (path / "sites").is_dir():
+        raise ConfigError(
+            f"{path} has no site activations: capture them with capture.sites=[layers.8.mlp,...]"
+        )
+    filters = [("site", "in", sites)] if sites else None
+    return decode_vectors(pq.read_table(path / "sites", filters=filters)).to_pandas()
 
 
 def capture_prefix(model, tokens: pd.Series, positions: str) -> tuple[int, list | None]:
