@@ -159,10 +159,10 @@ def capture_layers(
             layer.__class__ = original
 
 
-def _padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]]:
+def padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]]:
     """Right-pad ``sequences`` with ``pad_id``: tokens ``[batch, max_len]`` and lengths."""
     if not sequences:
-        raise ValueError("capture_batch needs at least one sequence")
+        raise ValueError("a capture needs at least one sequence")
     lengths = [len(seq) for seq in sequences]
     if min(lengths) == 0:
         empty = lengths.index(0)
@@ -172,16 +172,18 @@ def _padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[mx.array, li
     return mx.array(rows, dtype=mx.int32), lengths
 
 
-def _reduce(hidden: mx.array, lengths: mx.array, positions: str) -> mx.array:
-    """Reduce ``[batch, seq, d_model]`` to float32 ``[batch, d_model]`` ("last"/"mean")."""
+def reduce_positions(hidden: mx.array, lengths: mx.array, positions: str) -> mx.array:
+    """Reduce ``[batch, seq, ...]`` to float32 ``[batch, ...]`` ("last"/"mean"); "all" keeps
+    it whole (split per sequence after conversion)."""
     hidden = hidden.astype(mx.float32)
     if positions == "last":
         return hidden[mx.arange(hidden.shape[0]), lengths - 1]
     if positions == "mean":
         real = mx.arange(hidden.shape[1])[None, :] < lengths[:, None]  # [batch, seq]
-        total = (hidden * real[..., None].astype(mx.float32)).sum(axis=1)
-        return total / lengths[:, None].astype(mx.float32)
-    return hidden  # "all": kept whole, split per sequence after conversion
+        trailing = (1,) * (hidden.ndim - 2)
+        total = (hidden * real.reshape(*real.shape, *trailing).astype(mx.float32)).sum(axis=1)
+        return total / lengths.reshape(-1, *trailing).astype(mx.float32)
+    return hidden
 
 
 def capture_batch(
@@ -223,13 +225,13 @@ def capture_batch(
         if min(len(seq) for seq in sequences) <= skip:
             raise ValueError(f"every sequence must go on after the {skip}-token prefix")
         cache = expand_cache(prefix[1], len(sequences))
-    tokens, lengths = _padded_batch([list(seq[skip:]) for seq in sequences], pad_id)
+    tokens, lengths = padded_batch([list(seq[skip:]) for seq in sequences], pad_id)
     with capture_layers(model, layers, stop_after_last=True) as recorder:
         recorder.run(model, tokens, **({} if cache is None else {"cache": cache}))
     length_array = mx.array(lengths, dtype=mx.int32)
     lengths = [n + skip for n in lengths]
     reduced = {
-        index: _reduce(recorder.outputs[index], length_array, positions).astype(out_dtype)
+        index: reduce_positions(recorder.outputs[index], length_array, positions).astype(out_dtype)
         for index in recorder.layers
     }
     mx.eval(*reduced.values())

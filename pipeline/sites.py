@@ -26,8 +26,15 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from pipeline.capture import POSITIONS, decoder_layers, resolve_layers, subclass_with_call
-from pipeline.steering import SteeringError, make_mode
+from pipeline.capture import (
+    POSITIONS,
+    decoder_layers,
+    padded_batch,
+    reduce_positions,
+    resolve_layers,
+    subclass_with_call,
+)
+from pipeline.steering import SteeringError, _model_width, make_mode
 
 __all__ = [
     "SITE_KINDS",
@@ -156,12 +163,7 @@ def site_width(model: Any, site: Site) -> int | None:
     if site.kind == "heads":
         n_heads, head_dim = head_shape(model, site.layer)
         return n_heads * head_dim
-    args = getattr(model, "args", None)
-    for name in ("hidden_size", "n_embd", "d_model", "dim"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    return _model_width(model)
 
 
 def resolve_sites(model: Any, sites: Sequence[str | Site] | str | Site) -> list[Site]:
@@ -272,31 +274,6 @@ def capture_sites(
             pass
 
 
-def _padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]]:
-    """Right-pad ``sequences`` with ``pad_id``: tokens ``[batch, max_len]`` and lengths."""
-    if not sequences:
-        raise ValueError("capture_sites_batch needs at least one sequence")
-    lengths = [len(seq) for seq in sequences]
-    if min(lengths) == 0:
-        raise ValueError(f"sequence {lengths.index(0)} is empty: every sequence needs a token")
-    width = max(lengths)
-    rows = [list(seq) + [pad_id] * (width - len(seq)) for seq in sequences]
-    return mx.array(rows, dtype=mx.int32), lengths
-
-
-def _reduce(hidden: mx.array, lengths: mx.array, positions: str) -> mx.array:
-    """Reduce ``[batch, seq, ...]`` to float32 ``[batch, ...]`` ("last"/"mean"), as capture."""
-    hidden = hidden.astype(mx.float32)
-    if positions == "last":
-        return hidden[mx.arange(hidden.shape[0]), lengths - 1]
-    if positions == "mean":
-        real = mx.arange(hidden.shape[1])[None, :] < lengths[:, None]  # [batch, seq]
-        trailing = (1,) * (hidden.ndim - 2)
-        total = (hidden * real.reshape(*real.shape, *trailing).astype(mx.float32)).sum(axis=1)
-        return total / lengths.reshape(-1, *trailing).astype(mx.float32)
-    return hidden
-
-
 def capture_sites_batch(
     model: Any,
     sequences: list[list[int]],
@@ -311,12 +288,12 @@ def capture_sites_batch(
     """
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; valid: {', '.join(POSITIONS)}")
-    tokens, lengths = _padded_batch(sequences, pad_id)
+    tokens, lengths = padded_batch(sequences, pad_id)
     with capture_sites(model, sites, stop_after_last=True) as recorder:
         recorder.run(model, tokens)
     length_array = mx.array(lengths, dtype=mx.int32)
     reduced = {
-        site.name: _reduce(recorder.outputs[site.name], length_array, positions)
+        site.name: reduce_positions(recorder.outputs[site.name], length_array, positions)
         for site in recorder.sites
     }
     mx.eval(*reduced.values())
