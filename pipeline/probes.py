@@ -249,11 +249,11 @@ def transfer_cv(
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    pos, neg = list(pos), list(neg)
+    pos, neg, score_on = list(pos), list(neg), list(score_on)
     overlap = sorted(set(pos) & set(neg))
     if overlap:
         raise ProbeError(f"condition(s) {overlap} are on both sides of the contrast")
-    missing = [c for c in pos + neg + list(score_on) if c not in x_by_condition]
+    missing = [c for c in pos + neg + score_on if c not in x_by_condition]
     if missing:
         raise ProbeError(
             f"no activations for condition(s) {sorted(set(missing))}; conditions present: "

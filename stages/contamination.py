@@ -21,9 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.stats import bootstrap_ci
-from stages.capture import read_activations
-from stages.directions import activation_matrix
-from stages.probes import resolve_probe_layers
+from stages.probes import layer_matrices, resolve_probe_layers
 
 VERSION = "1"
 
@@ -134,10 +132,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
             "concept=rubric_contamination, or set concept.variants.rubrics=<file.json>)"
         )
     reference = ccfg["reference"]
-    captured = sorted(read_activations(inputs["capture"], None)["layer"].unique().tolist())
-    layers = resolve_probe_layers(ccfg.get("layers"), [int(x) for x in captured])
-    acts = activation_matrix(
-        read_activations(inputs["capture"], layers), prompts["prompt_id"].tolist()
+    layers, acts = layer_matrices(
+        inputs["capture"], ccfg.get("layers"), prompts["prompt_id"].tolist()
     )
     cos = paired_cosines(prompts, acts, reference)
     n_boot, conf = int(ccfg["n_bootstrap"]), float(ccfg["confidence"])

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.probes import (
     LogisticProbe,
@@ -111,6 +113,16 @@ def resolve_probe_layers(wanted: list[int] | None, captured: list[int]) -> list[
     return sorted(set(out))
 
 
+def layer_matrices(
+    capture: Path, wanted: list[int] | None, prompt_ids: list[str]
+) -> tuple[list[int], dict[int, np.ndarray]]:
+    """The layers to use (``wanted`` resolved against the captured ones) and their
+    [n_prompts, d_model] matrices in ``prompt_ids`` order; reads only those layers' rows."""
+    captured = pq.read_table(capture / "activations", columns=["layer"]).column("layer")
+    layers = resolve_probe_layers(wanted, sorted(int(x) for x in pc.unique(captured).to_pylist()))
+    return layers, activation_matrix(read_activations(capture, layers), prompt_ids)
+
+
 def _by_condition(x: np.ndarray, conds: np.ndarray) -> dict[str, np.ndarray]:
     return {c: x[conds == c] for c in dict.fromkeys(conds.tolist())}
 
@@ -138,9 +150,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         str(n): (str(s["pos"]), str(s["neg"])) for n, s in (pcfg.get("directions") or {}).items()
     }
     probe = make_probe(pcfg.get("probe"))
-    captured = sorted(read_activations(inputs["capture"], None)["layer"].unique().tolist())
-    layers = resolve_probe_layers(pcfg.get("layers"), [int(x) for x in captured])
-    acts = activation_matrix(read_activations(inputs["capture"], layers), ids)
+    layers, acts = layer_matrices(inputs["capture"], pcfg.get("layers"), ids)
 
     rows, transfer_rows, cosine_rows, weights = [], [], [], {}
     with threadpool_limits(limits=1):
@@ -263,7 +273,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "alpha": alpha,
         "layers": layers,
         "conditions": conditions,
-        "contrasts": {n: {kk: v for kk, v in s.items()} for n, s in contrasts.items()},
+        "contrasts": contrasts,
         "transfer": transfer,
         "directions": {n: list(v) for n, v in directions.items()},
         "best": best,
