@@ -77,10 +77,15 @@ def to_float32(model: nn.Module) -> None:
 
 
 def _resolve_gguf_path(cfg: dict) -> Path:
-    from pipeline.gguf import embedded_gguf_path
+    from pipeline.gguf import EMBEDDED
 
     if cfg["source"] == "embedded":
-        return embedded_gguf_path()
+        which = cfg.get("embedded") or "smollm2_135m"
+        if which not in EMBEDDED:
+            raise ModelLoadError(
+                f"model.embedded must be one of {sorted(EMBEDDED)}, not {which!r}"
+            )
+        return EMBEDDED[which]()
     if not cfg.get("path"):
         raise ModelLoadError("model.source=gguf needs model.path=/path/to/model.gguf")
     path = Path(cfg["path"]).expanduser()
@@ -150,16 +155,19 @@ def load_model(cfg: dict) -> LoadedModel:
     source = cfg.get("source")
     if source not in SOURCES:
         raise ModelLoadError(f"unknown model.source {source!r}; use one of {SOURCES}")
+    dequantize = should_dequantize(cfg.get("dequantize", "auto"))
+    dequantized = False
     if source in ("embedded", "gguf"):
         from pipeline.gguf import load_gguf
 
-        model, tokenizer = load_gguf(_resolve_gguf_path(cfg))
+        # Decoded exactly by pipeline.gguf: float32, or kept quantized where MLX's format is exact.
+        model, tokenizer = load_gguf(_resolve_gguf_path(cfg), keep_quantized=not dequantize)
+        dequantized, dequantize = dequantize, False
     elif source == "mlx_lm":
         model, tokenizer = _load_mlx_lm(cfg)
     else:
         model, tokenizer = _tiny(cfg)
-    dequantized = False
-    if should_dequantize(cfg.get("dequantize", "auto")):
+    if dequantize:
         from mlx_lm.utils import dequantize_model
 
         before = sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
