@@ -82,9 +82,7 @@ def _resolve_gguf_path(cfg: dict) -> Path:
     if cfg["source"] == "embedded":
         which = cfg.get("embedded") or "smollm2_135m"
         if which not in EMBEDDED:
-            raise ModelLoadError(
-                f"model.embedded must be one of {sorted(EMBEDDED)}, not {which!r}"
-            )
+            raise ModelLoadError(f"model.embedded must be one of {sorted(EMBEDDED)}, not {which!r}")
         return EMBEDDED[which]()
     if not cfg.get("path"):
         raise ModelLoadError("model.source=gguf needs model.path=/path/to/model.gguf")
