@@ -252,3 +252,32 @@ def write_gguf(
     model.load_weights(new_params, strict=False)
     mx.eval(model.parameters())
     return types
+
+
+def reencode_gguf(source: Path, target: Path, stems: tuple[str, ...]) -> list[str]:
+    """Copy a GGUF, re-encoding the tensors whose name contains one of ``stems`` as Q4_K
+    (from their gguf.quants float32 decode). Returns the re-encoded tensor names."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(str(target), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub)
+    changed = []
+    for tensor in reader.tensors:
+        kind = GGMLQuantizationType(int(tensor.tensor_type))
+        data = np.asarray(tensor.data)
+        if any(stem in tensor.name for stem in stems):
+            data, kind = quantize_q4_k(decoded(data, kind).reshape(data.shape[0], -1)), T.Q4_K
+            changed.append(tensor.name)
+        writer.add_tensor(tensor.name, data, raw_dtype=kind if data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return changed
