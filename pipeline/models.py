@@ -37,6 +37,7 @@ class LoadedModel:
     n_layers: int
     d_model: int
     dequantized: bool
+    prompt_format: str = "chat"  # plain for base models (model.prompt_format)
 
     @property
     def pad_id(self) -> int:
@@ -153,6 +154,10 @@ def load_model(cfg: dict) -> LoadedModel:
     source = cfg.get("source")
     if source not in SOURCES:
         raise ModelLoadError(f"unknown model.source {source!r}; use one of {SOURCES}")
+    if cfg.get("prompt_format") not in (None, "chat", "plain"):
+        raise ModelLoadError(
+            f"model.prompt_format must be chat, plain or null, not {cfg['prompt_format']!r}"
+        )
     dequantize = should_dequantize(cfg.get("dequantize", "auto"))
     dequantized = False
     if source in ("embedded", "gguf"):
@@ -177,7 +182,8 @@ def load_model(cfg: dict) -> LoadedModel:
     model.eval()
     layers = model.layers
     d_model = _d_model(model)
-    loaded = LoadedModel(model, tokenizer, cfg["name"], len(layers), d_model, dequantized)
+    fmt = cfg.get("prompt_format") or "chat"
+    loaded = LoadedModel(model, tokenizer, cfg["name"], len(layers), d_model, dequantized, fmt)
     _CACHE[cache_key] = loaded
     return loaded
 
