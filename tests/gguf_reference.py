@@ -118,3 +118,21 @@ def hidden_states(ref: ReferenceGGUF, tokens: list[int]) -> list[np.ndarray]:
             h = h + (silu * (x @ w(p + "ffn_up.weight").T)) @ w(p + "ffn_down.weight").T
         states.append(h.astype(np.float32))
     return states
+
+
+def spm_reference(text: str, tokens: list[str], scores: list[float]) -> list[int]:
+    """llama.cpp's SentencePiece BPE: merge the best-scoring adjacent pair until none is in
+    the vocabulary; unknown characters as <0xXX> byte tokens."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    parts = list(text.replace(" ", "\u2581"))
+    while True:
+        merged = [a + b for a, b in zip(parts, parts[1:], strict=False)]
+        pairs = [(scores[vocab[m]], -i) for i, m in enumerate(merged) if m in vocab]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    ids = []
+    for part in parts:
+        ids += [vocab[part]] if part in vocab else [vocab[f"<0x{b:02X}>"] for b in part.encode()]
+    return ids

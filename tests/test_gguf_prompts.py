@@ -49,3 +49,33 @@ def test_chat_format_without_template_is_named(tmp_path, monkeypatch):
     plain = OmegaConf.to_container(cfg, resolve=True)
     with pytest.raises(ConfigError, match="no chat template.*model.prompt_format=plain"):
         prompts.run(plain, {}, tmp_path)
+
+
+def test_sentencepiece_tokenizer_from_metadata():
+    """A tiny SentencePiece (``llama``) vocabulary: ids equal llama.cpp's best-score merge,
+    BOS prepended (add_bos_token absent: on, as in llama.cpp), byte fallback, round trip."""
+    from pipeline.gguf_tokenizer import tokenizer_from_gguf
+    from tests.gguf_reference import spm_reference
+
+    pieces = ["\u2581", "t", "h", "e", "c", "a", "s", "\u2581t", "he", "\u2581the", "at"]
+    pieces += ["\u2581c", "\u2581cat", "\u2581s", "\u2581sat", "\u2581he"]
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *pieces]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    metadata = {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_space_prefix": True,
+    }
+    tokenizer = tokenizer_from_gguf(metadata, "llama")
+    for text in ["the cat sat", "he sat", "the ü cat"]:
+        ids = tokenizer.encode(text)
+        assert ids[0] == 1
+        assert ids[1:] == spm_reference(" " + text, tokens, scores)  # add_space_prefix
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text

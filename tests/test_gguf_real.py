@@ -17,7 +17,7 @@ from mlx_lm import generate
 from pipeline.gguf import EMBEDDED, load_gguf
 from pipeline.gguf_embedded import GEMMA_PACKAGE
 from stages.prompts import render
-from tests.gguf_reference import ReferenceGGUF, hidden_states
+from tests.gguf_reference import ReferenceGGUF, hidden_states, spm_reference
 from tests.gguf_writer import reencode_gguf
 from tests.tiny_models import embed_and_run_layers
 
@@ -88,24 +88,6 @@ def test_gemma_greedy_answers(gemma):
     for question, answer in cases.items():
         _, ids = render(tokenizer, question + " Answer with one word.", "plain", None, SHOTS)
         assert generate(model, tokenizer, ids, max_tokens=4).strip().startswith(answer)
-
-
-def spm_reference(text: str, tokens: list[str], scores: list[float]) -> list[int]:
-    """llama.cpp's SentencePiece BPE: merge the best-scoring adjacent pair until none is in
-    the vocabulary; unknown characters as <0xXX> byte tokens."""
-    vocab = {token: i for i, token in enumerate(tokens)}
-    parts = list(text.replace(" ", "\u2581"))
-    while True:
-        merged = [a + b for a, b in zip(parts, parts[1:], strict=False)]
-        pairs = [(scores[vocab[m]], -i) for i, m in enumerate(merged) if m in vocab]
-        if not pairs:
-            break
-        i = -max(pairs)[1]
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    ids = []
-    for part in parts:
-        ids += [vocab[part]] if part in vocab else [vocab[f"<0x{b:02X}>"] for b in part.encode()]
-    return ids
 
 
 @needs_gemma
