@@ -48,11 +48,6 @@ def decode_weights(
         if name in spec.ignored:
             continue
         target = mlx_name(name, spec)
-        if target is None:
-            raise GGUFError(
-                f"{gguf.path}: GGUF tensor {name!r} has no counterpart in mlx-lm's "
-                f"{spec.module} model; the file holds parts this loader does not support"
-            )
         module_path = target.rpartition(".")[0]
         affine = (
             keep_quantized
@@ -109,7 +104,14 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[nn.Module
 
 
 def _check_complete(model: nn.Module, gguf: GGUFFile, spec: ArchSpec) -> None:
-    """Every parameter of the model (the head aside: it may be tied) has a GGUF tensor."""
+    """Every GGUF tensor has a place in the model and every parameter of the model (the head
+    aside: it may be tied) has a GGUF tensor."""
+    unmapped = [n for n in gguf.tensors if n not in spec.ignored and mlx_name(n, spec) is None]
+    if unmapped:
+        raise GGUFError(
+            f"{gguf.path}: GGUF tensor(s) {', '.join(unmapped[:5])} have no counterpart in "
+            f"mlx-lm's {spec.module} model; the file holds parts this loader does not support"
+        )
     present = {mlx_name(name, spec) for name in gguf.tensors}
     expected = {name for name, _ in tree_flatten(model.parameters())} - {"lm_head.weight"}
     missing = sorted(gguf_name(n, spec) for n in expected - present)

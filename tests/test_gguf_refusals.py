@@ -110,3 +110,9 @@ def test_truncated_file_named(tmp_path):
     cut.write_bytes(path.read_bytes()[:4096])
     with pytest.raises(GGUFError, match="truncated or corrupt"):
         load_gguf(cut)
+
+
+def test_unknown_tensor_named(tmp_path, no_decoding):
+    path = llama_file(tmp_path, **{"blk.0.attn_sinks.weight": (np.ones(4, np.float32), T.F32)})
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_sinks\.weight have no counterpart"):
+        load_gguf(path)
