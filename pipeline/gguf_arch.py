@@ -174,8 +174,8 @@ def gemma_args(gguf: GGUFFile) -> dict[str, Any]:
 
 
 def phi3_args(gguf: GGUFFile) -> dict[str, Any]:
-    if "rope_factors_long.weight" in gguf.tensors:
-        raise GGUFError(f"{gguf.path}: phi3 long-context rope (rope_factors_long) not supported")
+    if "rope_factors_long.weight" in gguf.tensors or rope_scaling(gguf) is not None:
+        raise GGUFError(f"{gguf.path}: phi3 rope scaling (long-context rope) is not supported")
     args = common_args(gguf)
     args.pop("head_dim")
     head_dim = args["hidden_size"] // args["num_attention_heads"]
