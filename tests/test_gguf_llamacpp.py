@@ -2,8 +2,10 @@
 
 Next-token logits of the same ids, this project (float32 MLX) against llama.cpp on the CPU.
 llama.cpp quantizes activations to 8 bits in its CPU matmuls, so the two differ by its own
-noise (issue 12 measured KL <= 6.5e-3 and top-1 7/9 on SmolLM2); the bounds below allow that
-and no more than a few times it. Skipped when llama_cpp is not installed.
+noise (issue 12 measured KL <= 6.5e-3 and top-1 7/9 on SmolLM2; on Gemma one prompt of nine
+reaches KL 0.073, where the independent float32 numpy reference of tests/gguf_reference.py
+differs from llama.cpp by the same 0.073 and from this project by 3e-5). The bounds allow
+that noise and no more. Skipped when llama_cpp is not installed.
 """
 
 import importlib.util
@@ -64,7 +66,7 @@ def compare(path) -> tuple[list[float], int, list[bool]]:
 
 
 def check(kls: list[float], agree: int) -> None:
-    assert max(kls) <= 0.05 and np.mean(kls) <= 0.02, kls
+    assert max(kls) <= 0.1 and np.mean(kls) <= 0.02, kls
     assert agree >= 6, agree
 
 
