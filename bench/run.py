@@ -37,10 +37,10 @@ MODEL = {"name": "smollm2_135m", "source": "embedded"}
 
 
 def _load(dequantize: str = "auto"):
-    from pipeline.blas import ensure_fast_blas
+    from mlx_interp.blas import ensure_fast_blas
 
     blas = ensure_fast_blas()  # before mlx is imported
-    from pipeline.models import load_model
+    from mlx_interp.models.loading import load_model
 
     return blas, load_model({**MODEL, "dequantize": dequantize})
 
@@ -56,8 +56,7 @@ def worker_forward(dequantize: str, batch: int, seq: int, capture: bool) -> dict
     """matmul GFLOP/s, bare forward tokens/s and (if asked) all-layer capture tokens/s."""
     blas, lm = _load(dequantize)
     import mlx.core as mx
-
-    from pipeline.capture import capture_batch
+    from mlx_interp.interventions.capture import capture_batch
 
     a = mx.random.normal((2048, 2048))
     mx.eval(a)
@@ -88,10 +87,9 @@ def worker_generate(max_tokens: int) -> dict:
     _, lm = _load()
     import mlx.core as mx
     import numpy as np
+    from mlx_interp.interventions.steering import LayerEdit, ReflectMode, generate_steered, steer
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
-
-    from pipeline.steering import LayerEdit, ReflectMode, generate_steered, steer
 
     model, tok = lm.model, lm.tokenizer
     chat = [{"role": "user", "content": "Write a long story about a red fox in a green forest."}]
@@ -144,7 +142,7 @@ def _hf_model():
         from transformers.utils import logging as hf_logging
     except ImportError as err:
         return None, f"torch/transformers not installed ({err.name})"
-    from pipeline.gguf import embedded_gguf_path
+    from mlx_interp.models.gguf import embedded_gguf_path
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -165,9 +163,8 @@ def worker_batch(batch: int, seq: int, torch: bool = True) -> dict:
     _, lm = _load()
     import mlx.core as mx
     import numpy as np
+    from mlx_interp.interventions.capture import capture_batch
     from mlx_lm.models.activations import swiglu
-
-    from pipeline.capture import capture_batch
 
     tokens = _tokens(batch, seq)
     seqs = tokens.tolist()
@@ -251,7 +248,7 @@ def section_parquet() -> dict:
 def mlx_interp(args: list[str], env: dict | None = None) -> tuple[float, str]:
     """Run the CLI; (wall seconds, stdout)."""
     exe = Path(sys.executable).with_name("mlx-interp")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlx_interp.apps.cli"]
     start = time.perf_counter()
     proc = subprocess.run(
         cmd + args, env={**os.environ, **(env or {})}, capture_output=True, text=True, cwd=ROOT

@@ -25,14 +25,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from mlx_interp.engine.dag import ConfigError
+from mlx_interp.engine.distributed import current_shard
+from mlx_interp.interventions.capture import POSITIONS, capture_batch, resolve_layers
+from mlx_interp.interventions.prefix import shared_prefix
+from mlx_interp.interventions.sites import capture_sites_batch, parse_site, resolve_sites
+from mlx_interp.models.loading import load_model, model_fingerprint
 from tqdm.auto import tqdm
-
-from pipeline.capture import POSITIONS, capture_batch, resolve_layers
-from pipeline.dag import ConfigError
-from pipeline.distributed import current_shard
-from pipeline.models import load_model, model_fingerprint
-from pipeline.prefix import shared_prefix
-from pipeline.sites import capture_sites_batch, parse_site, resolve_sites
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from pipeline.stats import bootstrap_ci
-from stages.probes import layer_matrices, resolve_probe_layers
+from mlx_interp.analysis.stats import bootstrap_ci
+from mlx_interp.stages.probes import layer_matrices, resolve_probe_layers
 
 VERSION = "1"
 

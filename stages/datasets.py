@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from mlx_interp.resources import DATA_ROOT
 
 REQUIRED = ("id", "text", "condition")
 OPTIONAL = ("answer", "label", "split")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = DATA_ROOT  # holds datasets/: the repository, or the installed package
 
 
 class DatasetError(ValueError):

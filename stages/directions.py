@@ -12,9 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from pipeline.directions import METHODS, DirectionError, DirectionSet, extract, make_method
-from stages.capture import read_activations
+from mlx_interp.analysis.directions import (
+    METHODS,
+    DirectionError,
+    DirectionSet,
+    extract,
+    make_method,
+)
+from mlx_interp.stages.capture import read_activations
 
 VERSION = "1"
 

@@ -28,8 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from pipeline.probes import (
+from mlx_interp.analysis.probes import (
     LogisticProbe,
     ProbeError,
     cross_validate_layer,
@@ -38,9 +37,9 @@ from pipeline.probes import (
     permutation_threshold,
     transfer_cv,
 )
-from pipeline.stats import wilson_interval
-from stages.capture import read_activations
-from stages.directions import activation_matrix
+from mlx_interp.analysis.stats import wilson_interval
+from mlx_interp.stages.capture import read_activations
+from mlx_interp.stages.directions import activation_matrix
 
 VERSION = "1"
 
@@ -57,7 +56,7 @@ def make_probe(spec: Any) -> Any:
         return spec
     raise ProbeError(
         f"cannot make a probe from {spec!r}: use probes.probe={{_target_: "
-        "pipeline.probes.LogisticProbe, C: 1.0}"
+        "mlx_interp.analysis.probes.LogisticProbe, C: 1.0}"
     )
 
 

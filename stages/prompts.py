@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from pipeline.cache import file_sha256
-from pipeline.dag import ConfigError
-from pipeline.models import load_model, model_fingerprint
-from stages.datasets import DatasetError, read_jsonl, resolve_dataset_path
+from mlx_interp.engine.cache import file_sha256
+from mlx_interp.engine.dag import ConfigError
+from mlx_interp.models.loading import load_model, model_fingerprint
+from mlx_interp.stages.datasets import DatasetError, read_jsonl, resolve_dataset_path
 
 VERSION = "2"
 FORMATS = ("chat", "plain")

@@ -152,7 +152,7 @@ def _fluency_lines(r: dict) -> list[str]:
         "",
         "## Fluency",
         "",
-        f"Every generation's token ids are scored (pipeline/fluency.py): a generation is a loop "
+        f"Every generation's token ids are scored (mlx_interp.analysis.fluency): a generation is a loop "
         f"when it ends in at least {spec.get('min_repeats', '?')} copies of a cycle of at most "
         f"{spec.get('max_period', '?')} tokens. Long answers: {spec.get('n_prompts', '?')} swap "
         f"questions answered open-ended ({spec.get('max_tokens', '?')} tokens, "

@@ -7,7 +7,7 @@ steer (reads model, score, steer, seed): the main direction, N random directions
 norm (same center) for the baseline rate, the controls for contamination, and greedy
 generations on a seeded sample to confirm the logit verdicts. Writes generations.parquet:
 prompt_id, condition, direction, scorer, margin, top_token, top_word, answer, named,
-token_ids, the fluency metrics of every generation (pipeline.fluency), swapped.
+token_ids, the fluency metrics of every generation (mlx_interp.analysis.fluency), swapped.
 
 Fluency (``score.fluency``): a seeded sample of the swap questions is also answered at length
 (zero-shot chat, ``instruction``, ``max_tokens``), unsteered in baseline and steered in steer,
@@ -24,13 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
-
-from pipeline.capture import resolve_layers
-from pipeline.directions import DirectionSet
-from pipeline.fluency import FluencyError, FluencySpec, fluency
-from pipeline.models import load_model, model_fingerprint
-from pipeline.scoring import (
+from mlx_interp.analysis.directions import DirectionSet
+from mlx_interp.analysis.fluency import FluencyError, FluencySpec, fluency
+from mlx_interp.analysis.scoring import (
     UNSTEERED,
     GenerateScorer,
     LogitScorer,
@@ -38,9 +34,12 @@ from pipeline.scoring import (
     Steering,
     make_scorer,
 )
-from pipeline.steering import LayerEdit, SteeringError, make_mode
-from pipeline.steering_modes import mode_name
-from stages.prompts import render
+from mlx_interp.interventions.capture import resolve_layers
+from mlx_interp.interventions.modes import mode_name
+from mlx_interp.interventions.steering import LayerEdit, SteeringError, make_mode
+from mlx_interp.models.loading import load_model, model_fingerprint
+from mlx_interp.stages.prompts import render
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -1,3 +1,3 @@
 """Shared fixtures. Importing ``pipeline`` first loads the optimized BLAS before mlx."""
 
-import pipeline  # noqa: F401  (BLAS before mlx)
+import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)

@@ -15,16 +15,16 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_interp.apps.cli as cli
 import numpy as np
 import pandas as pd
 import pytest
+from mlx_interp.engine.cache import ArtifactError, ArtifactStore
+from mlx_interp.engine.dag import stage_keys
+from mlx_interp.models.gguf import embedded_gguf_path
+from mlx_interp.stages import STAGES
 from omegaconf import OmegaConf
 
-import pipeline.cli as cli
-from pipeline.cache import ArtifactError, ArtifactStore
-from pipeline.dag import stage_keys
-from pipeline.gguf import embedded_gguf_path
-from stages import STAGES
 from tests.helpers import compose_config, write_dataset
 
 # --- harness ------------------------------------------------------------------------------
@@ -176,7 +176,8 @@ def test_read_only_store_is_caught_before_any_stage(tmp_path, monkeypatch):
     locked = tmp_path / "readonly_store"
     locked.mkdir()
     monkeypatch.setattr(
-        "pipeline.cache.os.access", lambda p, m: False if Path(p) == locked else real_access(p, m)
+        "mlx_interp.engine.cache.os.access",
+        lambda p, m: False if Path(p) == locked else real_access(p, m),
     )
     with pytest.raises(ArtifactError) as info:
         ArtifactStore(locked / "artifacts").check_writable()
@@ -262,8 +263,7 @@ def test_local_model_folder_without_config(cli_run, workdir):
 
 def test_unknown_hub_model_id_offline(monkeypatch):
     import huggingface_hub.constants
-
-    from pipeline.models import ModelLoadError, load_model
+    from mlx_interp.models.loading import ModelLoadError, load_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError) as info:
@@ -383,7 +383,7 @@ def _tiny_llama():
     ids=["zero-norm", "nan"],
 )
 def test_direction_of_zero_norm_or_nan(vector, words):
-    from pipeline.steering import LayerEdit, SteeringError, steer
+    from mlx_interp.interventions.steering import LayerEdit, SteeringError, steer
 
     model = _tiny_llama()
     with pytest.raises(SteeringError) as info:
@@ -395,7 +395,7 @@ def test_direction_of_zero_norm_or_nan(vector, words):
 
 
 def test_direction_of_the_wrong_width():
-    from pipeline.steering import LayerEdit, SteeringError, steer
+    from mlx_interp.interventions.steering import LayerEdit, SteeringError, steer
 
     with pytest.raises(SteeringError, match="hidden size .* is 16; use a direction computed"):
         with steer(_tiny_llama(), [LayerEdit(layer=0, vector=np.ones(8))], "add", 1.0):
@@ -406,7 +406,7 @@ def test_direction_of_the_wrong_width():
 
 
 def test_class_with_fewer_examples_than_cv_folds():
-    from pipeline.probes import ProbeError, cross_validate_layer
+    from mlx_interp.analysis.probes import ProbeError, cross_validate_layer
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 4))
@@ -418,7 +418,7 @@ def test_class_with_fewer_examples_than_cv_folds():
 
 
 def test_probe_with_a_single_class():
-    from pipeline.probes import ProbeError, cross_validate_layer
+    from mlx_interp.analysis.probes import ProbeError, cross_validate_layer
 
     with pytest.raises(ProbeError, match="at least 2 conditions"):
         cross_validate_layer(np.ones((6, 3)), ["a"] * 6, k=2)
@@ -444,7 +444,7 @@ def test_hand_edited_artifact_is_recomputed_never_trusted(tmp_path):
 def test_disk_full_during_capture_is_one_line_and_keeps_the_prompts(cli_run, workdir, monkeypatch):
     import errno
 
-    import stages.capture as capture_stage
+    import mlx_interp.stages.capture as capture_stage
 
     def full(table, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

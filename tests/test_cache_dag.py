@@ -7,9 +7,8 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
-
-from pipeline.cache import MANIFEST, ArtifactStore, hash_key
-from pipeline.dag import PipelineError, Stage, execution_order, run_stages
+from mlx_interp.engine.cache import MANIFEST, ArtifactStore, hash_key
+from mlx_interp.engine.dag import PipelineError, Stage, execution_order, run_stages
 
 CALLS: list[str] = []
 

@@ -1,12 +1,11 @@
-"""Tests for pipeline.capture: class-swap activation capture on tiny mlx-lm models."""
+"""mlx_interp.interventions.capture: class-swap activation capture on tiny mlx-lm models."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from pipeline.capture import (
+from mlx_interp.interventions.capture import (
     POSITIONS,
     LayerIndexError,
     capture_batch,
@@ -14,6 +13,7 @@ from pipeline.capture import (
     decoder_layers,
     resolve_layers,
 )
+
 from tests.tiny_models import ARCHS, embed_and_run_layers, tiny_model
 
 TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]  # longer than gemma3_text's sliding window (4)
@@ -186,7 +186,7 @@ def test_model_without_layers_raises_type_error():
 
 
 def test_last_token_capture_with_prefix_cache_equals_plain_capture(arch_model):
-    from pipeline.prefix import shared_prefix
+    from mlx_interp.interventions.prefix import shared_prefix
 
     _, model = arch_model
     prefix = [7, 3, 19, 42, 8, 11]
@@ -212,8 +212,7 @@ def test_last_token_capture_with_prefix_cache_equals_plain_capture(arch_model):
 def test_parts_round_trip_through_read_activations(tmp_path, dtype, positions):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from stages.capture import batch_table, read_activations, write_part
+    from mlx_interp.stages.capture import batch_table, read_activations, write_part
 
     rng = np.random.default_rng(0)
     lengths = [2, 3, 4]

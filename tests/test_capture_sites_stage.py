@@ -1,5 +1,6 @@
 """capture.sites: the capture stage also records sites inside layers (attention, MLP, heads)
-into sites/, equal to pipeline.sites on the same prompts; the residual rows are unchanged."""
+into sites/, equal to mlx_interp.interventions.sites on the same prompts; the residual rows
+are unchanged."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlx_interp.apps.cli import run_experiment
+from mlx_interp.interventions.sites import SiteError, capture_sites_batch
+from mlx_interp.models.loading import load_model
+from mlx_interp.stages.capture import read_activations, read_sites
 
-from pipeline.cli import run_experiment
-from pipeline.models import load_model
-from pipeline.sites import SiteError, capture_sites_batch
-from stages.capture import read_activations, read_sites
 from tests.helpers import compose_config, write_dataset
 
 

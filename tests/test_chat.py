@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.chat import ChatError, model_overrides, parse_steer_args
-from pipeline.directions import DirectionSet
+from mlx_interp.analysis.directions import DirectionSet
+from mlx_interp.apps.chat import ChatError, model_overrides, parse_steer_args
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -18,10 +17,10 @@ ANSWER = re.compile(r"model(?: \[[^\]]*\])?> ")
 
 
 def spawn_chat(*args: str, timeout: int = 120):
-    """The chat in a pseudo-terminal (``python -m pipeline.chat``: same code as the script)."""
+    """The chat in a pseudo-terminal (``python -m mlx_interp.apps.chat``: the script's code)."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "pipeline.chat", *args],
+        ["-m", "mlx_interp.apps.chat", *args],
         cwd=str(ROOT),
         encoding="utf-8",
         timeout=timeout,
@@ -136,11 +135,11 @@ def test_colorblind_preset_changes_the_answer(tmp_path):
 
 
 def test_mode_spec_names_plain_configs_and_keeps_others():
-    from pipeline.chat_preset import mode_spec
+    from mlx_interp.apps.chat_preset import mode_spec
 
-    assert mode_spec({"_target_": "pipeline.steering.ReflectMode"}) == "reflect"
+    assert mode_spec({"_target_": "mlx_interp.interventions.steering.ReflectMode"}) == "reflect"
     assert mode_spec("add") == "add"
-    cfg = {"_target_": "pipeline.steering.NormPreservingMode", "inner": "add"}
+    cfg = {"_target_": "mlx_interp.interventions.steering.NormPreservingMode", "inner": "add"}
     assert mode_spec(cfg) == cfg
 
 
@@ -148,9 +147,9 @@ def test_session_steering_changes_the_streamed_reply(tmp_path):
     """In process, tiny model: a strong edit changes the greedy reply; /off restores it."""
     import io
 
-    from pipeline.chat import ChatSession
-    from pipeline.chat_preset import compose
-    from pipeline.models import load_model
+    from mlx_interp.apps.chat import ChatSession
+    from mlx_interp.apps.chat_preset import compose
+    from mlx_interp.models.loading import load_model
 
     cfg = compose(["model=tiny_random"])
     out = io.StringIO()

@@ -4,8 +4,7 @@ import json
 from collections import Counter
 
 import pytest
-
-from stages.datasets import PROJECT_ROOT, read_jsonl
+from mlx_interp.stages.datasets import PROJECT_ROOT, read_jsonl
 
 DATA = PROJECT_ROOT / "datasets"
 THREE_WAY = ("SyA", "GA", "SyPr", "neutral")

@@ -5,9 +5,7 @@ import json
 import numpy as np
 import pytest
 from hydra.utils import instantiate
-from safetensors import safe_open
-
-from pipeline.directions import (
+from mlx_interp.analysis.directions import (
     METHODS,
     DirectionError,
     DirectionSet,
@@ -18,6 +16,7 @@ from pipeline.directions import (
     extract,
     make_method,
 )
+from safetensors import safe_open
 
 D, N = 64, 200
 
@@ -134,10 +133,11 @@ def test_pca_large_d_path_matches_dense():
 
 
 def test_hydra_instantiate_and_make_method():
-    assert isinstance(instantiate({"_target_": "pipeline.directions.MeanDiff"}), MeanDiff)
-    m = instantiate({"_target_": "pipeline.directions.LogisticDirection", "C": 0.5, "seed": 1})
+    pkg = "mlx_interp.analysis.directions"
+    assert isinstance(instantiate({"_target_": f"{pkg}.MeanDiff"}), MeanDiff)
+    m = instantiate({"_target_": f"{pkg}.LogisticDirection", "C": 0.5, "seed": 1})
     assert (m.C, m.seed) == (0.5, 1)
-    assert isinstance(make_method({"_target_": "pipeline.directions.PCADiff", "seed": 2}), PCADiff)
+    assert isinstance(make_method({"_target_": f"{pkg}.PCADiff", "seed": 2}), PCADiff)
     for name, cls in METHODS.items():
         assert isinstance(make_method(name), cls)
     assert make_method(m) is m
@@ -303,7 +303,7 @@ def test_cosine_matrix(dirset):
 
 
 def test_save_writes_provenance_into_the_header(tmp_path, dirset):
-    from pipeline.directions import read_header
+    from mlx_interp.analysis.directions import read_header
 
     path = tmp_path / "d.safetensors"
     dirset.save(path, model="smollm2_135m", config_key="c0ffee", artifact_key="abc")

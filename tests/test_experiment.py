@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlx_interp.apps.cli import run_experiment
 
-from pipeline.cli import run_experiment
 from tests.helpers import compose_config, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def test_multirun_sweep_writes_summary_and_captures_once(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "mlx_interp.apps.cli",
         "-m",
         *_overrides(tmp_path, dataset, "steer.alpha=0.5,1.5", "steer.layer=1,2"),
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -109,7 +109,7 @@ def test_multirun_sweep_writes_summary_and_captures_once(tmp_path):
 def test_bad_steering_input_is_a_clear_error(tmp_path, override, message):
     dataset = _dataset(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", *_overrides(tmp_path, dataset, override)]
+    cmd = [sys.executable, "-m", "mlx_interp.apps.cli", *_overrides(tmp_path, dataset, override)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr

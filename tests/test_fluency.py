@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from pipeline.fluency import (
+from mlx_interp.analysis.fluency import (
     FluencyError,
     FluencySpec,
     distinct_n,

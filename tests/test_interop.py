@@ -5,13 +5,12 @@ import json
 import gguf
 import numpy as np
 import pytest
-
-from pipeline.directions import DirectionError, DirectionSet
-from pipeline.interop import (
+from mlx_interp.analysis.directions import DirectionError, DirectionSet
+from mlx_interp.apps.cv import main
+from mlx_interp.io.control_vectors import (
     export_control_vector,
     import_control_vector,
     load_directions,
-    main,
     resolve_directions_path,
 )
 

@@ -11,12 +11,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_interp.models.gguf import embedded_gguf_path
+from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
+from mlx_interp.models.loading import ModelLoadError, load_model
 from mlx_lm.models import llama
 from mlx_lm.utils import save_config, save_model
-
-from pipeline.gguf import embedded_gguf_path
-from pipeline.gguf_tokenizer import tokenizer_from_gguf
-from pipeline.models import ModelLoadError, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = [[1, 504, 3458, 314, 260, 5453, 30]]
@@ -83,7 +82,7 @@ def test_dequantize_auto_on_cpu_gives_float32_with_quantized_answers():
 
 
 def _blas_in_subprocess(env_extra: dict) -> subprocess.CompletedProcess:
-    code = "import pipeline.blas as b; i = b.ensure_fast_blas(); print(i.name)"
+    code = "import mlx_interp.blas as b; i = b.ensure_fast_blas(); print(i.name)"
     return subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, **env_extra},
@@ -104,7 +103,7 @@ def test_blas_selection():
 
 
 def test_dequantize_option_accepts_what_the_command_line_gives():
-    from pipeline.models import ModelLoadError, should_dequantize
+    from mlx_interp.models.loading import ModelLoadError, should_dequantize
 
     assert should_dequantize("False") is False and should_dequantize("TRUE") is True
     assert should_dequantize(False) is False and should_dequantize("true") is True

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlx_interp.apps.cli import run_experiment
+from mlx_interp.stages.capture import read_activations
 
-from pipeline.cli import run_experiment
-from stages.capture import read_activations
 from tests.helpers import compose_config, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def _cli(tmp_path: Path, dataset: Path, outputs: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "mlx_interp.apps.cli",
         "model=tiny_random",
         "model.tiny.hidden_size=256",
         "model.tiny.num_layers=8",
@@ -164,7 +164,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path):
         [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "mlx_interp.apps.cli",
             "model=tiny_random",
             f"concept.dataset={tmp_path / 'nope.jsonl'}",
             f"paths.outputs={tmp_path}",
@@ -182,7 +182,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path):
         [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "mlx_interp.apps.cli",
             "model=tiny_random",
             f"concept.dataset={dataset}",
             "concept.conditions=[green,red]",
@@ -201,7 +201,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path):
 def test_make_run_equivalent_on_embedded_smollm2(tmp_path):
     """The default experiment on the real model: 30 layers of the colour-swap prompts."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", f"paths.outputs={tmp_path}"]
+    cmd = [sys.executable, "-m", "mlx_interp.apps.cli", f"paths.outputs={tmp_path}"]
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "activations:" in first.stdout and "30 layers" in first.stdout

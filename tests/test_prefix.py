@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_interp.interventions.prefix import batched_last_logits, common_prefix_len, greedy_generate
+from mlx_interp.interventions.steering import LayerEdit, ReflectMode, generate_steered, steer
 
-from pipeline.prefix import batched_last_logits, common_prefix_len, greedy_generate
-from pipeline.steering import LayerEdit, ReflectMode, generate_steered, steer
 from tests.tiny_models import tiny_model
 
 PREFIX = [5, 17, 9, 33, 2, 8, 41, 7, 19, 23]
@@ -74,7 +74,7 @@ class _SuffixOnly:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_suffix_positions_equal_a_position_masked_full_forward(arch):
-    from pipeline.scoring import LogitScorer, Steering
+    from mlx_interp.analysis.scoring import LogitScorer, Steering
 
     model = tiny_model(arch, seed=3)
     d = model.args.hidden_size
@@ -109,7 +109,7 @@ def test_suffix_positions_equal_a_position_masked_full_forward(arch):
         assert row["top_token"] == str([int(np.argmax(ref))])
     assert not np.allclose(full, everywhere)  # the prefix edit matters, so the test can fail
     # and the logits themselves agree with the reference
-    from pipeline.prefix import batched_last_logits, shared_prefix
+    from mlx_interp.interventions.prefix import batched_last_logits, shared_prefix
 
     prefix = shared_prefix(model, SEQS)
     with steer(model, list(edits), ReflectMode(), 1.0):
@@ -147,7 +147,7 @@ def test_batched_greedy_equals_per_prompt_greedy(arch, use_prefix):
 
 
 def test_last_logits_head_only_at_last_positions_equals_full_logits():
-    from pipeline.prefix import head_at, last_logits
+    from mlx_interp.interventions.prefix import head_at, last_logits
 
     model = tiny_model("llama", seed=5)
     tokens = mx.array([[5, 6, 7, 8], [9, 10, 0, 0]])
@@ -163,7 +163,7 @@ def test_last_logits_head_only_at_last_positions_equals_full_logits():
 
 @pytest.mark.slow
 def test_smollm2_batched_greedy_equals_per_prompt_greedy():
-    from pipeline.models import load_model
+    from mlx_interp.models.loading import load_model
 
     lm = load_model({"name": "smollm2_135m", "source": "embedded", "dequantize": "auto"})
     system = [{"role": "system", "content": "Answer with one word."}]

@@ -4,9 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as st
-
-from pipeline.probes import (
+from mlx_interp.analysis.probes import (
     LogisticProbe,
     ProbeError,
     ProbeResult,
@@ -16,6 +14,7 @@ from pipeline.probes import (
     probe_layers,
     transfer_scores,
 )
+from scipy import stats as st
 
 N_PERM = 50
 D = 8

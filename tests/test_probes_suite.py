@@ -9,17 +9,21 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.probes import (
+from mlx_interp.analysis.probes import (
     LogisticProbe,
     ProbeError,
     linear_weights,
     mean_diff_cosines,
     transfer_cv,
 )
-from stages.contamination import ContaminationError, differences, paired_cosines, summarize
-from stages.datasets import DatasetError
-from stages.probes import contrasts_from_config, resolve_probe_layers
+from mlx_interp.stages.contamination import (
+    ContaminationError,
+    differences,
+    paired_cosines,
+    summarize,
+)
+from mlx_interp.stages.datasets import DatasetError
+from mlx_interp.stages.probes import contrasts_from_config, resolve_probe_layers
 
 
 def _cluster(rng, center, n, d=12, noise=0.3):
@@ -202,7 +206,7 @@ class _WordTokenizer:
 
 
 def _rows(tmp_path, with_reply=True):
-    from stages.datasets import read_jsonl
+    from mlx_interp.stages.datasets import read_jsonl
 
     rows = [
         {
@@ -220,7 +224,7 @@ def _rows(tmp_path, with_reply=True):
 
 
 def test_reply_is_rendered_as_the_assistant_turn_and_the_text_ends_with_it(tmp_path):
-    from stages.prompts import build_prompts
+    from mlx_interp.stages.prompts import build_prompts
 
     df, path = _rows(tmp_path)
     concept = {
@@ -241,7 +245,7 @@ def test_reply_is_rendered_as_the_assistant_turn_and_the_text_ends_with_it(tmp_p
 
 
 def test_variants_add_own_wrong_rubric_and_equal_length_padding(tmp_path):
-    from stages.prompts import build_prompts
+    from mlx_interp.stages.prompts import build_prompts
 
     df, path = _rows(tmp_path, with_reply=False)
     rubrics = tmp_path / "r.json"

@@ -18,14 +18,14 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from mlx_interp.apps.cli import CONF_DIR, run_experiment
+from mlx_interp.engine.cache import MANIFEST, ArtifactError, ArtifactStore
+from mlx_interp.engine.dag import Stage, run_stages, stage_keys
+from mlx_interp.engine.distributed import Shard, current_shard
+from mlx_interp.stages import STAGES
+from mlx_interp.stages.capture import read_activations
 from omegaconf import OmegaConf
 
-from pipeline.cache import MANIFEST, ArtifactError, ArtifactStore
-from pipeline.cli import CONF_DIR, run_experiment
-from pipeline.dag import Stage, run_stages, stage_keys
-from pipeline.distributed import Shard, current_shard
-from stages import STAGES
-from stages.capture import read_activations
 from tests.helpers import compose_config, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +184,7 @@ def test_mlx_launch_two_ranks_capture_equals_one_process(tmp_path):
         "--",
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "mlx_interp.apps.cli",
         *_overrides(tmp_path / "sharded", dataset, *extra),
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
@@ -239,7 +239,7 @@ def test_joblib_sweep_jobs_wait_on_the_artifact_lock_and_compute_once(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "mlx_interp.apps.cli",
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
@@ -335,14 +335,14 @@ def test_disk_full_in_a_stage_removes_its_partial_and_keeps_finished_artifacts(t
 def test_disk_full_writing_the_manifest_leaves_no_artifact(tmp_path, monkeypatch):
     stages = {"numbers": Stage("numbers", lambda c, i, o: {}, reads=("data",))}
     store = ArtifactStore(tmp_path)
-    monkeypatch.setattr("pipeline.cache.write_json_atomic", _enospc)
+    monkeypatch.setattr("mlx_interp.engine.cache.write_json_atomic", _enospc)
     with pytest.raises(ArtifactError, match="disk full"):
         run_stages(stages, ["numbers"], {"data": {}}, store)
     assert [p.name for p in (tmp_path / "numbers").iterdir()] == [".locks"]
 
 
 def test_disk_full_mid_capture_keeps_parts_and_the_rerun_resumes(tmp_path, monkeypatch):
-    import stages.capture as capture_stage
+    import mlx_interp.stages.capture as capture_stage
 
     dataset = _dataset(tmp_path)
     overrides = _overrides(tmp_path / "outputs", dataset, "experiment=capture_only")

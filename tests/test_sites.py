@@ -1,4 +1,4 @@
-"""Tests for pipeline.sites: capture and steering at attn, mlp and per-head sites.
+"""Tests for mlx_interp.interventions.sites: capture and steering at attn, mlp and per-head sites.
 
 Every site is checked against the layer's pieces run by hand on tiny models of each
 architecture tests/tiny_models.py builds.
@@ -8,10 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
-
-from pipeline.capture import LayerIndexError, capture_batch
-from pipeline.sites import (
+from mlx_interp.interventions.capture import LayerIndexError, capture_batch
+from mlx_interp.interventions.sites import (
     Site,
     SiteEdit,
     SiteError,
@@ -22,7 +20,9 @@ from pipeline.sites import (
     resolve_sites,
     steer_sites,
 )
-from pipeline.steering import LayerEdit, SteeringError, steer
+from mlx_interp.interventions.steering import LayerEdit, SteeringError, steer
+from mlx_lm.models.cache import make_prompt_cache
+
 from tests.tiny_models import ARCHS, _embed, _layer_masks, embed_and_run_layers, tiny_model
 
 TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]  # longer than gemma3_text's sliding window (4)
@@ -407,7 +407,7 @@ N_GEN = 8
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pipeline.gguf import embedded_gguf_path, load_gguf
+    from mlx_interp.models.gguf import embedded_gguf_path, load_gguf
 
     return load_gguf(embedded_gguf_path())
 

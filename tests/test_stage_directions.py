@@ -9,9 +9,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.directions import DirectionError, DirectionSet
-from stages import directions as stage
+from mlx_interp.analysis.directions import DirectionError, DirectionSet
+from mlx_interp.stages import directions as stage
 
 D, N = 48, 200
 
@@ -49,7 +48,7 @@ def _artifacts(tmp_path, shift: float):
 
 CFG = {
     "directions": {
-        "method": {"_target_": "pipeline.directions.MeanDiff"},
+        "method": {"_target_": "mlx_interp.analysis.directions.MeanDiff"},
         "contrast": {"pos": "red", "neg": "green"},
         "fit_split": "all",
         "compare_methods": True,

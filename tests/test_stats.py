@@ -4,9 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as st
-
-from pipeline.stats import (
+from mlx_interp.analysis.stats import (
     SwapStats,
     binomial_test,
     bootstrap_ci,
@@ -14,6 +12,7 @@ from pipeline.stats import (
     mean_sd,
     wilson_interval,
 )
+from scipy import stats as st
 
 
 def wilson_by_hand(k, n, confidence=0.95):

@@ -9,16 +9,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlx_interp.analysis.fluency import FluencySpec, fluency
+from mlx_interp.analysis.scoring import ScoringError
+from mlx_interp.apps.cli import run_experiment
+from mlx_interp.apps.sweep import write_summary
+from mlx_interp.interventions.modes import mode_name
+from mlx_interp.interventions.steering import (
+    ConditionalMode,
+    NormPreservingMode,
+    ReflectMode,
+    make_mode,
+)
+from mlx_interp.stages.report import compute_report, fluency_report
+from mlx_interp.stages.report_text import render_markdown
+from mlx_interp.stages.steer import add_fluency, fluency_prompts, fluency_spec
 
-from pipeline.cli import run_experiment
-from pipeline.fluency import FluencySpec, fluency
-from pipeline.scoring import ScoringError
-from pipeline.steering import ConditionalMode, NormPreservingMode, ReflectMode, make_mode
-from pipeline.steering_modes import mode_name
-from pipeline.sweep import write_summary
-from stages.report import compute_report, fluency_report
-from stages.report_text import render_markdown
-from stages.steer import add_fluency, fluency_prompts, fluency_spec
 from tests.helpers import compose_config, write_dataset
 
 SWAP = {"green": "red", "red": "green"}

@@ -1,13 +1,11 @@
-"""Tests for pipeline.steering: class-swap residual-stream steering on tiny mlx-lm models."""
+"""mlx_interp.interventions.steering: class-swap residual-stream steering on tiny models."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from omegaconf import OmegaConf
-
-from pipeline.capture import LayerIndexError, capture_layers
-from pipeline.steering import (
+from mlx_interp.interventions.capture import LayerIndexError, capture_layers
+from mlx_interp.interventions.steering import (
     MODES,
     AblateAllLayersMode,
     AblateMode,
@@ -23,6 +21,8 @@ from pipeline.steering import (
     steer,
     steered_last_logits,
 )
+from omegaconf import OmegaConf
+
 from tests.tiny_models import ARCHS, embed_and_run_layers, tiny_model
 
 CORE_ARCHS = ["llama", "qwen2", "gemma2", "gpt2"]
@@ -51,6 +51,9 @@ def arch_model(request):
 @pytest.fixture(scope="module", params=CORE_ARCHS)
 def core_model(request):
     return request.param, tiny_model(request.param)
+
+
+STEERING = "mlx_interp.interventions.steering"
 
 
 def _d(model) -> int:
@@ -133,8 +136,8 @@ def test_alpha_zero_arithmetic_is_identity_and_keeps_dtype(name, dtype):
 def test_make_mode_names_configs_and_errors():
     assert isinstance(make_mode("add"), AddMode)
     assert isinstance(make_mode("subtract"), SubtractMode)
-    assert isinstance(make_mode({"_target_": "pipeline.steering.AblateMode"}), AblateMode)
-    cfg = OmegaConf.create({"_target_": "pipeline.steering.ReflectMode"})
+    assert isinstance(make_mode({"_target_": STEERING + ".AblateMode"}), AblateMode)
+    cfg = OmegaConf.create({"_target_": "mlx_interp.interventions.steering.ReflectMode"})
     assert isinstance(make_mode(cfg), ReflectMode)
     mode = AddMode()
     assert make_mode(mode) is mode
@@ -143,14 +146,14 @@ def test_make_mode_names_configs_and_errors():
         make_mode("amplify")
     with pytest.raises(ValueError, match="_target_"):
         make_mode({"name": "add"})
-    norm = make_mode({"_target_": "pipeline.steering.NormPreservingMode", "inner": "add"})
+    norm = make_mode({"_target_": STEERING + ".NormPreservingMode", "inner": "add"})
     assert isinstance(norm.inner, AddMode) and not norm.needs_center
-    nested = {"_target_": "pipeline.steering.ReflectMode"}
-    norm = make_mode({"_target_": "pipeline.steering.NormPreservingMode", "inner": nested})
+    nested = {"_target_": "mlx_interp.interventions.steering.ReflectMode"}
+    norm = make_mode({"_target_": STEERING + ".NormPreservingMode", "inner": nested})
     assert isinstance(norm.inner, ReflectMode) and norm.needs_center
     assert isinstance(make_mode("ablate_all"), AblateAllLayersMode)
     with pytest.raises(ValueError, match="exactly one probe source"):
-        make_mode({"_target_": "pipeline.steering.ConditionalMode"})
+        make_mode({"_target_": "mlx_interp.interventions.steering.ConditionalMode"})
 
 
 # --- edits inside real forwards ---------------------------------------------------------
@@ -472,7 +475,7 @@ def test_conditional_probe_from_a_probes_file(core_model, tmp_path):
         },
         str(path),
     )
-    cfg = {"_target_": "pipeline.steering.ConditionalMode", "probe_path": str(path)}
+    cfg = {"_target_": "mlx_interp.interventions.steering.ConditionalMode", "probe_path": str(path)}
     mode = make_mode(cfg)  # no probe_layer: the probe of the steered layer is picked
     with steer(model, [LayerEdit(LAYER, vector)], mode, 1.0):
         with capture_layers(model, [LAYER]) as recorder:
@@ -528,7 +531,7 @@ def test_new_modes_restore_classes_after_an_exception(core_model, name):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pipeline.gguf import embedded_gguf_path, load_gguf
+    from mlx_interp.models.gguf import embedded_gguf_path, load_gguf
 
     return load_gguf(embedded_gguf_path())
 

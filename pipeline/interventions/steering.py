@@ -10,7 +10,8 @@ Assigning ``__call__`` on the instance would do nothing (Python looks special me
 the type), and state set as attributes on a layer would become parameters (``nn.Module`` is a
 dict), so the edit and its vectors live in the subclass's closure.
 
-Modes (:mod:`pipeline.steering_modes`, re-exported here) are small classes chosen by name or by
+Modes (:mod:`mlx_interp.interventions.modes`, re-exported here) are small classes chosen by
+name or by
 Hydra ``_target_``; each maps ``(h [batch, seq, d_model], vector [d_model], center [d_model] |
 None, alpha) -> h'`` and keeps the arithmetic in ``h``'s dtype. A mode with ``every_layer``
 is applied after every decoder layer; a mode with ``for_layer`` is bound to each layer it
@@ -26,10 +27,8 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-
-from pipeline.capture import decoder_layers, resolve_layers, subclass_with_call
-from pipeline.prefix import batched_last_logits, greedy_generate
-from pipeline.steering_modes import (
+from mlx_interp.interventions.capture import decoder_layers, resolve_layers, subclass_with_call
+from mlx_interp.interventions.modes import (
     MODES,
     AblateAllLayersMode,
     AblateMode,
@@ -41,6 +40,7 @@ from pipeline.steering_modes import (
     SubtractMode,
     make_mode,
 )
+from mlx_interp.interventions.prefix import batched_last_logits, greedy_generate
 
 __all__ = [
     "MODES",
@@ -194,8 +194,8 @@ def steer(model: Any, edits: Sequence[LayerEdit], mode: Any, alpha: float) -> It
     edits on one layer apply in order; an ``every_layer`` mode applies each edit after every
     decoder layer. Empty ``edits`` makes this a no-op. Raises
     :class:`SteeringError` (non-finite alpha, zero/non-finite vector, wrong d_model, missing
-    center) or :class:`~pipeline.capture.LayerIndexError` (layer out of range) before any
-    layer is touched.
+    center) or :class:`~mlx_interp.interventions.capture.LayerIndexError` (layer out of
+    range) before any layer is touched.
     """
     if not edits:
         yield

@@ -3,7 +3,7 @@
 A mode maps ``(h [batch, seq, d_model], vector [d_model], center [d_model] | None, alpha)``
 to ``h'`` of the same shape and dtype. Modes are small classes chosen by name
 (:data:`MODES`) or by Hydra ``_target_`` (:func:`make_mode`). Two optional hooks let
-:func:`pipeline.steering.steer` place them:
+:func:`mlx_interp.interventions.steering.steer` place them:
 
 - ``every_layer = True``: the edit is applied after every decoder layer, not only at the
   layer it names (:class:`AblateAllLayersMode`);
@@ -257,7 +257,8 @@ class ConditionalMode:
         if self.coef is None:
             raise SteeringError(
                 "this conditional mode has no probe yet: give probe_layer, or steer through "
-                "pipeline.steering.steer, which binds the probe of the steered layer"
+                "mlx_interp.interventions.steering.steer, which binds the probe of the "
+                "steered layer"
             )
         if h.shape[-1] != self.coef.shape[0]:
             raise SteeringError(
@@ -303,7 +304,8 @@ def make_mode(name_or_cfg: Any) -> Any:
     if isinstance(name_or_cfg, Mapping):
         if "_target_" not in name_or_cfg:
             raise SteeringError(
-                "a steering mode config needs a `_target_` (e.g. pipeline.steering.AddMode); "
+                "a steering mode config needs a `_target_` "
+                "(e.g. mlx_interp.interventions.steering.AddMode); "
                 f"or use a name: {', '.join(MODES)}"
             )
         from hydra.utils import instantiate

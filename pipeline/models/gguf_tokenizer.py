@@ -67,7 +67,9 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
     """Raw ``tokenizers.Tokenizer`` (byte-level BPE) from GGUF tokenizer metadata."""
     kind = _value(metadata, "tokenizer.ggml.model")
     if kind != "gpt2":
-        from pipeline.gguf import GGUFError  # lazy: pipeline.gguf imports this module
+        from mlx_interp.models.gguf import (
+            GGUFError,  # lazy: mlx_interp.models.gguf imports this module
+        )
 
         raise GGUFError(
             f"GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE); "

@@ -142,7 +142,7 @@ def write_summary(sweep_dir: Path) -> pd.DataFrame:
         encoding="utf-8",
     )
     plot_sweep(table, sweep_dir / "swap_vs_alpha.png")
-    from stages.report_plots import plot_swap_vs_loop
+    from mlx_interp.stages.report_plots import plot_swap_vs_loop
 
     plot_swap_vs_loop(table, sweep_dir / "swap_vs_loop.png")
     return table

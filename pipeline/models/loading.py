@@ -15,8 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
-
-from pipeline.cache import file_sha256, hash_key
+from mlx_interp.engine.cache import file_sha256, hash_key
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def to_float32(model: nn.Module) -> None:
 
 
 def _resolve_gguf_path(cfg: dict) -> Path:
-    from pipeline.gguf import embedded_gguf_path
+    from mlx_interp.models.gguf import embedded_gguf_path
 
     if cfg["source"] == "embedded":
         return embedded_gguf_path()
@@ -114,10 +113,9 @@ def _load_mlx_lm(cfg: dict):
 
 def _tiny(cfg: dict):
     """A random-weight llama with the embedded tokenizer: for fast smoke tests of the DAG."""
+    from mlx_interp.models.gguf import embedded_gguf_path
+    from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
     from mlx_lm.models import llama
-
-    from pipeline.gguf import embedded_gguf_path
-    from pipeline.gguf_tokenizer import tokenizer_from_gguf
 
     _, meta = mx.load(str(embedded_gguf_path()), return_metadata=True)
     tokenizer = tokenizer_from_gguf(meta)
@@ -151,7 +149,7 @@ def load_model(cfg: dict) -> LoadedModel:
     if source not in SOURCES:
         raise ModelLoadError(f"unknown model.source {source!r}; use one of {SOURCES}")
     if source in ("embedded", "gguf"):
-        from pipeline.gguf import load_gguf
+        from mlx_interp.models.gguf import load_gguf
 
         model, tokenizer = load_gguf(_resolve_gguf_path(cfg))
     elif source == "mlx_lm":

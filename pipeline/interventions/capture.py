@@ -197,18 +197,18 @@ def capture_batch(
 ) -> dict[int, np.ndarray | list[np.ndarray]]:
     """Capture activations for one right-padded batch of token sequences.
 
-    Right padding with causal attention means real positions never attend to the pads, so no
-    extra mask is needed. The forward stops after the highest selected layer.
+     Right padding with causal attention means real positions never attend to the pads, so no
+     extra mask is needed. The forward stops after the highest selected layer.
 
-    ``prefix``: ``(length, cache)`` of a prefix every sequence starts with, run earlier by
-    :func:`pipeline.prefix.shared_prefix` (same model state); with ``positions="last"`` only
-    the suffixes are run, on copies of that KV cache (exact: causal attention). Ignored for
-    the other positions, which need the prefix's own activations.
+     ``prefix``: ``(length, cache)`` of a prefix every sequence starts with, run earlier by
+     :func:`~mlx_interp.interventions.prefix.shared_prefix` (same model state); with
+     ``positions="last"`` only the suffixes are run, on copies of that KV cache (exact: causal attention). Ignored for
+     the other positions, which need the prefix's own activations.
 
-    Returns resolved layer index -> for ``positions="last"``: ``[batch, d_model]`` at each
-    sequence's last real token; ``"mean"``: ``[batch, d_model]`` mean over real tokens (taken
-    in float32); ``"all"``: list of ``[len_i, d_model]``, one per sequence; all in ``dtype``
-    (numpy float32 or float16, converted inside MLX).
+     Returns resolved layer index -> for ``positions="last"``: ``[batch, d_model]`` at each
+     sequence's last real token; ``"mean"``: ``[batch, d_model]`` mean over real tokens (taken
+     in float32); ``"all"``: list of ``[len_i, d_model]``, one per sequence; all in ``dtype``
+     (numpy float32 or float16, converted inside MLX).
     """
     out_dtype = {np.dtype(np.float32): mx.float32, np.dtype(np.float16): mx.float16}.get(
         np.dtype(dtype)
@@ -219,7 +219,7 @@ def capture_batch(
         raise ValueError(f"unknown positions {positions!r}; valid: {', '.join(POSITIONS)}")
     cache, skip = None, 0
     if prefix is not None and prefix[1] is not None and positions == "last":
-        from pipeline.prefix import expand_cache
+        from mlx_interp.interventions.prefix import expand_cache
 
         skip = prefix[0]
         if min(len(seq) for seq in sequences) <= skip:

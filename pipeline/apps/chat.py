@@ -1,7 +1,8 @@
 """``mlx-interp-chat``: a terminal chat with streaming tokens and steering switched by commands.
 
 Every turn re-reads the whole conversation (the model's chat template, via the prompts stage's
-``render``) and generates with mlx-lm's ``stream_generate`` inside :func:`pipeline.steering.steer`,
+``render``) and generates with mlx-lm's ``stream_generate`` inside
+:func:`mlx_interp.interventions.steering.steer`,
 so the current steering edits the prompt and every KV-cached decode step. Slash commands
 change the steering between turns; a bad command prints one ``error:`` line and the chat
 goes on. ``/preset colorblind`` turns on the default experiment's green/red reflection.
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import pipeline  # noqa: F401  (loads the optimized BLAS before mlx)
-from pipeline.chat_preset import CONF_DIR, colorblind_preset, compose
-from pipeline.directions import DirectionError, DirectionSet
+import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
+from mlx_interp.analysis.directions import DirectionError, DirectionSet
+from mlx_interp.apps.chat_preset import CONF_DIR, colorblind_preset, compose
 
 PROMPT = "you> "
 HELP = """commands:
@@ -50,7 +51,7 @@ class Steering:
     mode: Any  # a MODES name, or a ``_target_`` config (from the experiment's steer.mode)
 
     def edits(self) -> list:
-        from pipeline.steering import LayerEdit
+        from mlx_interp.interventions.steering import LayerEdit
 
         return [
             LayerEdit(layer, self.dirset.vectors[layer], self.dirset.center(layer))
@@ -64,9 +65,9 @@ class Steering:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.capture import LayerIndexError
-    from pipeline.models import ModelLoadError
-    from pipeline.steering import SteeringError
+    from mlx_interp.interventions.capture import LayerIndexError
+    from mlx_interp.interventions.steering import SteeringError
+    from mlx_interp.models.loading import ModelLoadError
 
     return (ChatError, DirectionError, SteeringError, LayerIndexError, ModelLoadError, OSError)
 
@@ -182,7 +183,7 @@ class ChatSession:
         self.say("history cleared")
 
     def cmd_steer(self, args: list[str]) -> None:
-        from pipeline.interop import load_directions
+        from mlx_interp.io.control_vectors import load_directions
 
         path, options = parse_steer_args(args)
         if path is None and self.steering is None:
@@ -225,7 +226,7 @@ class ChatSession:
 
     def activate(self, steering: Steering) -> None:
         """Check the steering against the model (no forward), then switch it on."""
-        from pipeline.steering import steer
+        from mlx_interp.interventions.steering import steer
 
         with steer(self.loaded.model, steering.edits(), steering.mode, steering.alpha):
             pass  # steer() validates mode, alpha, widths and layers before touching the model
@@ -254,10 +255,9 @@ class ChatSession:
 
     def answer(self, text: str) -> str:
         """Stream the model's reply to ``text`` under the current steering; keep it in history."""
+        from mlx_interp.interventions.steering import steer
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
-
-        from pipeline.steering import steer
 
         tokens = chat_tokens(self.loaded.tokenizer, self.system, self.shots + self.history, text)
         on = self.enabled and self.steering is not None
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--override", action="append", default=[], help="extra Hydra override (repeatable)"
     )
     args = parser.parse_args(argv)
-    from pipeline.models import load_model
+    from mlx_interp.models.loading import load_model
 
     try:
         cfg = compose(model_overrides(args.model) + list(args.override))

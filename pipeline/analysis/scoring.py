@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from pipeline.prefix import batched_last_logits, greedy_generate, shared_prefix
-from pipeline.steering import LayerEdit, steer
+from mlx_interp.interventions.prefix import batched_last_logits, greedy_generate, shared_prefix
+from mlx_interp.interventions.steering import LayerEdit, steer
 
 
 class ScoringError(ValueError):

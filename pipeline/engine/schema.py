@@ -73,7 +73,7 @@ class CaptureConfig:
 
 @dataclass
 class DirectionsConfig:
-    method: Any = "mean_diff"  # mean_diff | pca | logistic, or {_target_: pipeline.directions...}
+    method: Any = "mean_diff"  # mean_diff | pca | logistic, or {_target_: ...}
     contrast: dict[str, str] = field(default_factory=lambda: {"pos": "red", "neg": "green"})
     fit_split: str = "all"  # all | train | test: which prompts the direction is fitted on
     compare_methods: bool = True  # also fit every method, for cosines in directions.json
@@ -91,7 +91,7 @@ class FluencyConfig:
 
 @dataclass
 class ScoreConfig:
-    scorer: Any = "logit"  # logit | generate, or {_target_: pipeline.scoring.LogitScorer, ...}
+    scorer: Any = "logit"  # logit | generate, or {_target_: ...scoring.LogitScorer}
     batch_size: int = 16  # prompts per forward of the logit scorer
     max_tokens: int = 8  # greedy answer length (generate scorer, baseline answers, demos)
     swap: dict[str, str] = field(default_factory=dict)  # condition -> target word
@@ -116,7 +116,7 @@ class ProbesConfig:
     n_permutations: int = 100  # label shuffles for the per-layer permutation p-value (0: skip)
     alpha: float = 0.05  # significance level of the chance line and of p-values
     probe: Any = field(
-        default_factory=lambda: {"_target_": "pipeline.probes.LogisticProbe", "C": 1.0}
+        default_factory=lambda: {"_target_": "mlx_interp.analysis.probes.LogisticProbe", "C": 1.0}
     )  # factory of the estimator (make(seed) -> scikit-learn estimator)
     layers: list[int] | None = None  # layers to probe (negative ok); null: every captured layer
     pairs: Any = "all"  # all: a probe per pair of conditions | [[a, b], ...] | [] none

@@ -16,8 +16,8 @@ from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Artifact, ArtifactStore, hash_key
-from pipeline.distributed import Group
+from mlx_interp.engine.cache import Artifact, ArtifactStore, hash_key
+from mlx_interp.engine.distributed import Group
 
 log = logging.getLogger(__name__)
 

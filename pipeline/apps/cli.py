@@ -8,35 +8,34 @@ import sys
 from pathlib import Path
 
 import hydra  # noqa: E402  (after the BLAS)
+import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
+from mlx_interp.blas import log_blas
+from mlx_interp.engine.schema import register_configs
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-import pipeline  # noqa: F401  (loads the optimized BLAS before mlx)
-from pipeline.blas import log_blas
-from pipeline.schema import register_configs
 
 log = logging.getLogger("mlx_interp")
 
 register_configs()
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # a file path: conf/ is data
+from mlx_interp.resources import CONF_DIR  # noqa: E402
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (config, data, model), reported without a traceback."""
-    from pipeline.cache import ArtifactError
-    from pipeline.capture import LayerIndexError
-    from pipeline.dag import PipelineError
-    from pipeline.directions import DirectionError
-    from pipeline.gguf import GGUFError
-    from pipeline.models import ModelLoadError
-    from pipeline.probes import ProbeError
-    from pipeline.scoring import ScoringError
-    from pipeline.sites import SiteError
-    from pipeline.steering import SteeringError
-    from stages.capture import PromptTooLongError
-    from stages.datasets import DatasetError
+    from mlx_interp.analysis.directions import DirectionError
+    from mlx_interp.analysis.probes import ProbeError
+    from mlx_interp.analysis.scoring import ScoringError
+    from mlx_interp.engine.cache import ArtifactError
+    from mlx_interp.engine.dag import PipelineError
+    from mlx_interp.interventions.capture import LayerIndexError
+    from mlx_interp.interventions.sites import SiteError
+    from mlx_interp.interventions.steering import SteeringError
+    from mlx_interp.models.gguf import GGUFError
+    from mlx_interp.models.loading import ModelLoadError
+    from mlx_interp.stages.capture import PromptTooLongError
+    from mlx_interp.stages.datasets import DatasetError
 
     return (
         ArtifactError,
@@ -56,10 +55,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the configured target stages; link their artifacts into the run directory."""
-    from pipeline.cache import ArtifactStore
-    from pipeline.dag import run_stages
-    from pipeline.distributed import world
-    from stages import STAGES
+    from mlx_interp.engine.cache import ArtifactStore
+    from mlx_interp.engine.dag import run_stages
+    from mlx_interp.engine.distributed import world
+    from mlx_interp.stages import STAGES
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     store = ArtifactStore(Path(plain["paths"]["artifacts"]).expanduser().resolve())
@@ -75,7 +74,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         _fill_run_dir(run_dir, results, summary)
     except OSError as err:
-        from pipeline.cache import ArtifactError
+        from mlx_interp.engine.cache import ArtifactError
 
         raise ArtifactError(
             f"could not write the run folder {run_dir} ({err.strerror}); every artifact is "
@@ -87,7 +86,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _fill_run_dir(run_dir: Path, results: dict, summary: dict) -> None:
     """Links to the artifacts, the reports' files and run.json in the run directory."""
-    from pipeline.cache import MANIFEST, write_json_atomic
+    from mlx_interp.engine.cache import MANIFEST, write_json_atomic
 
     links = run_dir / "artifacts"
     links.mkdir(parents=True, exist_ok=True)
@@ -115,7 +114,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s: %s", type(err).__name__, err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    from pipeline.distributed import world
+    from mlx_interp.engine.distributed import world
 
     if world().rank != 0:  # under mlx.launch: rank 0 reports for all
         return None
@@ -168,7 +167,7 @@ class Preflight(Callback):
 
 
 def _preflight(config: DictConfig, job_dir: str) -> None:
-    from pipeline.cache import writable_problem
+    from mlx_interp.engine.cache import writable_problem
 
     problem = duplicate_overrides(list(config.hydra.overrides.task))
     problem = problem or conflicting_experiments(_experiment_list(config.hydra.overrides.task))

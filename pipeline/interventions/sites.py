@@ -6,7 +6,8 @@ add), ``layers.{i}.mlp`` (MLP block output) and ``layers.{i}.attn.heads`` (per-h
 outputs, the output projection's input reshaped to ``[n_heads, head_dim]``). ``self_attn`` is
 accepted for ``attn``, and a leading ``model.`` is ignored.
 
-The mechanism is that of :mod:`pipeline.capture`: the ``__class__`` of the submodule instance
+The mechanism is that of :mod:`mlx_interp.interventions.capture`: the ``__class__`` of the
+submodule instance
 (the layer, its attention or MLP module, or the attention's output projection, a ``Linear``
 or ``QuantizedLinear``) is swapped for a one-off subclass whose ``__call__`` records or edits,
 and restored in ``finally``. No module is replaced. Submodules are found by name
@@ -25,8 +26,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-
-from pipeline.capture import (
+from mlx_interp.interventions.capture import (
     POSITIONS,
     decoder_layers,
     padded_batch,
@@ -34,7 +34,7 @@ from pipeline.capture import (
     resolve_layers,
     subclass_with_call,
 )
-from pipeline.steering import SteeringError, _model_width, make_mode
+from mlx_interp.interventions.steering import SteeringError, _model_width, make_mode
 
 __all__ = [
     "SITE_KINDS",
@@ -116,7 +116,7 @@ def _child(parent: Any, names: Sequence[str], what: str, where: str) -> Any:
     raise SiteError(
         f"{where} ({type(parent).__module__}.{type(parent).__name__}) has no {what} submodule "
         f"named {' or '.join(names)}; its children are: {present}. Capture the residual stream "
-        "(layers.{i}) instead, or add the name to pipeline.sites"
+        "(layers.{i}) instead, or add the name to mlx_interp.interventions.sites"
     )
 
 
@@ -281,7 +281,7 @@ def capture_sites_batch(
     positions: str = "last",
     pad_id: int = 0,
 ) -> dict[str, np.ndarray | list[np.ndarray]]:
-    """Capture ``sites`` for one right-padded batch, like :func:`pipeline.capture.capture_batch`.
+    """Capture ``sites`` for one right-padded batch, like ``capture.capture_batch``.
 
     Returns canonical site name -> ``"last"``/``"mean"``: float32 ``[batch, d_model]`` (heads:
     ``[batch, n_heads, head_dim]``); ``"all"``: list of float32 ``[len_i, ...]`` per sequence.
@@ -375,7 +375,8 @@ def _steering_call(original: type, site: Site, edits: list[tuple], mode: Any, al
 def steer_sites(model: Any, edits: Sequence[SiteEdit], mode: Any, alpha: float) -> Iterator[None]:
     """Edit the value at each edit's site in every forward inside (generation included).
 
-    ``mode`` is a steering mode of :mod:`pipeline.steering` (name, ``_target_`` config or
+    ``mode`` is a steering mode of :mod:`mlx_interp.interventions.steering` (name, ``_target_``
+    config or
     object), applied as ``mode(h, vector, center, alpha)`` on the site's ``[..., width]``
     value. Several edits at one site apply in order. Everything is validated before any
     module is touched; :class:`SteeringError` / :class:`SiteError` name the problem.

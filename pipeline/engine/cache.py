@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.distributed import Group, sharding
+from mlx_interp.engine.distributed import Group, sharding
 
 log = logging.getLogger(__name__)
 

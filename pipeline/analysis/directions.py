@@ -1,6 +1,7 @@
 """Direction extraction: a vector per layer pointing from the neg condition to the pos one.
 
-Methods are small classes chosen by Hydra ``_target_`` (``pipeline.directions.MeanDiff`` ...),
+Methods are small classes chosen by Hydra ``_target_``
+(``mlx_interp.analysis.directions.MeanDiff`` ...),
 each with ``fit(pos [n_pos, d], neg [n_neg, d], pairs=None) -> [d]``. Every method returns a
 vector whose norm is that of the mean difference, so directions from different methods are
 comparable as steering vectors. ``DirectionSet`` holds one vector per layer plus the class
@@ -16,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from pipeline.stats import finite_rows
+from mlx_interp.analysis.stats import finite_rows
 
 FORMAT = "mlx-interp.directions/1"
 PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{layer}"

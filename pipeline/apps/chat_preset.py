@@ -14,18 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.directions import DirectionSet
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from mlx_interp.analysis.directions import DirectionSet
+from mlx_interp.resources import CONF_DIR  # noqa: E402
 
 
 def compose(overrides: list[str]) -> dict:
     """The root config composed like ``mlx-interp`` would, as a resolved plain dict."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from mlx_interp.engine.schema import register_configs
     from omegaconf import OmegaConf
-
-    from pipeline.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -47,7 +45,7 @@ class Preset:
 def mode_spec(mode_cfg: Any) -> Any:
     """A ``steer.mode`` config as the chat keeps it: the MODES name when the config is just
     ``{_target_: <a named mode class>}``, else the config itself (``steer`` builds it)."""
-    from pipeline.steering import MODES
+    from mlx_interp.interventions.steering import MODES
 
     if isinstance(mode_cfg, str):
         return mode_cfg
@@ -60,7 +58,7 @@ def mode_spec(mode_cfg: Any) -> Any:
 
 def _keys(cfg: dict, stages: dict, target: str) -> dict[str, str]:
     """Artifact keys of ``target`` and its upstream stages under ``cfg`` (nothing is run)."""
-    from pipeline.dag import config_slice, execution_order, stage_key
+    from mlx_interp.engine.dag import config_slice, execution_order, stage_key
 
     keys: dict[str, str] = {}
     for name in execution_order(stages, [target]):
@@ -72,9 +70,9 @@ def _keys(cfg: dict, stages: dict, target: str) -> dict[str, str]:
 
 def colorblind_preset(cfg: dict, say: Callable[[str], None] = print) -> Preset:
     """The green/red direction for ``cfg``'s model, and the experiment's steering setting."""
-    from pipeline.cache import ArtifactStore
-    from pipeline.dag import run_stages
-    from stages import STAGES
+    from mlx_interp.engine.cache import ArtifactStore
+    from mlx_interp.engine.dag import run_stages
+    from mlx_interp.stages import STAGES
 
     steer_cfg = cfg["steer"]
     layers = steer_cfg["layer"] if isinstance(steer_cfg["layer"], list) else [steer_cfg["layer"]]

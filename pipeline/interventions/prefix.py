@@ -97,7 +97,7 @@ def head_at(model: Any, positions: mx.array) -> Iterator[bool]:
     if inner is None or not hasattr(inner, "layers"):
         yield False
         return
-    from pipeline.capture import subclass_with_call
+    from mlx_interp.interventions.capture import subclass_with_call
 
     original = type(inner)
     original_call = original.__call__

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from pipeline.stats import finite_rows
+from mlx_interp.analysis.stats import finite_rows
 
 
 class ProbeError(ValueError):
