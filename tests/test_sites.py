@@ -20,7 +20,7 @@ from mlx_interp.interventions.sites import (
     resolve_sites,
     steer_sites,
 )
-from mlx_interp.interventions.steering import LayerEdit, SteeringError, steer
+from mlx_interp.interventions.steering import AddMode, LayerEdit, SteeringError, steer
 from mlx_lm.models.cache import make_prompt_cache
 
 from tests.tiny_models import ARCHS, _embed, _layer_masks, embed_and_run_layers, tiny_model
@@ -305,6 +305,33 @@ def test_mlp_steering_equals_adding_to_the_mlp_output_by_hand(arch_model, alpha)
         with steer(model, [LayerEdit(1, vector)], "add", alpha):
             residual_steered = np.array(model(tokens))
         np.testing.assert_allclose(steered_logits, residual_steered, **TOL)
+
+
+def test_steer_sites_honours_every_layer_and_for_layer_like_steer(arch_model):
+    """ablate_all (every_layer) at a residual site equals steer(); for_layer binds per layer."""
+    arch, model = arch_model
+    tokens = mx.array(TOKENS)
+    x, _ = _layer_input(model, arch, tokens, 1)
+    vector = _rand(x.shape[-1], 2)
+    with steer(model, [LayerEdit(1, vector)], "ablate_all", 1.0):
+        by_layer = np.array(model(tokens))
+    with steer_sites(model, [SiteEdit("layers.1", vector)], "ablate_all", 1.0):
+        by_site = np.array(model(tokens))
+    np.testing.assert_array_equal(by_site, by_layer)
+    with steer_sites(model, [SiteEdit("layers.1", vector)], "ablate", 1.0):
+        one_layer = np.array(model(tokens))
+    assert not np.allclose(one_layer, by_site)
+
+    bound = []
+
+    class Binding(AddMode):
+        def for_layer(self, layer):
+            bound.append(layer)
+            return self
+
+    with steer_sites(model, [SiteEdit("layers.2.mlp", vector)], Binding(), 1.0):
+        model(tokens)
+    assert bound == [2]
 
 
 def test_heads_steering_moves_attn_output_by_the_projected_vector(arch_model):

@@ -17,6 +17,14 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx_interp.interventions.classswap import (
+    LayerIndexError,
+    StopForward,
+    decoder_layers,
+    resolve_layers,
+    subclass_with_call,
+)
+from mlx_interp.interventions.prefix import expand_cache
 
 __all__ = [
     "POSITIONS",
@@ -29,53 +37,6 @@ __all__ = [
 ]
 
 POSITIONS = ("last", "all", "mean")
-
-
-class LayerIndexError(IndexError):
-    """A requested layer index is outside ``-n_layers..n_layers - 1``."""
-
-
-class _StopForward(Exception):
-    """Raised after the highest selected layer to skip the rest of the forward pass."""
-
-
-def decoder_layers(model: Any) -> list:
-    """Return ``model.layers``, the decoder blocks of an mlx-lm model, as a list."""
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, (list, tuple)):
-        raise TypeError(
-            f"{type(model).__name__} has no `layers` list of decoder blocks; activation capture "
-            "needs an mlx-lm model exposing them as `model.layers` (e.g. from mlx_lm.load)"
-        )
-    if not layers:
-        raise TypeError(f"{type(model).__name__}.layers is empty: there is nothing to capture")
-    return list(layers)
-
-
-def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Normalize layer indices to sorted, unique, non-negative ints.
-
-    ``None`` selects every layer; negative indices count from the end (``-1`` = last layer).
-    Raises :class:`LayerIndexError` for an index outside ``-n_layers..n_layers - 1``.
-    """
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, (int, np.integer)):
-        layers = [int(layers)]
-    resolved = set()
-    for index in layers:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"layer indices must be ints, got {index!r}")
-        if not -n_layers <= index < n_layers:
-            raise LayerIndexError(
-                f"layer {index} is out of range for a model with {n_layers} layers "
-                f"(valid: {-n_layers}..{n_layers - 1}); pick an index in that range, "
-                "negative indices count from the last layer"
-            )
-        resolved.add(int(index) % n_layers)
-    if not resolved:
-        raise ValueError("no layers selected: pass None for all layers or a non-empty list")
-    return sorted(resolved)
 
 
 class LayerRecorder:
@@ -97,7 +58,7 @@ class LayerRecorder:
         """Call ``fn(*args, **kwargs)``; return its result, or ``None`` if stopped early."""
         try:
             return fn(*args, **kwargs)
-        except _StopForward:
+        except StopForward:
             return None
 
 
@@ -109,17 +70,10 @@ def _recording_class(original: type, index: int, recorder: LayerRecorder, stop_h
         out = original_call(self, *args, **kwargs)
         recorder.outputs[index] = out[0] if isinstance(out, tuple) else out
         if stop_here:
-            raise _StopForward
+            raise StopForward
         return out
 
     return subclass_with_call(original, "Capturing", __call__)
-
-
-def subclass_with_call(original: type, prefix: str, call) -> type:
-    """A one-off subclass of ``original`` whose ``__call__`` is ``call`` (for class swaps)."""
-    name = f"{prefix}{original.__name__}"
-    namespace = {"__call__": call, "__module__": original.__module__, "__qualname__": name}
-    return type(name, (original,), namespace)
 
 
 @contextmanager
@@ -152,7 +106,7 @@ def capture_layers(
             swapped.append((layer, original))
         try:
             yield recorder
-        except _StopForward:
+        except StopForward:
             pass
     finally:
         for layer, original in reversed(swapped):
@@ -197,18 +151,18 @@ def capture_batch(
 ) -> dict[int, np.ndarray | list[np.ndarray]]:
     """Capture activations for one right-padded batch of token sequences.
 
-     Right padding with causal attention means real positions never attend to the pads, so no
-     extra mask is needed. The forward stops after the highest selected layer.
+    Right padding with causal attention means real positions never attend to the pads, so no
+    extra mask is needed. The forward stops after the highest selected layer.
 
-     ``prefix``: ``(length, cache)`` of a prefix every sequence starts with, run earlier by
-     :func:`~mlx_interp.interventions.prefix.shared_prefix` (same model state); with
-     ``positions="last"`` only the suffixes are run, on copies of that KV cache (exact: causal attention). Ignored for
-     the other positions, which need the prefix's own activations.
+    ``prefix``: ``(length, cache)`` of a prefix every sequence starts with, run earlier by
+    :func:`~mlx_interp.interventions.prefix.shared_prefix` (same model state); with
+    ``positions="last"`` only the suffixes are run, on copies of that KV cache (exact:
+    causal attention). Ignored for the other positions, which need the prefix's own activations.
 
-     Returns resolved layer index -> for ``positions="last"``: ``[batch, d_model]`` at each
-     sequence's last real token; ``"mean"``: ``[batch, d_model]`` mean over real tokens (taken
-     in float32); ``"all"``: list of ``[len_i, d_model]``, one per sequence; all in ``dtype``
-     (numpy float32 or float16, converted inside MLX).
+    Returns resolved layer index -> for ``positions="last"``: ``[batch, d_model]`` at each
+    sequence's last real token; ``"mean"``: ``[batch, d_model]`` mean over real tokens (taken
+    in float32); ``"all"``: list of ``[len_i, d_model]``, one per sequence; all in ``dtype``
+    (numpy float32 or float16, converted inside MLX).
     """
     out_dtype = {np.dtype(np.float32): mx.float32, np.dtype(np.float16): mx.float16}.get(
         np.dtype(dtype)
@@ -219,8 +173,6 @@ def capture_batch(
         raise ValueError(f"unknown positions {positions!r}; valid: {', '.join(POSITIONS)}")
     cache, skip = None, 0
     if prefix is not None and prefix[1] is not None and positions == "last":
-        from mlx_interp.interventions.prefix import expand_cache
-
         skip = prefix[0]
         if min(len(seq) for seq in sequences) <= skip:
             raise ValueError(f"every sequence must go on after the {skip}-token prefix")

@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx_interp.interventions.classswap import subclass_with_call
 from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll, make_prompt_cache
 
 MIN_PREFIX = 4  # shorter shared prefixes are not worth a cache
@@ -97,8 +98,6 @@ def head_at(model: Any, positions: mx.array) -> Iterator[bool]:
     if inner is None or not hasattr(inner, "layers"):
         yield False
         return
-    from mlx_interp.interventions.capture import subclass_with_call
-
     original = type(inner)
     original_call = original.__call__
 

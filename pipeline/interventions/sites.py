@@ -26,15 +26,17 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_interp.interventions.capture import (
-    POSITIONS,
+from mlx_interp.interventions.capture import POSITIONS, padded_batch, reduce_positions
+from mlx_interp.interventions.classswap import (
+    StopForward,
+    VectorCache,
+    check_alpha,
     decoder_layers,
-    padded_batch,
-    reduce_positions,
+    model_width,
     resolve_layers,
-    subclass_with_call,
+    swapped,
 )
-from mlx_interp.interventions.steering import SteeringError, _model_width, make_mode
+from mlx_interp.interventions.steering import SteeringError, make_mode
 
 __all__ = [
     "SITE_KINDS",
@@ -64,10 +66,6 @@ _EXAMPLES = "layers.8, layers.8.attn (or self_attn), layers.8.mlp, layers.8.attn
 
 class SiteError(ValueError):
     """A site name that does not parse, or a site this model's layers do not have."""
-
-
-class _StopForward(Exception):
-    """Raised after the highest captured layer to skip the rest of the forward pass."""
 
 
 @dataclass(frozen=True, order=True)
@@ -163,7 +161,7 @@ def site_width(model: Any, site: Site) -> int | None:
     if site.kind == "heads":
         n_heads, head_dim = head_shape(model, site.layer)
         return n_heads * head_dim
-    return _model_width(model)
+    return model_width(model)
 
 
 def resolve_sites(model: Any, sites: Sequence[str | Site] | str | Site) -> list[Site]:
@@ -201,7 +199,7 @@ class SiteRecorder:
         """Call ``fn(*args, **kwargs)``; return its result, or ``None`` if stopped early."""
         try:
             return fn(*args, **kwargs)
-        except _StopForward:
+        except StopForward:
             return None
 
 
@@ -227,17 +225,6 @@ def _recording_call(original: type, site: Site, n_heads: int, rec: SiteRecorder)
 
 
 @contextmanager
-def _swapped(module: Any, prefix: str, call: Callable[..., Any]) -> Iterator[None]:
-    """Swap ``module.__class__`` for a subclass with ``call`` as ``__call__``; restore after."""
-    original = type(module)
-    module.__class__ = subclass_with_call(original, prefix, call)
-    try:
-        yield
-    finally:
-        module.__class__ = original
-
-
-@contextmanager
 def capture_sites(
     model: Any, sites: Sequence[str | Site] | str | Site, stop_after_last: bool = False
 ) -> Iterator[SiteRecorder]:
@@ -258,19 +245,19 @@ def capture_sites(
         for site in selected:
             n_heads = head_shape(model, site.layer)[0] if site.kind == "heads" else 0
             call = _recording_call(type(site_module(model, site)), site, n_heads, recorder)
-            stack.enter_context(_swapped(site_module(model, site), "Capturing", call))
+            stack.enter_context(swapped(site_module(model, site), "Capturing", call))
         if stop_after_last:  # outermost swap of the top layer: runs (and records), then stops
             layer = decoder_layers(model)[selected[-1].layer]
             original_call = type(layer).__call__
 
             def stop_call(self: Any, *args: Any, **kwargs: Any) -> Any:
                 original_call(self, *args, **kwargs)
-                raise _StopForward
+                raise StopForward
 
-            stack.enter_context(_swapped(layer, "Stopping", stop_call))
+            stack.enter_context(swapped(layer, "Stopping", stop_call))
         try:
             yield recorder
-        except _StopForward:
+        except StopForward:
             pass
 
 
@@ -342,15 +329,7 @@ def _flat_vector(name: str, value: Any, index: int, site: Site, shapes: list[tup
 def _steering_call(original: type, site: Site, edits: list[tuple], mode: Any, alpha: float):
     """``__call__`` applying ``mode`` with each ``(vector, center)`` to the site's value."""
     original_call = original.__call__
-    cache: dict[Any, list[tuple[mx.array, mx.array | None]]] = {}
-
-    def arrays_for(dtype: Any) -> list[tuple[mx.array, mx.array | None]]:
-        if dtype not in cache:
-            cache[dtype] = [
-                (mx.array(v).astype(dtype), None if c is None else mx.array(c).astype(dtype))
-                for v, c in edits
-            ]
-        return cache[dtype]
+    arrays_for = VectorCache(edits)
 
     def edit(h: mx.array) -> mx.array:
         if h.shape[-1] != edits[0][0].shape[0]:
@@ -375,20 +354,19 @@ def _steering_call(original: type, site: Site, edits: list[tuple], mode: Any, al
 def steer_sites(model: Any, edits: Sequence[SiteEdit], mode: Any, alpha: float) -> Iterator[None]:
     """Edit the value at each edit's site in every forward inside (generation included).
 
-    ``mode`` is a steering mode of :mod:`mlx_interp.interventions.steering` (name, ``_target_``
-    config or
-    object), applied as ``mode(h, vector, center, alpha)`` on the site's ``[..., width]``
-    value. Several edits at one site apply in order. Everything is validated before any
-    module is touched; :class:`SteeringError` / :class:`SiteError` name the problem.
+    ``mode`` is a steering mode of :mod:`mlx_interp.interventions.steering` (name,
+    ``_target_`` config or object), applied as ``mode(h, vector, center, alpha)`` on the
+    site's ``[..., width]`` value. Several edits at one site apply in order. The mode hooks
+    that :func:`~mlx_interp.interventions.steering.steer` honours apply here too: an
+    ``every_layer`` mode edits the same kind of site in every layer, and ``for_layer`` binds
+    the mode to each edited layer. Everything is validated before any module is touched;
+    :class:`SteeringError` / :class:`SiteError` name the problem.
     """
     if not edits:
         yield
         return
     mode = make_mode(mode)
-    real = isinstance(alpha, (int, float, np.integer, np.floating)) and not isinstance(alpha, bool)
-    if not real or not np.isfinite(alpha):
-        raise SteeringError(f"alpha must be a finite real number (e.g. 0.5..4), got {alpha!r}")
-    alpha = float(alpha)
+    alpha = check_alpha(alpha, SteeringError)
     grouped: dict[Site, list[tuple]] = {}
     for index, edit in enumerate(edits):
         if not isinstance(edit, SiteEdit):
@@ -409,9 +387,18 @@ def steer_sites(model: Any, edits: Sequence[SiteEdit], mode: Any, alpha: float) 
                 "of the two class means); pass SiteEdit(..., center=...)"
             )
         grouped.setdefault(site, []).append((vector, center))
+    if getattr(mode, "every_layer", False):
+        n_layers = len(decoder_layers(model))
+        every: dict[Site, list[tuple]] = {}
+        for site, site_edits in grouped.items():
+            for layer in range(n_layers):
+                every.setdefault(Site(layer, site.kind), []).extend(site_edits)
+        grouped = every
+    bind = getattr(mode, "for_layer", None)
+    modes = {site: bind(site.layer) if bind else mode for site in grouped}  # may raise
     with ExitStack() as stack:
         for site, site_edits in sorted(grouped.items()):
             module = site_module(model, site)
-            call = _steering_call(type(module), site, site_edits, mode, alpha)
-            stack.enter_context(_swapped(module, "Steering", call))
+            call = _steering_call(type(module), site, site_edits, modes[site], alpha)
+            stack.enter_context(swapped(module, "Steering", call))
         yield

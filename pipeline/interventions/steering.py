@@ -25,9 +25,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
-from mlx_interp.interventions.capture import decoder_layers, resolve_layers, subclass_with_call
+from mlx_interp.interventions.classswap import (
+    VectorCache,
+    check_alpha,
+    decoder_layers,
+    model_width,
+    resolve_layers,
+    subclass_with_call,
+)
 from mlx_interp.interventions.modes import (
     MODES,
     AblateAllLayersMode,
@@ -75,27 +81,6 @@ class LayerEdit:
     center: np.ndarray | None = None
 
 
-def _model_width(model: Any) -> int | None:
-    """``d_model`` declared by the model's args, if any (``hidden_size``, ``n_embd``...)."""
-    args = getattr(model, "args", None)
-    for name in ("hidden_size", "n_embd", "d_model", "dim"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _check_alpha(alpha: float) -> float:
-    """``alpha`` as a finite Python float."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-        raise SteeringError(f"alpha must be a real number, got {alpha!r}")
-    if not np.isfinite(alpha):
-        raise SteeringError(
-            f"alpha is {alpha}; steering needs a finite alpha (e.g. 0.5..4; 0 disables the edit)"
-        )
-    return float(alpha)
-
-
 def _check_array(name: str, value: Any, index: int, width: int | None) -> np.ndarray:
     """``value`` as a finite 1-D float array of length ``width`` (when known)."""
     array = np.asarray(value)
@@ -129,7 +114,7 @@ class _Prepared:
 def _prepare(model: Any, edits: Sequence[LayerEdit], mode: Any) -> list[_Prepared]:
     """Validate ``edits`` against ``model`` and ``mode``; resolve layer indices."""
     n_layers = len(decoder_layers(model))
-    width = _model_width(model)
+    width = model_width(model)
     prepared = []
     for index, edit in enumerate(edits):
         if not isinstance(edit, LayerEdit):
@@ -158,18 +143,7 @@ def _steering_class(original: type, edits: list[_Prepared], mode: Any, alpha: fl
     """Build a subclass of ``original`` whose ``__call__`` edits the layer output."""
     original_call = original.__call__
     width = edits[0].vector.shape[0]  # all edits share it (checked in _prepare)
-    by_dtype: dict[Any, list[tuple[mx.array, mx.array | None]]] = {}
-
-    def arrays_for(dtype: Any) -> list[tuple[mx.array, mx.array | None]]:
-        if dtype not in by_dtype:
-            by_dtype[dtype] = [
-                (
-                    mx.array(edit.vector).astype(dtype),
-                    None if edit.center is None else mx.array(edit.center).astype(dtype),
-                )
-                for edit in edits
-            ]
-        return by_dtype[dtype]
+    arrays_for = VectorCache([(edit.vector, edit.center) for edit in edits])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = original_call(self, *args, **kwargs)
@@ -201,7 +175,7 @@ def steer(model: Any, edits: Sequence[LayerEdit], mode: Any, alpha: float) -> It
         yield
         return
     mode = make_mode(mode)
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha, SteeringError)
     prepared = _prepare(model, edits, mode)
     blocks = decoder_layers(model)
     if getattr(mode, "every_layer", False):
