@@ -56,6 +56,7 @@ def worker_forward(dequantize: str, batch: int, seq: int, capture: bool) -> dict
     """matmul GFLOP/s, bare forward tokens/s and (if asked) all-layer capture tokens/s."""
     blas, lm = _load(dequantize)
     import mlx.core as mx
+
     from mlx_interp.interventions.capture import capture_batch
 
     a = mx.random.normal((2048, 2048))
@@ -87,9 +88,10 @@ def worker_generate(max_tokens: int) -> dict:
     _, lm = _load()
     import mlx.core as mx
     import numpy as np
-    from mlx_interp.interventions.steering import LayerEdit, ReflectMode, generate_steered, steer
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
+
+    from mlx_interp.interventions.steering import LayerEdit, ReflectMode, generate_steered, steer
 
     model, tok = lm.model, lm.tokenizer
     chat = [{"role": "user", "content": "Write a long story about a red fox in a green forest."}]
@@ -163,8 +165,9 @@ def worker_batch(batch: int, seq: int, torch: bool = True) -> dict:
     _, lm = _load()
     import mlx.core as mx
     import numpy as np
-    from mlx_interp.interventions.capture import capture_batch
     from mlx_lm.models.activations import swiglu
+
+    from mlx_interp.interventions.capture import capture_batch
 
     tokens = _tokens(batch, seq)
     seqs = tokens.tolist()

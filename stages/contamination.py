@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from mlx_interp.analysis.stats import bootstrap_ci
-from mlx_interp.stages.probes import layer_matrices, resolve_probe_layers
+from mlx_interp.io.activations import layer_matrices, resolve_probe_layers
 
 VERSION = "1"
 

@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
 from mlx_interp.analysis.probes import (
     LogisticProbe,
     ProbeError,
@@ -38,8 +37,7 @@ from mlx_interp.analysis.probes import (
     transfer_cv,
 )
 from mlx_interp.analysis.stats import wilson_interval
-from mlx_interp.stages.capture import read_activations
-from mlx_interp.stages.directions import activation_matrix
+from mlx_interp.io.activations import layer_matrices
 
 VERSION = "1"
 
@@ -93,33 +91,6 @@ def contrasts_from_config(pcfg: dict, conditions: list[str]) -> dict[str, dict]:
                 f"prompts (conditions: {conditions}); fix probes.* or concept.conditions"
             )
     return out
-
-
-def resolve_probe_layers(wanted: list[int] | None, captured: list[int]) -> list[int]:
-    """Layers to probe; negative entries count from the last captured layer (-1 = last)."""
-    if not wanted:
-        return captured
-    top = max(captured) + 1
-    out = []
-    for layer in wanted:
-        abs_layer = top + int(layer) if int(layer) < 0 else int(layer)
-        if abs_layer not in captured:
-            raise ProbeError(
-                f"probes.layers has {layer}, which was not captured (captured: {captured}); "
-                "capture it (capture.layers) or drop it"
-            )
-        out.append(abs_layer)
-    return sorted(set(out))
-
-
-def layer_matrices(
-    capture: Path, wanted: list[int] | None, prompt_ids: list[str]
-) -> tuple[list[int], dict[int, np.ndarray]]:
-    """The layers to use (``wanted`` resolved against the captured ones) and their
-    [n_prompts, d_model] matrices in ``prompt_ids`` order; reads only those layers' rows."""
-    captured = pq.read_table(capture / "activations", columns=["layer"]).column("layer")
-    layers = resolve_probe_layers(wanted, sorted(int(x) for x in pc.unique(captured).to_pylist()))
-    return layers, activation_matrix(read_activations(capture, layers), prompt_ids)
 
 
 def _by_condition(x: np.ndarray, conds: np.ndarray) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from mlx_interp.analysis.stats import SwapStats, binomial_test, mean_sd
 from mlx_interp.stages.report_plots import plot_layers, plot_random_baseline
 from mlx_interp.stages.report_text import render_markdown

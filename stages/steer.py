@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
+
 from mlx_interp.analysis.directions import DirectionSet
 from mlx_interp.analysis.fluency import FluencyError, FluencySpec, fluency
 from mlx_interp.analysis.scoring import (
@@ -37,9 +39,8 @@ from mlx_interp.analysis.scoring import (
 from mlx_interp.interventions.capture import resolve_layers
 from mlx_interp.interventions.modes import mode_name
 from mlx_interp.interventions.steering import LayerEdit, SteeringError, make_mode
+from mlx_interp.io.prompts import render
 from mlx_interp.models.loading import load_model, model_fingerprint
-from mlx_interp.stages.prompts import render
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from mlx_interp.apps.cli import CONF_DIR
 from omegaconf import DictConfig
+
+from mlx_interp.apps.cli import CONF_DIR
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -15,16 +15,16 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx_interp.apps.cli as cli
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
+
+import mlx_interp.apps.cli as cli
 from mlx_interp.engine.cache import ArtifactError, ArtifactStore
 from mlx_interp.engine.dag import stage_keys
 from mlx_interp.models.gguf import embedded_gguf_path
 from mlx_interp.stages import STAGES
-from omegaconf import OmegaConf
-
 from tests.helpers import compose_config, write_dataset
 
 # --- harness ------------------------------------------------------------------------------
@@ -263,6 +263,7 @@ def test_local_model_folder_without_config(cli_run, workdir):
 
 def test_unknown_hub_model_id_offline(monkeypatch):
     import huggingface_hub.constants
+
     from mlx_interp.models.loading import ModelLoadError, load_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

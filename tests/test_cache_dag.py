@@ -7,6 +7,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
+
 from mlx_interp.engine.cache import MANIFEST, ArtifactStore, hash_key
 from mlx_interp.engine.dag import PipelineError, Stage, execution_order, run_stages
 

@@ -5,6 +5,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+
 from mlx_interp.interventions.capture import (
     POSITIONS,
     LayerIndexError,
@@ -13,7 +14,6 @@ from mlx_interp.interventions.capture import (
     decoder_layers,
     resolve_layers,
 )
-
 from tests.tiny_models import ARCHS, embed_and_run_layers, tiny_model
 
 TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]  # longer than gemma3_text's sliding window (4)
@@ -212,7 +212,8 @@ def test_last_token_capture_with_prefix_cache_equals_plain_capture(arch_model):
 def test_parts_round_trip_through_read_activations(tmp_path, dtype, positions):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from mlx_interp.stages.capture import batch_table, read_activations, write_part
+
+    from mlx_interp.io.activations import batch_table, read_activations, write_part
 
     rng = np.random.default_rng(0)
     lengths = [2, 3, 4]

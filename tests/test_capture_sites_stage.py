@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from mlx_interp.apps.cli import run_experiment
 from mlx_interp.interventions.sites import SiteError, capture_sites_batch
+from mlx_interp.io.activations import read_activations, read_sites
 from mlx_interp.models.loading import load_model
-from mlx_interp.stages.capture import read_activations, read_sites
-
 from tests.helpers import compose_config, write_dataset
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mlx_interp.analysis.directions import DirectionSet
 from mlx_interp.apps.chat import ChatError, model_overrides, parse_steer_args
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from mlx_interp.apps.cli import CONF_DIR
 from omegaconf import OmegaConf
 
+from mlx_interp.apps.cli import CONF_DIR
 from tests.helpers import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))

@@ -4,7 +4,8 @@ import json
 from collections import Counter
 
 import pytest
-from mlx_interp.stages.datasets import PROJECT_ROOT, read_jsonl
+
+from mlx_interp.io.datasets import PROJECT_ROOT, read_jsonl
 
 DATA = PROJECT_ROOT / "datasets"
 THREE_WAY = ("SyA", "GA", "SyPr", "neutral")

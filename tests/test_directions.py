@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 from hydra.utils import instantiate
+from safetensors import safe_open
+
 from mlx_interp.analysis.directions import (
     METHODS,
     DirectionError,
@@ -16,7 +18,6 @@ from mlx_interp.analysis.directions import (
     extract,
     make_method,
 )
-from safetensors import safe_open
 
 D, N = 64, 200
 

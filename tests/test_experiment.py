@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlx_interp.apps.cli import run_experiment
 
+from mlx_interp.apps.cli import run_experiment
 from tests.helpers import compose_config, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlx_interp.analysis.probes import ProbeError
-from mlx_interp.apps.cli import run_experiment
 from safetensors.numpy import load_file
 
+from mlx_interp.analysis.probes import ProbeError
+from mlx_interp.apps.cli import run_experiment
 from tests.helpers import compose_config
 
 
@@ -203,9 +203,7 @@ def test_the_probes_stage_file_drives_conditional_steering_with_the_fitted_proba
     a steer run with steer/mode=conditional on that file completes."""
     from mlx_interp.analysis.probes import LogisticProbe
     from mlx_interp.interventions.modes import load_probe
-    from mlx_interp.stages.capture import read_activations
-    from mlx_interp.stages.directions import activation_matrix
-
+    from mlx_interp.io.activations import activation_matrix, read_activations
     from tests.helpers import write_dataset
 
     data = write_dataset(tmp_path / "c.jsonl", n_per_class=6, conditions=("green", "red"))

@@ -8,9 +8,10 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx_lm import generate
+
 from mlx_interp.models.gguf import GGUFError, embedded_gguf_path, load_gguf
 from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
-from mlx_lm import generate
 
 PLAIN_TEXTS = [
     "In 2024, 3.14159 and 1,000,000",

@@ -5,6 +5,7 @@ import json
 import gguf
 import numpy as np
 import pytest
+
 from mlx_interp.analysis.directions import DirectionError, DirectionSet
 from mlx_interp.apps.cv import main
 from mlx_interp.io.control_vectors import (

@@ -11,11 +11,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.models import llama
+from mlx_lm.utils import save_config, save_model
+
 from mlx_interp.models.gguf import embedded_gguf_path
 from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 from mlx_interp.models.loading import ModelLoadError, load_model
-from mlx_lm.models import llama
-from mlx_lm.utils import save_config, save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = [[1, 504, 3458, 314, 260, 5453, 30]]

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlx_interp.apps.cli import run_experiment
-from mlx_interp.stages.capture import read_activations
 
+from mlx_interp.apps.cli import run_experiment
+from mlx_interp.io.activations import read_activations
 from tests.helpers import compose_config, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from mlx_interp.interventions.prefix import batched_last_logits, common_prefix_len, greedy_generate
 from mlx_interp.interventions.steering import LayerEdit, ReflectMode, generate_steered, steer
-
 from tests.tiny_models import tiny_model
 
 PREFIX = [5, 17, 9, 33, 2, 8, 41, 7, 19, 23]

@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as st
+
 from mlx_interp.analysis.probes import (
     LogisticProbe,
     ProbeError,
@@ -14,7 +16,6 @@ from mlx_interp.analysis.probes import (
     probe_layers,
     transfer_scores,
 )
-from scipy import stats as st
 
 N_PERM = 50
 D = 8

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
+
 from mlx_interp.analysis.probes import (
     LogisticProbe,
     ProbeError,
@@ -16,14 +17,15 @@ from mlx_interp.analysis.probes import (
     mean_diff_cosines,
     transfer_cv,
 )
+from mlx_interp.io.activations import resolve_probe_layers
+from mlx_interp.io.datasets import DatasetError
 from mlx_interp.stages.contamination import (
     ContaminationError,
     differences,
     paired_cosines,
     summarize,
 )
-from mlx_interp.stages.datasets import DatasetError
-from mlx_interp.stages.probes import contrasts_from_config, resolve_probe_layers
+from mlx_interp.stages.probes import contrasts_from_config
 
 
 def _cluster(rng, center, n, d=12, noise=0.3):
@@ -206,7 +208,7 @@ class _WordTokenizer:
 
 
 def _rows(tmp_path, with_reply=True):
-    from mlx_interp.stages.datasets import read_jsonl
+    from mlx_interp.io.datasets import read_jsonl
 
     rows = [
         {

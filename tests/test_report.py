@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import binomtest
+
 from mlx_interp.apps.sweep import markdown_table
 from mlx_interp.stages.report import compute_report
 from mlx_interp.stages.report_text import render_markdown
-from scipy.stats import binomtest
 
 SWAP = {"green": "red", "red": "green"}
 CFG = {"swap": SWAP, "controls": ["control"], "model_name": "toy"}

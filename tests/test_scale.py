@@ -18,14 +18,14 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
 from mlx_interp.apps.cli import CONF_DIR, run_experiment
 from mlx_interp.engine.cache import MANIFEST, ArtifactError, ArtifactStore
 from mlx_interp.engine.dag import Stage, run_stages, stage_keys
 from mlx_interp.engine.distributed import Shard, current_shard
+from mlx_interp.io.activations import read_activations
 from mlx_interp.stages import STAGES
-from mlx_interp.stages.capture import read_activations
-from omegaconf import OmegaConf
-
 from tests.helpers import compose_config, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

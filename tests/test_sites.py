@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
 from mlx_interp.interventions.capture import LayerIndexError, capture_batch
 from mlx_interp.interventions.sites import (
     Site,
@@ -21,8 +23,6 @@ from mlx_interp.interventions.sites import (
     steer_sites,
 )
 from mlx_interp.interventions.steering import AddMode, LayerEdit, SteeringError, steer
-from mlx_lm.models.cache import make_prompt_cache
-
 from tests.tiny_models import ARCHS, _embed, _layer_masks, embed_and_run_layers, tiny_model
 
 TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]  # longer than gemma3_text's sliding window (4)

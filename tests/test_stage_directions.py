@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from mlx_interp.analysis.directions import DirectionError, DirectionSet
 from mlx_interp.stages import directions as stage
 

@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as st
+
 from mlx_interp.analysis.stats import (
     SwapStats,
     binomial_test,
@@ -12,7 +14,6 @@ from mlx_interp.analysis.stats import (
     mean_sd,
     wilson_interval,
 )
-from scipy import stats as st
 
 
 def wilson_by_hand(k, n, confidence=0.95):

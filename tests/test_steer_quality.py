@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from mlx_interp.analysis.fluency import FluencySpec, fluency
 from mlx_interp.analysis.scoring import ScoringError
 from mlx_interp.apps.cli import run_experiment
@@ -23,7 +24,6 @@ from mlx_interp.interventions.steering import (
 from mlx_interp.stages.report import compute_report, fluency_report
 from mlx_interp.stages.report_text import render_markdown
 from mlx_interp.stages.steer import add_fluency, fluency_prompts, fluency_spec
-
 from tests.helpers import compose_config, write_dataset
 
 SWAP = {"green": "red", "red": "green"}

@@ -4,6 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from omegaconf import OmegaConf
+
 from mlx_interp.interventions.capture import LayerIndexError, capture_layers
 from mlx_interp.interventions.steering import (
     MODES,
@@ -21,8 +23,6 @@ from mlx_interp.interventions.steering import (
     steer,
     steered_last_logits,
 )
-from omegaconf import OmegaConf
-
 from tests.tiny_models import ARCHS, embed_and_run_layers, tiny_model
 
 CORE_ARCHS = ["llama", "qwen2", "gemma2", "gpt2"]

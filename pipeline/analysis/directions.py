@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mlx_interp.analysis.stats import finite_rows
 
 FORMAT = "mlx-interp.directions/1"

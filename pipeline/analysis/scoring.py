@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from mlx_interp.interventions.prefix import batched_last_logits, greedy_generate, shared_prefix
 from mlx_interp.interventions.steering import LayerEdit, steer
 

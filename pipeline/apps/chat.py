@@ -255,9 +255,10 @@ class ChatSession:
 
     def answer(self, text: str) -> str:
         """Stream the model's reply to ``text`` under the current steering; keep it in history."""
-        from mlx_interp.interventions.steering import steer
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
+
+        from mlx_interp.interventions.steering import steer
 
         tokens = chat_tokens(self.loaded.tokenizer, self.system, self.shots + self.history, text)
         on = self.enabled and self.steering is not None

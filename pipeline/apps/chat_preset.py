@@ -22,8 +22,9 @@ def compose(overrides: list[str]) -> dict:
     """The root config composed like ``mlx-interp`` would, as a resolved plain dict."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from mlx_interp.engine.schema import register_configs
     from omegaconf import OmegaConf
+
+    from mlx_interp.engine.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

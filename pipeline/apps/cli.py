@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import hydra  # noqa: E402  (after the BLAS)
-import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
 from mlx_interp.blas import log_blas
 from mlx_interp.engine.schema import register_configs
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger("mlx_interp")
 
@@ -32,10 +33,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mlx_interp.interventions.capture import LayerIndexError
     from mlx_interp.interventions.sites import SiteError
     from mlx_interp.interventions.steering import SteeringError
+    from mlx_interp.io.datasets import DatasetError
     from mlx_interp.models.gguf import GGUFError
     from mlx_interp.models.loading import ModelLoadError
     from mlx_interp.stages.capture import PromptTooLongError
-    from mlx_interp.stages.datasets import DatasetError
 
     return (
         ArtifactError,

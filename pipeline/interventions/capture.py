@@ -17,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
 from mlx_interp.interventions.classswap import (
     LayerIndexError,
     StopForward,

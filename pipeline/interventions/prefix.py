@@ -21,8 +21,9 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_interp.interventions.classswap import subclass_with_call
 from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll, make_prompt_cache
+
+from mlx_interp.interventions.classswap import subclass_with_call
 
 MIN_PREFIX = 4  # shorter shared prefixes are not worth a cache
 

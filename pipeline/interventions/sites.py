@@ -26,6 +26,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
 from mlx_interp.interventions.capture import POSITIONS, padded_batch, reduce_positions
 from mlx_interp.interventions.classswap import (
     StopForward,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
 from mlx_interp.interventions.classswap import (
     VectorCache,
     check_alpha,

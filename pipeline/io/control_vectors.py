@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mlx_interp.analysis.directions import DirectionError, DirectionSet
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
 

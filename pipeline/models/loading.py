@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
+
 from mlx_interp.engine.cache import file_sha256, hash_key
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,10 @@ def _load_mlx_lm(cfg: dict):
 
 def _tiny(cfg: dict):
     """A random-weight llama with the embedded tokenizer: for fast smoke tests of the DAG."""
+    from mlx_lm.models import llama
+
     from mlx_interp.models.gguf import embedded_gguf_path
     from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
-    from mlx_lm.models import llama
 
     _, meta = mx.load(str(embedded_gguf_path()), return_metadata=True)
     tokenizer = tokenizer_from_gguf(meta)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+
 from mlx_interp.resources import DATA_ROOT
 
 REQUIRED = ("id", "text", "condition")
