@@ -98,6 +98,14 @@ def _rand(shape, seed):
         ("layers.8.self_attn", Site(8, "attn")),
         ("layers.-1.self_attn.heads", Site(-1, "heads")),
         ("model.layers.3.attn.heads", Site(3, "heads")),
+        ("blocks.8.hook_resid_post", Site(8, "resid")),
+        ("blocks.-2.hook_attn_out", Site(-2, "attn")),
+        ("blocks.0.hook_mlp_out", Site(0, "mlp")),
+        ("blocks.5.attn.hook_z", Site(5, "heads")),
+        (("resid_post", 8), Site(8, "resid")),
+        (("mlp_out", -1), Site(-1, "mlp")),
+        (("attn_out", 2), Site(2, "attn")),
+        (("z", 3), Site(3, "heads")),
     ],
 )
 def test_parse_site(name, expected):
@@ -107,7 +115,19 @@ def test_parse_site(name, expected):
 
 
 @pytest.mark.parametrize(
-    "name", ["layer.1", "layers.x.mlp", "layers.1.mlp.heads", "layers.1.foo", "layers", ""]
+    "name",
+    [
+        "layer.1",
+        "layers.x.mlp",
+        "layers.1.mlp.heads",
+        "layers.1.foo",
+        "layers",
+        "",
+        "blocks.1.hook_resid_pre",
+        ("resid", 8),
+        ("mlp_out", "8"),
+        ("mlp_out", True),
+    ],
 )
 def test_bad_site_names_raise_a_clear_error(name):
     with pytest.raises(SiteError, match="layers.8.mlp"):

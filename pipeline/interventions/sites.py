@@ -6,14 +6,20 @@ add), ``layers.{i}.mlp`` (MLP block output) and ``layers.{i}.attn.heads`` (per-h
 outputs, the output projection's input reshaped to ``[n_heads, head_dim]``). ``self_attn`` is
 accepted for ``attn``, and a leading ``model.`` is ignored.
 
-The mechanism is that of :mod:`mlx_interp.interventions.capture`: the ``__class__`` of the
-submodule instance
-(the layer, its attention or MLP module, or the attention's output projection, a ``Linear``
-or ``QuantizedLinear``) is swapped for a one-off subclass whose ``__call__`` records or edits,
-and restored in ``finally``. No module is replaced. Submodules are found by name
-(``self_attn``/``attn``, ``mlp``, ``o_proj``/``c_proj``...), which covers llama, mistral,
-qwen2, qwen3, gemma2, gemma3, phi3, gpt2 and olmo2. In architectures with a norm after the
-block (gemma2/3, olmo2) ``attn``/``mlp`` are the block outputs before that norm.
+TransformerLens's names mean the same sites, so code written for it reads naturally here:
+``blocks.8.hook_resid_post`` = ``layers.8``, ``blocks.8.hook_attn_out`` = ``layers.8.attn``,
+``blocks.8.hook_mlp_out`` = ``layers.8.mlp``, ``blocks.8.attn.hook_z`` =
+``layers.8.attn.heads``, and the shorthand pairs ``("resid_post", 8)``, ``("attn_out", 8)``,
+``("mlp_out", 8)``, ``("z", 8)``. Layers may be negative everywhere (-1: the last layer).
+
+The mechanism is :mod:`mlx_interp.interventions.classswap`: the ``__class__`` of the
+submodule instance (the layer, its attention or MLP module, or the attention's output
+projection, a ``Linear`` or ``QuantizedLinear``) is swapped for a one-off subclass whose
+``__call__`` records or edits, and restored in ``finally``. No module is replaced.
+Submodules are found by name (``self_attn``/``attn``, ``mlp``, ``o_proj``/``c_proj``...),
+which covers llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, gpt2 and olmo2. In
+architectures with a norm after the block (gemma2/3, olmo2) ``attn``/``mlp`` are the block
+outputs before that norm.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from mlx_interp.interventions.classswap import (
 from mlx_interp.interventions.steering import SteeringError, make_mode
 
 __all__ = [
+    "SHORTHAND",
     "SITE_KINDS",
     "Site",
     "SiteEdit",
@@ -62,7 +69,20 @@ _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward")
 _PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "wo")
 _HEAD_COUNT_NAMES = ("n_heads", "n_head", "num_heads", "num_attention_heads")
-_EXAMPLES = "layers.8, layers.8.attn (or self_attn), layers.8.mlp, layers.8.attn.heads"
+_TL_PATTERN = re.compile(
+    r"^blocks\.(-?\d+)\.(hook_resid_post|hook_attn_out|hook_mlp_out|attn\.hook_z)$"
+)
+_TL_KINDS = {
+    "hook_resid_post": "resid",
+    "hook_attn_out": "attn",
+    "hook_mlp_out": "mlp",
+    "attn.hook_z": "heads",
+}
+SHORTHAND = {"resid_post": "resid", "attn_out": "attn", "mlp_out": "mlp", "z": "heads"}
+_EXAMPLES = (
+    "layers.8, layers.8.attn (or self_attn), layers.8.mlp, layers.8.attn.heads, "
+    "blocks.8.hook_resid_post, blocks.8.hook_mlp_out, or ('resid_post', 8)"
+)
 
 
 class SiteError(ValueError):
@@ -89,12 +109,26 @@ class Site:
         return self.name
 
 
-def parse_site(name: str | Site) -> Site:
-    """``"layers.8.mlp"`` -> ``Site(8, "mlp")``; the layer may be negative (from the end)."""
+def parse_site(name: str | Site | tuple[str, int]) -> Site:
+    """``"layers.8.mlp"``, ``"blocks.8.hook_mlp_out"`` or ``("mlp_out", 8)`` -> ``Site(8, "mlp")``.
+
+    The layer may be negative (counted from the end; resolved by :func:`resolve_sites`).
+    """
     if isinstance(name, Site):
         return name
+    if isinstance(name, tuple) and len(name) == 2:
+        kind, layer = name
+        if kind not in SHORTHAND or isinstance(layer, bool) or not isinstance(layer, int):
+            raise SiteError(
+                f"cannot parse site {name!r}: a pair is (kind, layer) with kind one of "
+                f"{', '.join(SHORTHAND)} and an int layer; valid forms: {_EXAMPLES}"
+            )
+        return Site(layer, SHORTHAND[kind])
     if not isinstance(name, str):
         raise SiteError(f"a site is a name like 'layers.8.mlp', got {type(name).__name__}")
+    tl = _TL_PATTERN.match(name.strip())
+    if tl is not None:
+        return Site(int(tl.group(1)), _TL_KINDS[tl.group(2)])
     match = _PATTERN.match(name.strip())
     if match is None:
         raise SiteError(f"cannot parse site {name!r}; valid forms: {_EXAMPLES}")

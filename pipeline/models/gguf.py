@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
+from mlx_interp.models.gguf_tokenizer import GGUFError, tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ LLAMA_NAMES = {
     "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
     "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
 }
-
-
-class GGUFError(ValueError):
-    """A GGUF file is missing, unreadable or describes a model we cannot build."""
 
 
 def embedded_gguf_path() -> Path:

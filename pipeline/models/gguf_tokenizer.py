@@ -16,6 +16,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 logger = logging.getLogger(__name__)
 
+
+class GGUFError(ValueError):
+    """A GGUF file is missing, unreadable or describes a model we cannot build."""
+
+
 # llama.cpp token types that are not ordinary text pieces: 3 = control, 4 = user-defined.
 SPECIAL_TOKEN_TYPES = (3, 4)
 
@@ -67,10 +72,6 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
     """Raw ``tokenizers.Tokenizer`` (byte-level BPE) from GGUF tokenizer metadata."""
     kind = _value(metadata, "tokenizer.ggml.model")
     if kind != "gpt2":
-        from mlx_interp.models.gguf import (
-            GGUFError,  # lazy: mlx_interp.models.gguf imports this module
-        )
-
         raise GGUFError(
             f"GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE); "
             "convert the original Hugging Face model with `python -m mlx_lm.convert` instead"
