@@ -103,6 +103,32 @@ def test_blas_selection():
     assert bad.returncode != 0 and "pip install mkl" in bad.stderr
 
 
+def _order_in_subprocess(code: str, env_extra: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env_extra},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS loading is Linux only")
+def test_importing_mlx_first_fails_loudly_with_the_fix_or_is_accepted_on_request():
+    late = "import mlx.core; import mlx_interp"
+    err = _order_in_subprocess(late, {}).stderr
+    assert "BlasOrderError" in err and "import mlx_interp` before mlx" in err
+    assert "MLX_INTERP_BLAS=none" in err and "LD_PRELOAD=" in err
+    ok = _order_in_subprocess(late + "; print(mlx_interp.blas.ensure_fast_blas().name)", {})
+    assert ok.returncode != 0
+    accepted = _order_in_subprocess(
+        late + "; print(mlx_interp.blas.ensure_fast_blas().name)", {"MLX_INTERP_BLAS": "none"}
+    )
+    assert accepted.returncode == 0 and accepted.stdout.strip() == "reference"
+    first = _order_in_subprocess("import mlx_interp; import mlx.core; print('ok')", {})
+    assert first.returncode == 0 and first.stdout.strip() == "ok"
+
+
 def test_dequantize_option_accepts_what_the_command_line_gives():
     from mlx_interp.models.loading import ModelLoadError, should_dequantize
 

@@ -239,7 +239,7 @@ class DirectionSet:
     def _derived(self, vectors, centers, method, contrast, meta) -> DirectionSet:
         pos = {layer: centers[layer] + vectors[layer] / 2 for layer in vectors}
         neg = {layer: centers[layer] - vectors[layer] / 2 for layer in vectors}
-        return DirectionSet(vectors, pos, neg, method, contrast, meta)
+        return type(self)(vectors, pos, neg, method, contrast, meta)  # subclasses stay themselves
 
     def _check_layers(self, other: Any) -> DirectionSet:
         if not isinstance(other, DirectionSet):
@@ -259,7 +259,7 @@ class DirectionSet:
     def __neg__(self) -> DirectionSet:
         vectors = {k: -v for k, v in self.vectors.items()}
         swapped = (self.contrast[1], self.contrast[0])
-        return DirectionSet(
+        return type(self)(
             vectors, self.neg_means, self.pos_means, self.method, swapped, dict(self.meta)
         )
 

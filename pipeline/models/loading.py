@@ -76,6 +76,46 @@ def to_float32(model: nn.Module) -> None:
     model.update(params)
 
 
+def source_for_path(path: str | Path) -> str:
+    """The model source a path means: ``gguf`` for a .gguf file, ``mlx_lm`` for a folder or a
+    Hugging Face id (``owner/name``). Raises :class:`ModelLoadError` for anything else."""
+    text = str(path)
+    local = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        return "gguf"
+    if local.is_dir():
+        return "mlx_lm"
+    if local.exists():
+        raise ModelLoadError(f"{local} is a file but not a .gguf model; give a .gguf file")
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts) and not text.startswith((".", "~")):
+        return "mlx_lm"
+    raise ModelLoadError(
+        f"{text!r} is not a model: give a conf/model name (e.g. smollm2_135m), a .gguf file, "
+        "a folder saved by mlx-lm, or a Hugging Face id like owner/name"
+    )
+
+
+def model_config(spec: str | Path) -> dict:
+    """A ``model`` config slice for ``spec``: a name under conf/model, or a path / hub id
+    (its source inferred by :func:`source_for_path`)."""
+    from omegaconf import OmegaConf
+
+    from mlx_interp.engine.schema import ModelConfig
+    from mlx_interp.resources import CONF_DIR
+
+    text = str(spec)
+    named = Path(CONF_DIR) / "model" / f"{text}.yaml"
+    schema = OmegaConf.structured(ModelConfig)
+    if "/" not in text and named.is_file():
+        cfg = OmegaConf.merge(schema, OmegaConf.load(named))
+    else:
+        source = source_for_path(text)
+        name = Path(text).stem if source == "gguf" else text.rstrip("/").split("/")[-1]
+        cfg = OmegaConf.merge(schema, {"name": name, "source": source, "path": text})
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def _resolve_gguf_path(cfg: dict) -> Path:
     from mlx_interp.models.gguf import embedded_gguf_path
 
