@@ -53,3 +53,31 @@ def test_wrong_type_fails_at_compose_time():
 def test_unknown_group_option_names_the_choices():
     with pytest.raises(ConfigCompositionException, match="smollm2_135m"):
         compose_config(["model=no_such_model"])
+
+
+SCHEMAS = {  # the stage groups (model and concept files name their choices in full)
+    "prompts": "PromptsConfig",
+    "capture": "CaptureConfig",
+    "score": "ScoreConfig",
+    "probes": "ProbesConfig",
+    "contamination": "ContaminationConfig",
+    "report": "ReportConfig",
+}
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMAS))
+def test_group_files_do_not_repeat_schema_defaults(group):
+    """The dataclass schema is the one source of defaults: a group file that writes a value
+    equal to the schema's default is a second copy that can drift (as max_tokens 8 vs 12 did)."""
+    from omegaconf import OmegaConf
+
+    from mlx_interp.engine import schema
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(getattr(schema, SCHEMAS[group])))
+    repeated = []
+    for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+        values = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        for key, value in values.items():
+            if key != "defaults" and key in defaults and defaults[key] == value:
+                repeated.append(f"{path.name}: {key}")
+    assert repeated == []

@@ -93,7 +93,7 @@ class FluencyConfig:
 class ScoreConfig:
     scorer: Any = "logit"  # logit | generate, or {_target_: ...scoring.LogitScorer}
     batch_size: int = 16  # prompts per forward of the logit scorer
-    max_tokens: int = 8  # greedy answer length (generate scorer, baseline answers, demos)
+    max_tokens: int = 12  # greedy answer length (generate scorer, baseline answers, demos)
     swap: dict[str, str] = field(default_factory=dict)  # condition -> target word
     controls: list[str] = field(default_factory=list)  # conditions used for contamination
     eval_split: str = "all"  # all | train | test: which prompts are evaluated
