@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from mlx_interp.analysis.probes import (
     LogisticProbe,
@@ -123,8 +124,11 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     layers, acts = layer_matrices(inputs["capture"], pcfg.get("layers"), ids)
 
     rows, transfer_rows, cosine_rows, weights = [], [], [], {}
-    with threadpool_limits(limits=1):
+    fits = len(contrasts) * len(layers) + (len(layers) if directions else 0)
+    bar = tqdm(total=fits, desc="probes", unit="layer", leave=False)  # permutations: the bulk
+    with threadpool_limits(limits=1), bar:
         for name, spec in contrasts.items():
+            bar.set_postfix_str(name)
             classes = spec.get("classes") or spec["pos"] + spec["neg"]
             mask = np.isin(conds, classes)
             if spec["kind"] == "multiclass":
@@ -143,6 +147,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                     probe=probe,
                     layer=layer,
                 )
+                bar.update()
                 rows.append(
                     {
                         "contrast": name,
@@ -193,7 +198,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                 weights[f"{name}/{layer}/coef"] = coef.astype(np.float32)
                 weights[f"{name}/{layer}/intercept"] = np.array([intercept], dtype=np.float32)
         if directions:
+            bar.set_postfix_str("cosines")
             for layer in layers:
+                bar.update()
                 for row in mean_diff_cosines(
                     _by_condition(acts[layer], conds),
                     directions,
