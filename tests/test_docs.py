@@ -8,6 +8,7 @@ import importlib
 import re
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,22 @@ def orphans_and_missing(docs: Path, nav) -> tuple[list[str], list[str]]:
     return sorted(pages - listed), sorted(listed - pages)
 
 
-def slugs(markdown_file: Path) -> set[str]:
-    """Anchors of the headings of a Markdown file, as MkDocs' toc extension makes them."""
-    from markdown.extensions.toc import slugify
+def slugify(heading: str) -> str:
+    """A heading's anchor as MkDocs' toc extension makes it (ASCII, no punctuation, dashes)."""
+    text = unicodedata.normalize("NFKD", re.sub(r"[`*]", "", heading))
+    text = re.sub(r"[^\w\s-]", "", text.encode("ascii", "ignore").decode()).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
 
+
+def headings(markdown_file: Path) -> list[str]:
+    """The ATX headings of a Markdown file, outside fenced code."""
     text = re.sub(r"^```.*?^```", "", markdown_file.read_text(), flags=re.S | re.M)
-    headings = re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M)
-    return {slugify(re.sub(r"[`*]", "", h), "-") for h in headings}
+    return re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M)
+
+
+def slugs(markdown_file: Path) -> set[str]:
+    """Anchors of the headings of a Markdown file."""
+    return {slugify(h) for h in headings(markdown_file)}
 
 
 def broken_links(markdown_file: Path) -> list[str]:
@@ -134,6 +144,15 @@ def test_the_link_check_finds_planted_broken_links(tmp_path):
     found = broken_links(readme)
     assert len(found) == 2
     assert found[0].startswith("docs/gone.md") and found[1].startswith("docs/page.md#no-such")
+
+
+def test_our_anchors_are_the_ones_mkdocs_makes():
+    toc = pytest.importorskip("markdown.extensions.toc", reason="markdown (with mkdocs) absent")
+    pages = [README, *sorted(DOCS.rglob("*.md"))]
+    titles = [h for page in pages for h in headings(page)]
+    assert len(titles) > 50
+    for title in titles:  # markdown strips the code/emphasis marks before it slugifies
+        assert slugify(title) == toc.slugify(re.sub(r"[`*]", "", title), "-"), title
 
 
 def test_the_readme_is_short():
