@@ -18,7 +18,7 @@ from mlx_interp.models.gguf import embedded_gguf_path
 from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 from mlx_interp.models.loading import ModelLoadError, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENS = [[1, 504, 3458, 314, 260, 5453, 30]]
 
 
