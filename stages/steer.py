@@ -148,17 +148,19 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
     both = pd.concat([swap, controls], ignore_index=True)
     logit = LogitScorer(batch_size=score["batch_size"])
     gen = GenerateScorer(max_tokens=score["max_tokens"])
-    frames = [
-        _rows(
-            both,
-            _score(logit, lm, both, score, UNSTEERED, lm.pad_id),
-            "none",
-            "logit",
-        )
-    ]
-    answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
-    frames.append(_rows(both, answers, "none", "generate"))
-    frames += _fluency_rows(lm, swap, score, UNSTEERED, "none")
+    with tqdm(total=3, desc="baseline", unit="step", leave=False) as bar:
+        bar.set_postfix_str("logit scores")
+        frames = [
+            _rows(both, _score(logit, lm, both, score, UNSTEERED, lm.pad_id), "none", "logit")
+        ]
+        bar.update()
+        bar.set_postfix_str("greedy answers")
+        answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
+        frames.append(_rows(both, answers, "none", "generate"))
+        bar.update()
+        bar.set_postfix_str("long answers (fluency)")
+        frames += _fluency_rows(lm, swap, score, UNSTEERED, "none")
+        bar.update()
     table = add_fluency(pd.concat(frames, ignore_index=True), fluency_spec(score))
     table.to_parquet(out / "baseline.parquet", index=False)
     return {"n_questions": len(swap), "n_controls": len(controls)}

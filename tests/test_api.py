@@ -16,9 +16,9 @@ from mlx_interp.models.loading import ModelLoadError, model_config, source_for_p
 PROMPTS = ["Grass is", "A fire truck is painted", "The sky at noon", "Snow"]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return mi.load("tiny_random")
+@pytest.fixture
+def model(tiny_lm):
+    return tiny_lm
 
 
 def test_public_names_are_few_and_lazy():

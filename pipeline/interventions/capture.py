@@ -11,7 +11,7 @@ instance: ``mlx.nn.Module`` is a dict and would store arrays set as attributes a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from mlx_interp.interventions.classswap import (
     LayerIndexError,
+    Recorder,
     StopForward,
     decoder_layers,
     resolve_layers,
@@ -40,7 +41,7 @@ __all__ = [
 POSITIONS = ("last", "all", "mean")
 
 
-class LayerRecorder:
+class LayerRecorder(Recorder):
     """Outputs recorded by :func:`capture_layers`.
 
     Attributes:
@@ -54,13 +55,6 @@ class LayerRecorder:
         self.layers = layers
         self.stop_after_last = stop_after_last
         self.outputs: dict[int, mx.array] = {}
-
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call ``fn(*args, **kwargs)``; return its result, or ``None`` if stopped early."""
-        try:
-            return fn(*args, **kwargs)
-        except StopForward:
-            return None
 
 
 def _recording_class(original: type, index: int, recorder: LayerRecorder, stop_here: bool) -> type:

@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "LayerIndexError",
+    "Recorder",
     "StopForward",
     "VectorCache",
     "check_alpha",
@@ -35,6 +36,18 @@ class LayerIndexError(IndexError):
 
 class StopForward(Exception):
     """Raised after the highest recorded layer to skip the rest of the forward pass."""
+
+
+class Recorder:
+    """Base of the recorders capture and sites yield: ``run`` calls a forward that may stop
+    early (after the last recorded layer); the recorded outputs are what matters then."""
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn(*args, **kwargs)``; return its result, or ``None`` if stopped early."""
+        try:
+            return fn(*args, **kwargs)
+        except StopForward:
+            return None
 
 
 def decoder_layers(model: Any) -> list:

@@ -25,7 +25,7 @@ outputs before that norm.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 
 from mlx_interp.interventions.capture import POSITIONS, padded_batch, reduce_positions
 from mlx_interp.interventions.classswap import (
+    Recorder,
     StopForward,
     VectorCache,
     check_alpha,
@@ -217,7 +218,7 @@ def resolve_sites(model: Any, sites: Sequence[str | Site] | str | Site) -> list[
     return sorted(resolved)
 
 
-class SiteRecorder:
+class SiteRecorder(Recorder):
     """Outputs recorded by :func:`capture_sites`.
 
     Attributes:
@@ -229,13 +230,6 @@ class SiteRecorder:
     def __init__(self, sites: list[Site]) -> None:
         self.sites = sites
         self.outputs: dict[str, mx.array] = {}
-
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call ``fn(*args, **kwargs)``; return its result, or ``None`` if stopped early."""
-        try:
-            return fn(*args, **kwargs)
-        except StopForward:
-            return None
 
 
 def _first(out: Any) -> Any:

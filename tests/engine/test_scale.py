@@ -28,7 +28,7 @@ from mlx_interp.io.activations import read_activations
 from mlx_interp.stages import STAGES
 from tests.helpers import compose_config, write_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -197,7 +197,7 @@ def test_sweep_summary_gets_loop_columns_and_the_swap_vs_loop_plot(tmp_path):
 
 
 MODE_FILES = sorted(
-    p.stem for p in (Path(__file__).parent.parent / "conf" / "steer" / "mode").glob("*.yaml")
+    p.stem for p in (Path(__file__).parents[2] / "conf" / "steer" / "mode").glob("*.yaml")
 )
 
 

@@ -44,9 +44,8 @@ def test_hash_key_is_canonical():
     assert hash_key({"a": 1}) != hash_key({"a": 2})
 
 
-def test_second_run_recomputes_nothing(tmp_path):
+def test_second_run_recomputes_nothing(store):
     cfg = {"data": {"n": 5}, "scale": {"factor": 3}}
-    store = ArtifactStore(tmp_path)
     first = run_stages(STAGES, ["scaled"], cfg, store)
     assert CALLS == ["numbers", "scaled"]
     assert not any(r.cached for r in first.values())
@@ -56,8 +55,7 @@ def test_second_run_recomputes_nothing(tmp_path):
     assert second["scaled"].summary == {"sum": 30}
 
 
-def test_downstream_knob_keeps_upstream_cached(tmp_path):
-    store = ArtifactStore(tmp_path)
+def test_downstream_knob_keeps_upstream_cached(store):
     run_stages(STAGES, ["scaled"], {"data": {"n": 5}, "scale": {"factor": 3}}, store)
     CALLS.clear()
     res = run_stages(STAGES, ["scaled"], {"data": {"n": 5}, "scale": {"factor": 4}}, store)

@@ -18,7 +18,7 @@ from mlx_interp.models.gguf import embedded_gguf_path
 from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 from mlx_interp.models.loading import ModelLoadError, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENS = [[1, 504, 3458, 314, 260, 5453, 30]]
 
 
@@ -84,6 +84,11 @@ def test_dequantize_auto_on_cpu_gives_float32_with_quantized_answers():
 
 def _blas_in_subprocess(env_extra: dict) -> subprocess.CompletedProcess:
     code = "import mlx_interp.blas as b; i = b.ensure_fast_blas(); print(i.name)"
+    return _order_in_subprocess(code, env_extra)
+
+
+def _order_in_subprocess(code: str, env_extra: dict) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (the BLAS is chosen once per process)."""
     return subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, **env_extra},
@@ -101,16 +106,6 @@ def test_blas_selection():
     assert ref.stdout.strip() == "reference"
     bad = _blas_in_subprocess({"MLX_INTERP_BLAS": "/nonexistent/libblas.so"})
     assert bad.returncode != 0 and "pip install mkl" in bad.stderr
-
-
-def _order_in_subprocess(code: str, env_extra: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env_extra},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS loading is Linux only")

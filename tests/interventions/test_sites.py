@@ -23,18 +23,13 @@ from mlx_interp.interventions.sites import (
     steer_sites,
 )
 from mlx_interp.interventions.steering import AddMode, LayerEdit, SteeringError, steer
-from tests.tiny_models import ARCHS, _embed, _layer_masks, embed_and_run_layers, tiny_model
+from tests.tiny_models import _embed, _layer_masks, embed_and_run_layers, tiny_model
 
 TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]  # longer than gemma3_text's sliding window (4)
 SHORT = [11, 4, 60]
 LONG = [11, 4, 60, 23, 8, 101, 77, 5]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 POST_NORM = ("gemma2", "gemma3_text", "olmo2")  # a norm sits between block output and residual
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def arch_model(request):
-    return request.param, tiny_model(request.param)
 
 
 def _layer_input(model, arch, tokens, layer):
@@ -450,13 +445,6 @@ def test_steering_bad_site_raises_site_error():
 # --- the real embedded model (quantized output projection) ----------------------------------
 
 N_GEN = 8
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from mlx_interp.models.gguf import embedded_gguf_path, load_gguf
-
-    return load_gguf(embedded_gguf_path())
 
 
 def _greedy(model, prompt, n, cached):

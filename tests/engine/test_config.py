@@ -15,8 +15,8 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 MODELS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 
 
-def test_default_config_is_complete():
-    cfg = compose_config([])
+def test_default_config_is_complete(default_config):
+    cfg = default_config
     assert cfg.model.name == "smollm2_135m" and cfg.model.source == "embedded"
     assert cfg.concept.name == "color_swap"
     assert OmegaConf.missing_keys(cfg) == set()

@@ -14,17 +14,12 @@ from mlx_interp.interventions.capture import (
     decoder_layers,
     resolve_layers,
 )
-from tests.tiny_models import ARCHS, embed_and_run_layers, tiny_model
+from tests.tiny_models import embed_and_run_layers, tiny_model
 
 TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]  # longer than gemma3_text's sliding window (4)
 SHORT = [11, 4, 60]
 LONG = [11, 4, 60, 23, 8, 101, 77, 5]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def arch_model(request):
-    return request.param, tiny_model(request.param)
 
 
 def _param_names(model) -> list[str]:

@@ -18,7 +18,7 @@ from mlx_interp.apps.cli import run_experiment
 from mlx_interp.io.activations import read_activations
 from tests.helpers import compose_config, write_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _overrides(tmp_path: Path, dataset: Path, *extra: str) -> list[str]:

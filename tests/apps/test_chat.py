@@ -12,7 +12,7 @@ from mlx_interp.apps.chat import ChatError, model_overrides, parse_steer_args
 
 pexpect = pytest.importorskip("pexpect")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "you> "
 ANSWER = re.compile(r"model(?: \[[^\]]*\])?> ")
 

@@ -23,7 +23,7 @@ from mlx_interp.interventions.steering import (
     steer,
     steered_last_logits,
 )
-from tests.tiny_models import ARCHS, embed_and_run_layers, tiny_model
+from tests.tiny_models import embed_and_run_layers, tiny_model
 
 CORE_ARCHS = ["llama", "qwen2", "gemma2", "gpt2"]
 TOKENS = [[5, 9, 17, 3, 44, 2, 99, 12, 7]]
@@ -41,11 +41,6 @@ class StubTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(str(i) for i in ids)
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def arch_model(request):
-    return request.param, tiny_model(request.param)
 
 
 @pytest.fixture(scope="module", params=CORE_ARCHS)
@@ -527,13 +522,6 @@ def test_new_modes_restore_classes_after_an_exception(core_model, name):
 
 
 # --- the real embedded model ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from mlx_interp.models.gguf import embedded_gguf_path, load_gguf
-
-    return load_gguf(embedded_gguf_path())
 
 
 @pytest.mark.slow

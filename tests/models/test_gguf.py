@@ -22,8 +22,8 @@ PLAIN_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_gguf(embedded_gguf_path())
+def loaded(smollm2):
+    return smollm2
 
 
 @pytest.fixture(scope="module")
