@@ -21,6 +21,7 @@ MKDOCS_YML = ROOT / "mkdocs.yml"
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target)
 MODULE_PATH = re.compile(r"\bmlx_interp(?:\.[A-Za-z_]\w*)+")
+TEST_REF = re.compile(r"\btests/[\w/]+\.py(?:::\w+)?")  # tests/x/test_y.py::test_z
 NOT_MODULE_PATHS = {"mlx_interp.log"}  # the run log's file name
 LAYOUT_PAGE = "layout.md"  # its old -> new table also names modules other helpers are adding
 
@@ -99,6 +100,19 @@ def unresolved_module_paths(text: str) -> list[str]:
     return bad
 
 
+def missing_test_refs(text: str, root: Path) -> list[str]:
+    """``tests/...py`` (``::test_name``) references in ``text`` with no such file or test."""
+    bad = []
+    for ref in sorted(set(TEST_REF.findall(text))):
+        path, _, name = ref.partition("::")
+        file = root / path
+        if not file.is_file() or (
+            name and not re.search(rf"^def {name}\(", file.read_text(), re.M)
+        ):
+            bad.append(ref)
+    return bad
+
+
 def test_the_site_builds_with_warnings_as_errors(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is not installed: pip install -e '.[dev]'")
     out = subprocess.run(
@@ -170,6 +184,25 @@ def test_the_module_paths_the_docs_name_import():
 def test_the_module_path_check_finds_a_planted_stale_name():
     text = "`mlx_interp.analysis.directions.MeanDiff` and `mlx_interp.analysis.directons.MeanDiff`"
     assert unresolved_module_paths(text) == ["mlx_interp.analysis.directons.MeanDiff"]
+
+
+def test_the_tests_the_docs_cite_exist():
+    texts = [README.read_text()] + [p.read_text() for p in sorted(DOCS.rglob("*.md"))]
+    bad = missing_test_refs("\n".join(texts), ROOT)
+    assert not bad, f"README/docs cite tests that do not exist (moved?): {bad}"
+
+
+def test_the_test_reference_check_finds_planted_stale_references(tmp_path):
+    (tmp_path / "tests" / "engine").mkdir(parents=True)
+    (tmp_path / "tests" / "engine" / "test_scale.py").write_text("def test_locks():\n    pass\n")
+    text = (
+        "`tests/engine/test_scale.py::test_locks` `tests/engine/test_scale.py` "
+        "`tests/test_scale.py` `tests/engine/test_scale.py::test_gone`"
+    )
+    assert missing_test_refs(text, tmp_path) == [
+        "tests/engine/test_scale.py::test_gone",
+        "tests/test_scale.py",
+    ]
 
 
 def test_importing_the_folder_name_is_refused_with_the_import_name():
