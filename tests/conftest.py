@@ -19,10 +19,11 @@ def arch_model(request):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The embedded SmolLM2-135M-Instruct as loaded from its GGUF: (model, tokenizer)."""
+    """The embedded SmolLM2-135M-Instruct as loaded from its GGUF, its Q4_1/Q8_0 layers kept
+    quantized (MLX affine, exact): (model, tokenizer)."""
     from mlx_interp.models.gguf import embedded_gguf_path, load_gguf
 
-    return load_gguf(embedded_gguf_path())
+    return load_gguf(embedded_gguf_path(), keep_quantized=True)
 
 
 @pytest.fixture(scope="session")
