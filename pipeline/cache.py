@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.distributed import Group, sharding
+from pipeline.errors import MlxInterpError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"  # leading "_": Parquet readers skip it when they list a folder
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(MlxInterpError, RuntimeError):
     """An artifact could not be written or read; the message says what to do."""
 
 

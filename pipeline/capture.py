@@ -18,6 +18,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from pipeline.errors import MlxInterpError
+
 __all__ = [
     "POSITIONS",
     "LayerIndexError",
@@ -31,7 +33,7 @@ __all__ = [
 POSITIONS = ("last", "all", "mean")
 
 
-class LayerIndexError(IndexError):
+class LayerIndexError(MlxInterpError, IndexError):
     """A requested layer index is outside ``-n_layers..n_layers - 1``."""
 
 

@@ -10,6 +10,7 @@ goes on. ``/preset colorblind`` turns on the default experiment's green/red refl
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,8 @@ from typing import Any, TextIO
 
 import pipeline  # noqa: F401  (loads the optimized BLAS before mlx)
 from pipeline.chat_preset import CONF_DIR, colorblind_preset, compose
-from pipeline.directions import DirectionError, DirectionSet
+from pipeline.directions import DirectionSet
+from pipeline.errors import MlxInterpError, report_error
 
 PROMPT = "you> "
 HELP = """commands:
@@ -35,7 +37,7 @@ HELP = """commands:
   /help, /quit         this text; leave (Ctrl-D works too)"""
 
 
-class ChatError(ValueError):
+class ChatError(MlxInterpError, ValueError):
     """A command that cannot be carried out; the chat prints it and goes on."""
 
 
@@ -63,14 +65,6 @@ class Steering:
         return f"{mode} L{layers} a{self.alpha:g}"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.capture import LayerIndexError
-    from pipeline.models import ModelLoadError
-    from pipeline.steering import SteeringError
-
-    return (ChatError, DirectionError, SteeringError, LayerIndexError, ModelLoadError, OSError)
-
-
 def parse_steer_args(tokens: Sequence[str]) -> tuple[str | None, dict[str, str]]:
     """``[FILE] key=value ...`` -> (file or None, {key: value}); keys: layer, alpha, mode."""
     path, options = None, {}
@@ -91,6 +85,9 @@ class ChatSession:
     """The conversation, the model and the steering state; ``handle`` takes one input line."""
 
     def __init__(self, cfg: dict, loaded: Any, temp: float, max_tokens: int, out: TextIO):
+        problem = flag_problem(float(temp), int(max_tokens))
+        if problem:
+            raise ChatError(problem)
         self.cfg, self.loaded, self.out = cfg, loaded, out
         self.temp, self.max_tokens = float(temp), int(max_tokens)
         self.system = cfg.get("concept", {}).get("system_prompt")
@@ -129,7 +126,7 @@ class ChatSession:
             return True
         try:
             self.commands[name](args)
-        except _user_errors() as err:
+        except (MlxInterpError, OSError) as err:
             self.say(f"error: {err}")
         return True
 
@@ -157,8 +154,8 @@ class ChatSession:
             temp = float(args[0])
         except (IndexError, ValueError) as err:
             raise ChatError("usage: /temp T with T >= 0 (0 = greedy)") from err
-        if not temp >= 0:
-            raise ChatError(f"temperature must be >= 0, got {args[0]}")
+        if not (math.isfinite(temp) and temp >= 0):
+            raise ChatError(f"temperature must be a finite number >= 0, got {args[0]}")
         self.temp = temp
         self.say(f"temperature {temp:g}")
 
@@ -311,6 +308,15 @@ def model_overrides(model: str | None) -> list[str]:
     return ["model=qwen2_5_7b_instruct_4bit", f"model.path={model}", f"model.name={name}"]
 
 
+def flag_problem(temp: float, max_tokens: int) -> str | None:
+    """Why ``--temp``/``--max-tokens`` cannot be used (checked before the model loads)."""
+    if not math.isfinite(temp) or temp < 0:
+        return f"--temp must be a finite number >= 0 (0 = greedy), not {temp}; e.g. --temp 0.7"
+    if max_tokens < 1:
+        return f"--max-tokens must be >= 1, not {max_tokens}; e.g. --max-tokens 128"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mlx-interp-chat", description="Chat with a model; steer it with /steer, /preset."
@@ -327,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--override", action="append", default=[], help="extra Hydra override (repeatable)"
     )
     args = parser.parse_args(argv)
+    problem = flag_problem(args.temp, args.max_tokens)
+    if problem:
+        return report_error(ChatError(problem))
     from pipeline.models import load_model
 
     try:

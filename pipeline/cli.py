@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import pipeline  # noqa: F401  (loads the optimized BLAS before mlx)
 from pipeline.blas import log_blas
+from pipeline.errors import MlxInterpError, report_error
 from pipeline.schema import register_configs
 
 log = logging.getLogger("mlx_interp")
@@ -21,37 +22,6 @@ log = logging.getLogger("mlx_interp")
 register_configs()
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # a file path: conf/ is data
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (config, data, model), reported without a traceback."""
-    from pipeline.cache import ArtifactError
-    from pipeline.capture import LayerIndexError
-    from pipeline.dag import PipelineError
-    from pipeline.directions import DirectionError
-    from pipeline.gguf import GGUFError
-    from pipeline.models import ModelLoadError
-    from pipeline.probes import ProbeError
-    from pipeline.scoring import ScoringError
-    from pipeline.sites import SiteError
-    from pipeline.steering import SteeringError
-    from stages.capture import PromptTooLongError
-    from stages.datasets import DatasetError
-
-    return (
-        ArtifactError,
-        LayerIndexError,
-        PipelineError,
-        GGUFError,
-        ModelLoadError,
-        ProbeError,
-        PromptTooLongError,
-        DatasetError,
-        DirectionError,
-        ScoringError,
-        SiteError,
-        SteeringError,
-    )
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
@@ -111,10 +81,9 @@ def main(cfg: DictConfig) -> float | None:
     log.info("run directory: %s", run_dir)
     try:
         summary = run_experiment(cfg, run_dir)
-    except _user_errors() as err:  # bad input: one clear line, no traceback
+    except MlxInterpError as err:  # bad input: one clear line, no traceback
         log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(err))
     from pipeline.distributed import world
 
     if world().rank != 0:  # under mlx.launch: rank 0 reports for all

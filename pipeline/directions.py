@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import MlxInterpError
 from pipeline.stats import finite_rows
 
 FORMAT = "mlx-interp.directions/1"
@@ -26,7 +27,7 @@ PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{la
 PROVENANCE = ("model", "config_key", "artifact_key")
 
 
-class DirectionError(ValueError):
+class DirectionError(MlxInterpError, ValueError):
     """Directions could not be fitted or read; the message says what to change."""
 
 

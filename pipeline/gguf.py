@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from pipeline.errors import DataError
 from pipeline.gguf_tokenizer import tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ LLAMA_NAMES = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(DataError):
     """A GGUF file is missing, unreadable or describes a model we cannot build."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.directions import DirectionError, DirectionSet
+from pipeline.errors import MlxInterpError, report_error
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,35 @@ def import_control_vector(path: str | Path, unscale: bool = True) -> DirectionSe
     return DirectionSet(vectors, pos, neg, method, contrast, meta)
 
 
+def check_output_path(source: Path, out: str | Path, suffix: str) -> Path:
+    """The output path of ``mlx-interp-cv``, refused when writing it could destroy input: the
+    source file itself (also through a link), a file inside an artifact folder (one with a
+    manifest, so the cache would no longer match its content), or a wrong extension."""
+    target = Path(out).expanduser()
+    if target.suffix.lower() != suffix:
+        raise DirectionError(
+            f"the output {out} must end in {suffix} (it is read back by its extension); "
+            f"e.g. {target.with_suffix(suffix).name}"
+        )
+    if target.is_dir():
+        raise DirectionError(f"the output {out} is a folder; give a file name ending in {suffix}")
+    resolved = target.resolve()
+    if resolved == Path(source).resolve():
+        raise DirectionError(
+            f"the output {out} is the source file itself; writing it would destroy the input: "
+            f"give another name, e.g. {target.with_stem(target.stem + '_out').name}"
+        )
+    from pipeline.cache import MANIFEST
+
+    for folder in resolved.parents:
+        if (folder / MANIFEST).is_file():
+            raise DirectionError(
+                f"the output {out} is inside the artifact folder {folder}, whose manifest "
+                "proves its content; write it elsewhere, e.g. ./" + target.name
+            )
+    return target
+
+
 def _parse_layers(text: str | None) -> list[int] | None:
     if text in (None, "", "all"):
         return None
@@ -253,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "export":
             dirset = load_directions(args.source)
+            check_output_path(resolve_directions_path(args.source), args.out, ".gguf")
             layers = _parse_layers(args.layers)
             written = export_control_vector(
                 dirset, args.out, args.alpha, args.unit, layers, args.model_hint
@@ -267,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"[--control-vector-layer-range {written[0]} {written[-1]}]"
             )
         elif args.command == "import":
-            dirset = import_control_vector(resolve_directions_path(args.source))
+            source = resolve_directions_path(args.source)
+            check_output_path(source, args.out, ".safetensors")
+            dirset = import_control_vector(source)
             dirset.save(args.out)
             print(f"wrote {args.out}: layers {dirset.layers}, method {dirset.method}")
         else:
@@ -281,9 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if dirset.meta.get(key):
                     print(f"  {key}: {dirset.meta[key]}")
             print("  layer norms: " + ", ".join(f"{k}:{norms[k]:.3g}" for k in dirset.layers))
-    except (DirectionError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (MlxInterpError, OSError) as err:
+        return report_error(err)
     return 0
 
 

@@ -17,13 +17,14 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from pipeline.cache import file_sha256, hash_key
+from pipeline.errors import MlxInterpError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(MlxInterpError, ValueError):
     """The model a config names cannot be loaded; the message says how to fix it."""
 
 

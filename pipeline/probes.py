@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import MlxInterpError
 from pipeline.stats import finite_rows
 
 
-class ProbeError(ValueError):
+class ProbeError(MlxInterpError, ValueError):
     """A probe could not be fitted or scored; the message says what to change."""
 
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.prefix import batched_last_logits, greedy_generate, shared_prefix
 from pipeline.steering import LayerEdit, steer
 
 
-class ScoringError(ValueError):
+class ScoringError(ConfigError):
     """An unknown or misconfigured scorer or steering setting; the message lists valid ones."""
 
 

@@ -34,6 +34,7 @@ from pipeline.capture import (
     resolve_layers,
     subclass_with_call,
 )
+from pipeline.errors import ConfigError
 from pipeline.steering import SteeringError, _model_width, make_mode
 
 __all__ = [
@@ -62,7 +63,7 @@ _HEAD_COUNT_NAMES = ("n_heads", "n_head", "num_heads", "num_attention_heads")
 _EXAMPLES = "layers.8, layers.8.attn (or self_attn), layers.8.mlp, layers.8.attn.heads"
 
 
-class SiteError(ValueError):
+class SiteError(ConfigError):
     """A site name that does not parse, or a site this model's layers do not have."""
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from pipeline.capture import POSITIONS, capture_batch, resolve_layers
 from pipeline.dag import ConfigError
 from pipeline.distributed import current_shard
+from pipeline.errors import MlxInterpError
 from pipeline.models import load_model, model_fingerprint
 from pipeline.prefix import shared_prefix
 from pipeline.sites import capture_sites_batch, parse_site, resolve_sites
@@ -40,7 +41,7 @@ VERSION = "2"  # 2: last-token capture reuses the shared prefix's KV cache
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(MlxInterpError, ValueError):
     """A prompt does not fit the model's context (or capture.max_tokens)."""
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import ConfigError
 from pipeline.stats import bootstrap_ci
 from stages.probes import layer_matrices, resolve_probe_layers
 
 VERSION = "1"
 
 
-class ContaminationError(ValueError):
+class ContaminationError(ConfigError):
     """The prompts have no variants to compare; the message says what to set."""
 
 

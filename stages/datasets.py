@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import DataError
+
 REQUIRED = ("id", "text", "condition")
 OPTIONAL = ("answer", "label", "split")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """A dataset file is missing or malformed; the message names the file and the line."""
 
 
