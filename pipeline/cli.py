@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra  # noqa: E402  (after the BLAS)
@@ -29,9 +31,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     from pipeline.cache import ArtifactStore
     from pipeline.dag import run_stages
     from pipeline.distributed import world
+    from pipeline.validate import validate_config
     from stages import STAGES
 
     plain = OmegaConf.to_container(cfg, resolve=True)
+    validate_config(plain)  # every knob checked before anything is computed
     store = ArtifactStore(Path(plain["paths"]["artifacts"]).expanduser().resolve())
     store.check_writable()
     group = world()  # one rank unless started by mlx.launch
@@ -131,9 +135,44 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         _preflight(config, config.hydra.run.dir)
+        _claim_job_dir(config, "run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _preflight(config, config.hydra.sweep.dir)
+        _claim_job_dir(config, "sweep")
+
+
+def _claim_job_dir(config: DictConfig, kind: str) -> None:
+    """Give this run (or sweep) a folder of its own, with ``~`` expanded as for artifacts.
+
+    The default, timestamped folder is claimed by an exclusive ``mkdir``: a second run started
+    in the same second gets ``<time>-1`` (then -2, ...). A folder given on the command line
+    (``hydra.run.dir=...``) that holds an earlier run has that run moved to a sibling
+    ``<dir>.previous-<ns>``, so the reports of two runs never mix.
+    """
+    from omegaconf import open_dict, read_write
+
+    key = f"hydra.{kind}.dir"
+    wanted = Path(str(OmegaConf.select(config, key))).expanduser()
+    explicit = any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
+    if explicit:
+        folder = wanted
+        if folder.is_dir() and any(folder.iterdir()):
+            aside = folder.with_name(f"{folder.name}.previous-{time.time_ns()}")
+            os.replace(folder, aside)
+            log.warning("%s %s held an earlier run: moved to %s", key, folder, aside.name)
+    else:
+        folder, n = wanted, 0
+        wanted.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                folder.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                folder = wanted.with_name(f"{wanted.name}-{n}")
+    with read_write(config), open_dict(config):
+        OmegaConf.update(config, key, str(folder), merge=False)
 
 
 def _preflight(config: DictConfig, job_dir: str) -> None:

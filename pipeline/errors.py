@@ -27,7 +27,7 @@ class DataError(MlxInterpError, ValueError):
     """Input data (a dataset, a direction file, a model file) is missing or malformed."""
 
 
-class UntrustedResultError(MlxInterpError, ArithmeticError):
+class UntrustedResultError(MlxInterpError, ValueError):
     """A number the stage would report cannot be trusted (NaN, inf, zero samples, empty
     answers): the stage stops instead of writing it."""
 

@@ -133,6 +133,7 @@ def _tiny(cfg: dict):
         rms_norm_eps=1e-5,
         vocab_size=len(meta["tokenizer.ggml.tokens"]),
         tie_word_embeddings=True,
+        max_position_embeddings=int(meta.get("llama.context_length", 8192)),  # a known limit
     )
     mx.random.seed(int(tiny.get("seed", 0)))
     model = llama.Model(args)

@@ -15,6 +15,7 @@ writes at ~0.1-0.3x (float32) and ~0.04-0.1x (float16) of np.save; raw bytes wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,9 +32,11 @@ from pipeline.capture import POSITIONS, capture_batch, resolve_layers
 from pipeline.dag import ConfigError
 from pipeline.distributed import current_shard
 from pipeline.errors import MlxInterpError
+from pipeline.integrity import seal, sealed_intact
 from pipeline.models import load_model, model_fingerprint
 from pipeline.prefix import shared_prefix
 from pipeline.sites import capture_sites_batch, parse_site, resolve_sites
+from pipeline.stats import require_finite
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +133,33 @@ def decode_vectors(table: pa.Table) -> pa.Table:
     return table.set_column(index, pa.field("vector", vectors.type), vectors)
 
 
-def write_part(table: pa.Table, path: Path) -> None:
-    """Write a Parquet part through a temporary name, then rename (complete or absent).
+def write_part(table: pa.Table, path: Path) -> float:
+    """Write a Parquet part through a temporary name, then rename (complete or absent), and
+    seal it with its sha256 (hashed from memory: no second read). Returns the seconds spent
+    hashing (``make bench`` reports their share of the capture stage).
 
     Options measured by ``make bench`` (bench/run.py parquet): no compression (activations
     barely compress), dictionary only for prompt_id, no statistics for the vector bytes."""
     tmp = path.with_name(f".{path.name}.tmp")
+    sink = pa.BufferOutputStream()
     pq.write_table(
         table,
-        tmp,
+        sink,
         compression="none",
         use_dictionary=["prompt_id"],
         write_statistics=["prompt_id", "layer", "position"],
     )
-    with open(tmp, "rb+") as f:
+    data = sink.getvalue()
+    hashing = time.perf_counter()
+    digest = hashlib.sha256(memoryview(data)).hexdigest()
+    hashing = time.perf_counter() - hashing
+    with open(tmp, "wb") as f:
+        f.write(memoryview(data))
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    seal(path, digest)  # a later attempt keeps this part only while its bytes match
+    return hashing
 
 
 def fingerprint(cfg: dict) -> dict:
@@ -164,13 +178,18 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
     lm = load_model(cfg["model"])
     layers = resolve_layers(ccfg["layers"], lm.n_layers)
-    limit = ccfg.get("max_tokens") or _context_length(lm.model)
-    too_long = prompts[prompts["n_tokens"] > limit] if limit else prompts.iloc[:0]
+    limit = token_limit(ccfg.get("max_tokens"), _context_length(lm.model), lm.name)
+    too_long = prompts[prompts["n_tokens"] > limit]
     if len(too_long):
         row = too_long.iloc[0]
         raise PromptTooLongError(
-            f"prompt {row.prompt_id!r} has {row.n_tokens} tokens, over the limit of {limit}; "
-            "shorten it or raise capture.max_tokens"
+            f"prompt {row.prompt_id!r} has {row.n_tokens} tokens, over the limit of {limit} "
+            f"({len(too_long)} prompt(s) are); shorten them"
+            + (
+                " or raise capture.max_tokens"
+                if limit < (_context_length(lm.model) or 0)
+                else f" (the model's context is {limit} tokens)"
+            )
         )
     pad_id = lm.pad_id
     act_dir = out / "activations"
@@ -184,29 +203,36 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     batches = plan_batches(prompts["n_tokens"].to_numpy(), int(ccfg["batch_size"]))
     resumed = 0
     prefix = None  # the prompts' shared prefix (few-shot turns), run once when first needed
-    write_s, start = 0.0, time.perf_counter()
+    write_s, hash_s, start = 0.0, 0.0, time.perf_counter()
     shard = current_shard()  # under mlx.launch: this rank's share of the batches
     for b, rows in enumerate(tqdm(batches, desc="capture", unit="batch", leave=False)):
         if not shard.owns(b):
             continue
         part = act_dir / f"part-{b:05d}.parquet"
         site_part = site_dir / f"part-{b:05d}.parquet"
-        need_sites = bool(site_names) and not site_part.exists()
-        if part.exists() and not need_sites:  # completed by an interrupted earlier attempt
+        need_sites = bool(site_names) and not sealed_intact(site_part)
+        have_part = sealed_intact(part)  # written and sealed by an earlier attempt, unchanged
+        if have_part and not need_sites:
             resumed += 1
             continue
         seqs = [list(map(int, t)) for t in prompts["tokens"].iloc[rows]]
         ids = prompts["prompt_id"].iloc[rows].tolist()
         lengths = [len(s) for s in seqs]
-        if not part.exists():
+        if not have_part:
             if prefix is None:
                 prefix = capture_prefix(lm.model, prompts["tokens"], ccfg["positions"])
             captured = capture_batch(
                 lm.model, seqs, layers, ccfg["positions"], pad_id, prefix, DTYPES[ccfg["dtype"]]
             )
+            for layer, value in captured.items():
+                require_finite(
+                    value if ccfg["positions"] != "all" else np.concatenate(value),
+                    f"activations of layer {layer} (batch {b}, prompts {ids[:2]}...)",
+                    "the model overflowed: use capture.dtype=float32 and model.dequantize=true",
+                )
             table = batch_table(ids, captured, ccfg["positions"], lengths, DTYPES[ccfg["dtype"]])
             t = time.perf_counter()
-            write_part(table, part)
+            hash_s += write_part(table, part) or 0.0
             write_s += time.perf_counter() - t
         if need_sites:
             got = capture_sites_batch(lm.model, seqs, site_names, ccfg["positions"], pad_id)
@@ -233,7 +259,11 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         )
     if shard.rank == 0:  # one writer of the shared metadata
         (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    timing = {"seconds": round(time.perf_counter() - start, 3), "write_seconds": round(write_s, 3)}
+    timing = {
+        "seconds": round(time.perf_counter() - start, 3),
+        "write_seconds": round(write_s, 3),
+        "hash_seconds": round(hash_s, 4),
+    }
     return {**meta, "resumed_batches": resumed, "timing": timing}
 
 
@@ -274,6 +304,25 @@ def capture_prefix(model, tokens: pd.Series, positions: str) -> tuple[int, list 
     if positions != "last" or len(tokens) < 2:
         return 0, None
     return shared_prefix(model, [list(map(int, t)) for t in tokens])
+
+
+def token_limit(max_tokens: int | None, context: int | None, model_name: str) -> int:
+    """The longest prompt capture accepts: capture.max_tokens, never above the model's context.
+
+    Longer inputs are what crashed the CPU backend (see docs/notes/trust.md), so a model must
+    state its context; capture.max_tokens cannot raise it."""
+    if context is None:
+        raise PromptTooLongError(
+            f"model {model_name} does not state its context length (max_position_embeddings), "
+            "so long prompts cannot be refused safely; use a model whose config has it"
+        )
+    if max_tokens is not None and max_tokens > context:
+        raise ConfigError(
+            f"capture.max_tokens={max_tokens} is over the context of model {model_name} "
+            f"({context} tokens): the model cannot read longer prompts; e.g. "
+            f"capture.max_tokens={context}"
+        )
+    return int(max_tokens or context)
 
 
 def _context_length(model) -> int | None:
