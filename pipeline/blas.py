@@ -95,15 +95,26 @@ def ensure_fast_blas() -> BlasInfo:
                 reason += " (mlx.core was imported first: it may still use the reference BLAS)"
             _INFO = BlasInfo(_kind(path), path, reason)
             return _INFO
-    if override:
-        raise OSError(f"{ENV_VAR}={override!r} does not load or has no cblas_sgemm; {FIX}")
+    if override:  # entry points turn this into one error line (check_blas), not an import crash
+        _INFO = BlasInfo(
+            "unusable",
+            None,
+            f"{ENV_VAR}={override!r} does not load or has no cblas_sgemm; fix the path, unset "
+            f"it, or set {ENV_VAR}=none; {FIX}",
+        )
+        return _INFO
     _INFO = BlasInfo("reference", None, f"no optimized BLAS found: CPU matmuls are slow; {FIX}")
     return _INFO
 
 
 def log_blas() -> BlasInfo:
-    """Log which BLAS is in use; a warning with the fix when it is the reference one."""
+    """Log which BLAS is in use; a warning with the fix when it is the reference one; a
+    :class:`~pipeline.errors.ConfigError` when the one ``MLX_INTERP_BLAS`` names is unusable."""
     info = ensure_fast_blas()
+    if info.name == "unusable":
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(info.reason)
     if info.name == "reference" and sys.platform.startswith("linux"):
         log.warning("BLAS: %s", info.reason)
     else:

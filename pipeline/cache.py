@@ -84,6 +84,27 @@ def writable_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def disk_full_problem(path: str | os.PathLike) -> str | None:
+    """Why a small file cannot be written under ``path`` (its nearest existing folder): a disk
+    already full fails here, at start, instead of half-way through a stage."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    probe = p / f".mlx-interp-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"is on a full disk ({p}: {err.strerror}); free space there"
+        return None  # permissions and the like: writable_problem names them
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A completed artifact: where it is and what its manifest says."""

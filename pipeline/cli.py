@@ -12,12 +12,14 @@ from pathlib import Path
 import hydra  # noqa: E402  (after the BLAS)
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import pipeline  # noqa: F401  (loads the optimized BLAS before mlx)
 from pipeline.blas import log_blas
 from pipeline.errors import MlxInterpError, report_error
 from pipeline.schema import register_configs
+from pipeline.sweep import FAILED
 
 log = logging.getLogger("mlx_interp")
 
@@ -81,13 +83,29 @@ def _fill_run_dir(run_dir: Path, results: dict, summary: dict) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    info = log_blas()
     log.info("run directory: %s", run_dir)
+    sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        info = log_blas()
         summary = run_experiment(cfg, run_dir)
     except MlxInterpError as err:  # bad input: one clear line, no traceback
         log.error("%s: %s", type(err).__name__, err)
+        if sweep_job:  # the other points of the sweep run on; the summary lists this one
+            return record_failure(run_dir, err)
         sys.exit(report_error(err))
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        print(
+            "error: interrupted; completed artifacts are kept, and re-running the same command "
+            "resumes (a capture keeps its completed parts)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except Exception as err:  # a bug: under a sweep keep the other points, else the traceback
+        if not sweep_job:
+            raise
+        log.exception("job failed")
+        return record_failure(run_dir, err)
     from pipeline.distributed import world
 
     if world().rank != 0:  # under mlx.launch: rank 0 reports for all
@@ -123,6 +141,25 @@ def main(cfg: DictConfig) -> float | None:
     for name, s in summary.items():
         if name.endswith("_report") and s["summary"].get("headline"):
             return float(s["summary"]["headline"]["value"])
+    return None
+
+
+def record_failure(run_dir: Path, err: BaseException) -> None:
+    """Write ``failed.json`` (error type and message) into a sweep job's folder, print the
+    one line, and return: the sweep summary lists the point and sets the exit status."""
+    from pipeline.cache import write_json_atomic
+    from pipeline.errors import one_line
+
+    user_error = isinstance(err, MlxInterpError)
+    if user_error:
+        report_error(err)
+    else:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run_dir / FAILED,
+        {"error": type(err).__name__, "message": one_line(err), "bad_input": user_error},
+    )
     return None
 
 
@@ -176,12 +213,12 @@ def _claim_job_dir(config: DictConfig, kind: str) -> None:
 
 
 def _preflight(config: DictConfig, job_dir: str) -> None:
-    from pipeline.cache import writable_problem
+    from pipeline.cache import disk_full_problem, writable_problem
 
     problem = duplicate_overrides(list(config.hydra.overrides.task))
     problem = problem or conflicting_experiments(_experiment_list(config.hydra.overrides.task))
     for path in (config.paths.outputs, config.paths.artifacts, job_dir):
-        why = None if problem else writable_problem(path)
+        why = None if problem else writable_problem(path) or disk_full_problem(path)
         if why:
             problem = (
                 f"the outputs folder {path} {why}; make it writable or set "

