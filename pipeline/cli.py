@@ -50,6 +50,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
         return summary
     try:
         _fill_run_dir(run_dir, results, summary)
+        from pipeline.cache import write_json_atomic
+        from pipeline.reproduce import PROVENANCE, provenance
+
+        write_json_atomic(run_dir / PROVENANCE, provenance(plain))
     except OSError as err:
         from pipeline.cache import ArtifactError
 

@@ -48,12 +48,43 @@ class PromptTooLongError(MlxInterpError, ValueError):
     """A prompt does not fit the model's context (or capture.max_tokens)."""
 
 
-def plan_batches(n_tokens: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Row indices per batch, sorted by length so padding is small; deterministic."""
+MAX_SCORES = 2**31 - 1  # MLX indexes arrays with int32 in places (ml-explore/mlx#3327)
+
+
+def plan_batches(
+    n_tokens: np.ndarray, batch_size: int, n_heads: int = 1, max_bytes: float | None = None
+) -> list[np.ndarray]:
+    """Row indices per batch, sorted by length so padding is small; deterministic.
+
+    A batch of ``b`` prompts padded to ``L`` tokens makes attention scores [b, n_heads, L, L]
+    on the CPU; a batch whose scores would pass 2^31 elements or ``max_bytes`` (float32) is
+    split, so a long prompt runs alone instead of crashing the process with its batch."""
     if batch_size < 1:
         raise ConfigError(f"capture.batch_size must be >= 1, not {batch_size}")
     order = np.argsort(n_tokens, kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        stop = min(start + batch_size, len(order))
+        while stop - start > 1 and not _scores_fit(
+            stop - start, int(n_tokens[order[stop - 1]]), n_heads, max_bytes
+        ):
+            stop -= 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+def _scores_fit(batch: int, length: int, n_heads: int, max_bytes: float | None) -> bool:
+    scores = batch * n_heads * length * length
+    return scores <= MAX_SCORES and (max_bytes is None or 4 * scores <= max_bytes)
+
+
+def attention_budget_bytes() -> float | None:
+    """Half the machine's physical memory: the most one batch's attention scores may use."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def batch_table(
@@ -200,7 +231,16 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     site_dir = out / "sites"
     if site_names:
         site_dir.mkdir(exist_ok=True)
-    batches = plan_batches(prompts["n_tokens"].to_numpy(), int(ccfg["batch_size"]))
+    n_heads = int(getattr(getattr(lm.model, "args", None), "num_attention_heads", 1) or 1)
+    budget = attention_budget_bytes()
+    longest = int(prompts["n_tokens"].max())
+    if not _scores_fit(1, longest, n_heads, budget):
+        raise PromptTooLongError(
+            f"a prompt of {longest} tokens needs attention scores of {n_heads} x {longest}^2 "
+            "floats, more than this machine (or MLX's int32 indexing) can hold; shorten it or "
+            "lower capture.max_tokens"
+        )
+    batches = plan_batches(prompts["n_tokens"].to_numpy(), int(ccfg["batch_size"]), n_heads, budget)
     resumed = 0
     prefix = None  # the prompts' shared prefix (few-shot turns), run once when first needed
     write_s, hash_s, start = 0.0, 0.0, time.perf_counter()

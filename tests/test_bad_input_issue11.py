@@ -222,6 +222,19 @@ def test_row_12_prompt_longer_than_the_context(cli_run, workdir):
     assert_clear(code, err, "capture.max_tokens=30000 is over the context", "8192")
 
 
+def test_row_12_a_long_prompt_runs_alone_not_padded_into_a_batch():
+    """The batch holding a long prompt is split before its attention scores [b, heads, L, L]
+    pass 2^31 elements (MLX's int32 indexing) or the memory budget."""
+    from stages.capture import MAX_SCORES, _scores_fit, plan_batches
+
+    n_tokens = np.array([10] * 15 + [20_000])
+    batches = plan_batches(n_tokens, 16, n_heads=4)
+    assert [len(b) for b in batches] == [15, 1] and list(batches[1]) == [15]
+    assert [len(b) for b in plan_batches(n_tokens, 16, n_heads=4, max_bytes=4 * 10 * 10 * 4 * 5)]
+    assert plan_batches(np.array([10] * 16), 16, n_heads=4)[0].size == 16  # short: unchanged
+    assert not _scores_fit(1, 50_000, 1, None) and 50_000**2 > MAX_SCORES
+
+
 def test_row_13_a_bad_point_in_a_sweep(cli_run, workdir, capsys):
     code, err = cli_run("-m", "steer.alpha=nan,1.0", f"hydra.sweep.dir={workdir / 'sweep'}")
     assert code == 2, err[-3000:]
