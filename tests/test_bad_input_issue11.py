@@ -474,3 +474,21 @@ def test_harness_snapshot_sees_a_changed_artifact(tmp_path):
     assert list(before) == [f"capture/{key}/activations/part-0.parquet"]
     part.write_bytes(b"1235")
     assert changed_artifacts(before, store_snapshot(tmp_path)) == list(before)
+
+
+@pytest.mark.slow
+def test_row_13_a_bad_point_under_joblib_does_not_stop_the_healthy_job(workdir):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sweep = workdir / "joblib_sweep"
+    base = [b for b in _base(workdir) if not b.startswith("hydra.run.dir")]
+    cmd = [sys.executable, "-m", "pipeline.cli", "-m", "hydra/launcher=joblib"]
+    cmd += ["hydra.launcher.n_jobs=2", *base, "steer.alpha=nan,1.0", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "1 of 2 sweep jobs failed" in proc.stderr
+    assert (sweep / "0" / "failed.json").exists() and (sweep / "1" / "report.json").exists()
