@@ -336,6 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = flag_problem(args.temp, args.max_tokens)
     if problem:
         return report_error(ChatError(problem))
+    from pipeline.blas import log_blas
+
+    try:
+        log_blas()  # MLX_INTERP_BLAS naming a library that does not load
+    except MlxInterpError as err:
+        return report_error(err)
     from pipeline.models import load_model
 
     try:

@@ -281,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("source")
     args = parser.parse_args(argv)
     try:
+        from pipeline.blas import log_blas
+
+        log_blas()  # MLX_INTERP_BLAS naming a library that does not load: one line
         if args.command == "export":
             dirset = load_directions(args.source)
             check_output_path(resolve_directions_path(args.source), args.out, ".gguf")

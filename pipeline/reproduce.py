@@ -208,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).expanduser() if args.out else None
     out = out or run_dir.with_name(f"{run_dir.name}.reproduce-{time.strftime('%H-%M-%S')}")
     try:
+        from pipeline.blas import log_blas
+
+        log_blas()
         diffs, notes = reproduce(run_dir, out.resolve(), args.reuse_cache)
     except MlxInterpError as err:
         return report_error(err)
