@@ -188,17 +188,25 @@ def _claim_job_dir(config: DictConfig, kind: str) -> None:
 
     The default, timestamped folder is claimed by an exclusive ``mkdir``: a second run started
     in the same second gets ``<time>-1`` (then -2, ...). A folder given on the command line
-    (``hydra.run.dir=...``) that holds an earlier run has that run moved to a sibling
-    ``<dir>.previous-<ns>``, so the reports of two runs never mix.
+    (``hydra.run.dir=...``) that holds an earlier run (a ``.hydra`` folder; never the working
+    directory or above it) has that run moved to a sibling
+    ``<dir>.previous-<ns>``, so the reports of two runs never mix. Under ``mlx.launch`` the
+    ranks share the folder as before.
     """
     from omegaconf import open_dict, read_write
 
     key = f"hydra.{kind}.dir"
     wanted = Path(str(OmegaConf.select(config, key))).expanduser()
     explicit = any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
-    if explicit:
+    from pipeline.distributed import _LAUNCH_ENV
+
+    if any(name in os.environ for name in _LAUNCH_ENV):
+        folder = wanted  # under mlx.launch every rank shares one run folder (rank 0 writes it)
+    elif explicit:
         folder = wanted
-        if folder.is_dir() and any(folder.iterdir()):
+        cwd = Path.cwd().resolve()
+        earlier_run = (folder / ".hydra").is_dir() or (folder / "multirun.yaml").is_file()
+        if earlier_run and folder.resolve() not in (cwd, *cwd.parents):
             aside = folder.with_name(f"{folder.name}.previous-{time.time_ns()}")
             os.replace(folder, aside)
             log.warning("%s %s held an earlier run: moved to %s", key, folder, aside.name)

@@ -492,3 +492,27 @@ def test_row_13_a_bad_point_under_joblib_does_not_stop_the_healthy_job(workdir):
     assert "Traceback" not in proc.stderr
     assert "1 of 2 sweep jobs failed" in proc.stderr
     assert (sweep / "0" / "failed.json").exists() and (sweep / "1" / "report.json").exists()
+
+
+def test_row_15_an_explicit_folder_without_a_run_is_never_moved(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from pipeline.cli import _claim_job_dir
+
+    mine = tmp_path / "my_folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    given = {"hydra": [f"hydra.run.dir={mine}"]}
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": str(mine)}, "overrides": given}})
+    _claim_job_dir(cfg, "run")
+    assert (mine / "notes.txt").exists() and cfg.hydra.run.dir == str(mine)
+    (mine / ".hydra").mkdir()  # now it holds an earlier run: moved aside, not mixed
+    _claim_job_dir(cfg, "run")
+    assert not mine.exists() and list(tmp_path.glob("my_folder.previous-*"))
+    monkeypatch.chdir(tmp_path)
+    here = OmegaConf.create(
+        {"hydra": {"run": {"dir": "."}, "overrides": {"hydra": ["hydra.run.dir=."]}}}
+    )
+    (tmp_path / ".hydra").mkdir()
+    _claim_job_dir(here, "run")  # the working directory itself: never moved
+    assert (tmp_path / ".hydra").is_dir()
