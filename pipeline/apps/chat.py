@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
 from mlx_interp.analysis.directions import DirectionSet
 from mlx_interp.apps.chat_preset import CONF_DIR, colorblind_preset, compose
-from mlx_interp.errors import MlxInterpError, report_error
+from mlx_interp.errors import MlxInterpError, one_line, report_error
 
 PROMPT = "you> "
 HELP = """commands:
@@ -349,11 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = compose(model_overrides(args.model) + list(args.override))
         started = time.time()
         loaded = load_model(cfg["model"])
-    except Exception as err:  # config or model: one line, exit 2, like mlx-interp
+    except MlxInterpError as err:  # a bad value or model: one line, exit 2, like mlx-interp
+        return report_error(err)
+    except Exception as err:  # Hydra could not compose (e.g. an unknown --model name)
         names = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
         print(
-            f"error: {err}\n(--model takes a conf/model name: {', '.join(names)}; a .gguf "
-            "file; or an mlx-lm folder or Hugging Face id)",
+            f"error: {one_line(err)} (--model takes a conf/model name: {', '.join(names)}; a "
+            ".gguf file; or an mlx-lm folder or Hugging Face id)",
             file=sys.stderr,
         )
         return 2

@@ -259,6 +259,13 @@ def test_row_14_chat_flags_checked_at_start(flags, words, capsys):
     assert words in err and len([x for x in err.splitlines() if x.startswith("error:")]) == 1
 
 
+def test_row_14_chat_override_checked_at_start(capsys):
+    from mlx_interp.apps.chat import main
+
+    assert main(["--model", "tiny_random", "--override", "steer.alpha=nan"]) == 2
+    assert "steer.alpha must be a finite number" in capsys.readouterr().err
+
+
 def test_row_14_chat_preset_with_a_missing_dataset_survives(tmp_path):
     import io
 
