@@ -104,6 +104,22 @@ RULES: dict[str, tuple[Check, str, str]] = {
         "null (all) or a non-empty list of ints",
         "capture.layers=[0,8,-1]",
     ),
+    "capture.positions": (
+        one_of("last", "all", "mean"),
+        "one of ('last', 'all', 'mean')",
+        "capture.positions=last",
+    ),
+    "capture.dtype": (
+        one_of("float32", "float16"),
+        "one of ('float32', 'float16')",
+        "capture.dtype=float32",
+    ),
+    "prompts.format": (one_of("chat", "plain"), "one of ('chat', 'plain')", "prompts.format=chat"),
+    "steer.positions": (
+        one_of("all", "suffix"),
+        "one of ('all', 'suffix')",
+        "steer.positions=suffix",
+    ),
     "capture.batch_size": (at_least(1), "an int >= 1", "capture.batch_size=16"),
     "capture.max_tokens": (
         lambda v: v is None or at_least(1)(v),
