@@ -17,11 +17,11 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mlx_interp.engine.schema import SOURCES
 from mlx_interp.errors import ConfigError
 
 Check = Callable[[Any], bool]
 
-SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")
 FREE_FORM = {  # schema fields whose value is a user mapping: their keys are data, not config
     "directions.contrast",
     "directions.method",

@@ -17,11 +17,10 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlx_interp.engine.cache import file_sha256, hash_key
+from mlx_interp.engine.schema import SOURCES
 from mlx_interp.errors import MlxInterpError
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")
 
 
 class ModelLoadError(MlxInterpError, ValueError):
