@@ -287,7 +287,15 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     path = paths[0]
     concept["dataset"] = str(path)
     tokenizer = load_model(cfg["model"]).tokenizer
-    table = build_prompts(df, concept, cfg["prompts"], tokenizer, int(cfg["seed"]))
+    prompts_cfg = dict(cfg["prompts"])
+    if cfg["model"].get("prompt_format"):  # a base model says plain: it has no chat template
+        prompts_cfg["format"] = cfg["model"]["prompt_format"]
+    if prompts_cfg["format"] == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"model {cfg['model']['name']!r} has no chat template (a base model?); use "
+            "prompts.format=plain or model.prompt_format=plain"
+        )
+    table = build_prompts(df, concept, prompts_cfg, tokenizer, int(cfg["seed"]))
     table.to_parquet(out / "prompts.parquet", index=False)
     counts = table["condition"].value_counts().sort_index().to_dict()
     left_out = sorted(set(df["condition"]) - set(table["condition"]))

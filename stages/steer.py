@@ -92,9 +92,10 @@ def fluency_spec(score: dict) -> FluencySpec:
         raise ScoringError(f"score.fluency: {err}") from err
 
 
-def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer) -> pd.DataFrame:
+def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat") -> pd.DataFrame:
     """``score.fluency.n_prompts`` swap questions, evenly spaced over the table (so every swap
-    class is covered, without a seed), as open-ended zero-shot chat prompts (``tokens``)."""
+    class is covered, without a seed), as open-ended zero-shot prompts (``tokens``) in the
+    model's prompt format (chat; plain text for a base model)."""
     f = score["fluency"]
     n = int(f["n_prompts"])
     if n < 0:
@@ -108,7 +109,7 @@ def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer) -> pd.DataFrame:
     picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
     sample = swap.iloc[picks].reset_index(drop=True)
     texts = [f["instruction"].format(text=t) for t in sample["text"]]
-    sample["tokens"] = [render(tokenizer, t, "chat", None, [])[1] for t in texts]
+    sample["tokens"] = [render(tokenizer, t, fmt, None, [])[1] for t in texts]
     return sample
 
 
@@ -127,7 +128,7 @@ def add_fluency(table: pd.DataFrame, spec: FluencySpec) -> pd.DataFrame:
 
 
 def _fluency_rows(lm, swap, score, steering, direction) -> list[pd.DataFrame]:
-    sample = fluency_prompts(swap, score, lm.tokenizer)
+    sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
     if sample.empty:
         return []
     gen = GenerateScorer(max_tokens=int(score["fluency"]["max_tokens"]))

@@ -106,12 +106,15 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 ARCHS: list[str] = list(_CONFIGS)
 
 
-def tiny_model(arch: str, seed: int = 0) -> nn.Module:
-    """Build a tiny random-weight mlx-lm ``Model`` of ``arch`` (one of ``ARCHS``), in eval mode."""
+def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """Build a tiny random-weight mlx-lm ``Model`` of ``arch`` (one of ``ARCHS``), in eval mode.
+
+    ``overrides`` replace ModelArgs fields (e.g. wider dims for GGUF K-quant tests)."""
     if arch not in _CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     config = {"model_type": arch, "num_hidden_layers": N_LAYERS, "vocab_size": VOCAB}
     config.update(_CONFIGS[arch])
+    config.update(overrides)
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     args = module.ModelArgs.from_dict(config)
     mx.random.seed(seed)

