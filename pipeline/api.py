@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mlx_interp.analysis.directions import DirectionSet, extract
+from mlx_interp.errors import ConfigError, MlxInterpError
 from mlx_interp.interventions.capture import POSITIONS
 from mlx_interp.interventions.sites import (
     SHORTHAND,
@@ -81,9 +82,9 @@ class Model:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError("record needs a non-empty list of non-empty prompt strings")
+            raise ConfigError("record needs a non-empty list of non-empty prompt strings")
         if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+            raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
         chosen = resolve_sites(self.model, self._site_names(sites, layers))
         seqs = [self.tokens(p, chat) for p in prompts]
         parts: dict[str, list] = {site.name: [] for site in chosen}
@@ -118,7 +119,7 @@ class Model:
         from mlx_lm import generate
 
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, not {max_tokens!r}")
+            raise ConfigError(f"max_tokens must be a positive int, not {max_tokens!r}")
         return generate(
             self.model, self.tokenizer, self.tokens(prompt, chat), max_tokens=max_tokens
         )
@@ -141,6 +142,13 @@ def load(model: str | Path, dequantize: str | bool = "auto") -> Model:
         raise ModelLoadError(f"cannot load {model!r}: {err}") from err
 
 
+class RecordedSiteError(MlxInterpError, KeyError):
+    """A cache key names a site that was not recorded (a KeyError, so ``in`` works)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 class ActivationCache(Mapping):
     """Recorded activations by site; index like TransformerLens's cache.
 
@@ -159,7 +167,9 @@ class ActivationCache(Mapping):
             raise SiteError(f"layer {site.layer} is out of range for {self.n_layers} layers")
         name = Site(site.layer % self.n_layers, site.kind).name
         if name not in self._values:
-            raise KeyError(f"{key!r} ({name}) was not recorded; recorded: {sorted(self._values)}")
+            raise RecordedSiteError(
+                f"{key!r} ({name}) was not recorded; recorded: {sorted(self._values)}"
+            )
         return name
 
     def __getitem__(self, key: Any) -> Any:
@@ -202,7 +212,7 @@ class Direction(DirectionSet):
         pairs = None
         if method == "pca" or (isinstance(method, Mapping) and "PCA" in str(method)):
             if len(positive) != len(negative):
-                raise ValueError("pca pairs prompts: give positive and negative of equal length")
+                raise ConfigError("pca pairs prompts: give positive and negative of equal length")
             pairs = np.stack([np.arange(len(positive))] * 2, axis=1)
         cache = model.record(positive + negative, "resid_post", layers, positions, chat)
         acts = {parse_site(name).layer: np.asarray(cache[name]) for name in cache}
@@ -231,7 +241,7 @@ class Direction(DirectionSet):
         chosen = self.layers if layers is None else list(layers)
         missing = sorted(set(chosen) - set(self.layers))
         if missing:
-            raise ValueError(f"no direction at layer(s) {missing}; this one has {self.layers}")
+            raise ConfigError(f"no direction at layer(s) {missing}; this one has {self.layers}")
         edits = [LayerEdit(layer, self.vectors[layer], self.center(layer)) for layer in chosen]
         with steer(target, edits, mode, alpha):
             yield

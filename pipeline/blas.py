@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_interp.errors import MlxInterpError
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "MLX_INTERP_BLAS"  # a library path, or "none" to keep the reference BLAS
@@ -46,7 +48,7 @@ class BlasInfo:
 _INFO: BlasInfo | None = None
 
 
-class BlasOrderError(ImportError):
+class BlasOrderError(MlxInterpError, ImportError):
     """``mlx.core`` was imported before ``mlx_interp``, so MLX is bound to the slow BLAS."""
 
 
@@ -114,15 +116,26 @@ def ensure_fast_blas() -> BlasInfo:
                 )
             _INFO = BlasInfo(_kind(path), path, f"loaded {path}")
             return _INFO
-    if override:
-        raise OSError(f"{ENV_VAR}={override!r} does not load or has no cblas_sgemm; {FIX}")
+    if override:  # entry points turn this into one error line (check_blas), not an import crash
+        _INFO = BlasInfo(
+            "unusable",
+            None,
+            f"{ENV_VAR}={override!r} does not load or has no cblas_sgemm; fix the path, unset "
+            f"it, or set {ENV_VAR}=none; {FIX}",
+        )
+        return _INFO
     _INFO = BlasInfo("reference", None, f"no optimized BLAS found: CPU matmuls are slow; {FIX}")
     return _INFO
 
 
 def log_blas() -> BlasInfo:
-    """Log which BLAS is in use; a warning with the fix when it is the reference one."""
+    """Log which BLAS is in use; a warning with the fix when it is the reference one; a
+    :class:`~mlx_interp.errors.ConfigError` when the one ``MLX_INTERP_BLAS`` names is unusable."""
     info = ensure_fast_blas()
+    if info.name == "unusable":
+        from mlx_interp.errors import ConfigError
+
+        raise ConfigError(info.reason)
     if info.name == "reference" and sys.platform.startswith("linux"):
         log.warning("BLAS: %s", info.reason)
     else:

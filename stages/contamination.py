@@ -22,12 +22,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mlx_interp.analysis.stats import bootstrap_ci
+from mlx_interp.errors import ConfigError
 from mlx_interp.io.activations import layer_matrices, resolve_probe_layers
 
 VERSION = "1"
 
 
-class ContaminationError(ValueError):
+class ContaminationError(ConfigError):
     """The prompts have no variants to compare; the message says what to set."""
 
 

@@ -16,7 +16,9 @@ Two concept options shape the text:
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import zlib
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from mlx_interp.engine.dag import ConfigError
 from mlx_interp.io.datasets import DatasetError, read_jsonl, resolve_dataset_path
 from mlx_interp.io.prompts import render
 from mlx_interp.models.loading import load_model, model_fingerprint
+
+log = logging.getLogger(__name__)
 
 VERSION = "2"
 FORMATS = ("chat", "plain")
@@ -50,6 +54,20 @@ def select_conditions(df: pd.DataFrame, conditions: list[str] | None, path: Path
     present = sorted(df["condition"].unique())
     if not conditions:
         return present
+    unknown = [c for c in present if c not in conditions]
+    typos = {c: closest_condition(c, conditions) for c in unknown}
+    typos = {c: near for c, near in typos.items() if near}
+    if typos:
+        counts = df["condition"].value_counts()
+        listed = ", ".join(
+            f"{c!r} ({counts[c]} rows; closest known: {n!r})" for c, n in typos.items()
+        )
+        raise DatasetError(
+            f"{path}: condition(s) not in concept.conditions {list(conditions)}: {listed}; "
+            "fix the spelling in the dataset, or add them to concept.conditions"
+        )
+    if unknown:  # other conditions: an intended subset, said in the log and the summary
+        log.info("prompts: rows of conditions %s are left out (not in concept.conditions)", unknown)
     empty = [c for c in conditions if c not in present]
     if empty:
         raise DatasetError(
@@ -57,6 +75,15 @@ def select_conditions(df: pd.DataFrame, conditions: list[str] | None, path: Path
             "fix concept.conditions or the dataset"
         )
     return list(conditions)
+
+
+def closest_condition(name: str, known: list[str]) -> str | None:
+    """The known condition ``name`` is probably a typo of (case, spaces, a letter or two)."""
+    for cond in known:
+        if cond.strip().casefold() == name.strip().casefold():
+            return cond
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def assign_splits(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Series:
@@ -125,12 +152,12 @@ def expand_variants(
     kinds = list(variants.get("kinds") or VARIANT_KINDS)
     unknown = [k for k in kinds if k not in VARIANT_KINDS]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"concept.variants.kinds has unknown kind(s) {unknown}; use {VARIANT_KINDS}"
         )
     placement = variants.get("placement", "before")
     if placement not in ("before", "after"):
-        raise ValueError(f"concept.variants.placement must be before or after, not {placement!r}")
+        raise ConfigError(f"concept.variants.placement must be before or after, not {placement!r}")
     sep = variants.get("separator", "\n\n")
     rubrics = read_rubrics(resolve_dataset_path(variants["rubrics"]), conditions)
     order = sorted(rubrics)
@@ -271,4 +298,10 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     table = build_prompts(df, concept, prompts_cfg, tokenizer, int(cfg["seed"]))
     table.to_parquet(out / "prompts.parquet", index=False)
     counts = table["condition"].value_counts().sort_index().to_dict()
-    return {"n_prompts": len(table), "per_condition": counts, "dataset": str(path)}
+    left_out = sorted(set(df["condition"]) - set(table["condition"]))
+    return {
+        "n_prompts": len(table),
+        "per_condition": counts,
+        "dataset": str(path),
+        "conditions_left_out": left_out,
+    }

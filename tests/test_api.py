@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mlx_interp as mi
+from mlx_interp.errors import ConfigError, MlxInterpError
 from mlx_interp.interventions.capture import capture_batch
 from mlx_interp.interventions.sites import SiteError
 from mlx_interp.interventions.steering import LayerEdit, steer
@@ -46,8 +47,9 @@ def test_cache_speaks_every_site_name(model):
     assert cache["blocks.-1.hook_mlp_out"] is cache[f"layers.{last}.mlp"]
     assert cache["attn_out", last].shape == (2, model.d_model)
     assert cache["z", -1].shape[0] == 2 and cache["z", -1].ndim == 3
-    with pytest.raises(KeyError, match="was not recorded"):
+    with pytest.raises(KeyError, match="was not recorded") as missing:
         cache["resid_post", 0]
+    assert isinstance(missing.value, MlxInterpError) and ("resid_post", 0) not in cache
     with pytest.raises(SiteError, match="out of range"):
         cache["resid_post", 99]
 
@@ -57,9 +59,9 @@ def test_record_all_positions_and_chat(model):
     (rows,) = cache["resid_post", 0]
     assert rows.shape == (len(model.tokens("Grass is green", chat=True)), model.d_model)
     assert len(model.tokens("Grass is green", chat=True)) > len(model.tokens("Grass is green"))
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ConfigError, match="positions"):
         model.record("x", positions="first")
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ConfigError, match="non-empty"):
         model.record([" "])
 
 
@@ -87,7 +89,7 @@ def test_apply_equals_steer_and_restores_the_model(model):
     np.testing.assert_array_equal(applied, by_hand)
     assert not np.allclose(applied, before)
     np.testing.assert_array_equal(np.array(model.model(tokens)), before)
-    with pytest.raises(ValueError, match=r"no direction at layer\(s\) \[0\]"):
+    with pytest.raises(ConfigError, match=r"no direction at layer\(s\) \[0\]"):
         with d.apply(model, layers=[0]):
             pass
 
@@ -105,7 +107,7 @@ def test_generate_steered_differs_and_files_round_trip(model, tmp_path):
     d.save_control_vector(tmp_path / "d.gguf", alpha=2.0)
     cv = mi.Direction.load_control_vector(tmp_path / "d.gguf")
     np.testing.assert_allclose(cv.vectors[1], d.vectors[1], rtol=1e-6)
-    with pytest.raises(ValueError, match="max_tokens"):
+    with pytest.raises(ConfigError, match="max_tokens"):
         model.generate("x", max_tokens=0)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mlx_interp.analysis.stats import finite_rows
+from mlx_interp.errors import MlxInterpError
 
 FORMAT = "mlx-interp.directions/1"
 PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{layer}"
@@ -27,7 +28,7 @@ PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{la
 PROVENANCE = ("model", "config_key", "artifact_key")
 
 
-class DirectionError(ValueError):
+class DirectionError(MlxInterpError, ValueError):
     """Directions could not be fitted or read; the message says what to change."""
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 
+from mlx_interp.errors import ConfigError
+
 __all__ = [
     "FluencyError",
     "FluencyMetrics",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class FluencyError(ValueError):
+class FluencyError(ConfigError):
     """A fluency setting that makes no sense (n < 1, period < 1, repeats < 2)."""
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from mlx_interp.analysis.stats import finite_rows
+from mlx_interp.errors import MlxInterpError
 
 
-class ProbeError(ValueError):
+class ProbeError(MlxInterpError, ValueError):
     """A probe could not be fitted or scored; the message says what to change."""
 
 

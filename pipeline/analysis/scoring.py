@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from mlx_interp.analysis.stats import require_finite
+from mlx_interp.errors import ConfigError, UntrustedResultError
 from mlx_interp.interventions.prefix import batched_last_logits, greedy_generate, shared_prefix
 from mlx_interp.interventions.steering import LayerEdit, steer
 
 
-class ScoringError(ValueError):
+class ScoringError(ConfigError):
     """An unknown or misconfigured scorer or steering setting; the message lists valid ones."""
 
 
@@ -118,6 +120,12 @@ class LogitScorer(Scorer):
         ids = {w: word_token_ids(lm.tokenizer, w) for w in words}
         word_of = {i: w for w, toks in ids.items() for i in toks}
         logits = batched_last_logits(lm.model, tokens, pad_id, self.batch_size, prefix)
+        require_finite(
+            logits,
+            "the answer logits",
+            "the steering overflowed the residual stream: lower steer.alpha (or use a "
+            "unit-norm mode), or check the direction",
+        )
         rows = []
         for i, row in enumerate(logits):
             top = int(np.argmax(row))
@@ -142,6 +150,12 @@ class GenerateScorer(Scorer):
 
     def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
         answers = greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens, prefix)
+        if answers and not any(text.strip() for text, _ in answers):
+            raise UntrustedResultError(
+                f"all {len(answers)} generated answers are empty (the model ended at once), so "
+                "nothing can be scored: lower steer.alpha, or raise score.max_tokens "
+                f"(now {self.max_tokens})"
+            )
         return [
             {"answer": text, "named": named_word(text, words), "token_ids": list(ids)}
             for text, ids in answers

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as _st
 
+from mlx_interp.errors import UntrustedResultError
+
 ALTERNATIVES = ("greater", "less", "two-sided")
 BOOTSTRAP_METHODS = ("percentile", "basic", "BCa")
 
@@ -67,7 +69,10 @@ def binomial_test(k: int, n: int, p0: float, alternative: str = "greater") -> fl
     """
     k, n = _check_counts(k, n)
     if n == 0:
-        raise ValueError("binomial_test needs n >= 1 trials")
+        raise UntrustedResultError(
+            "a binomial test over 0 trials has no p-value: no question was counted (check the "
+            "conditions, the split and score.swap)"
+        )
     if not 0.0 <= p0 <= 1.0 or math.isnan(p0):
         raise ValueError(f"p0 must be a probability in [0, 1], got {p0}")
     if alternative not in ALTERNATIVES:
@@ -91,12 +96,26 @@ def finite_rows(arr: np.ndarray, subject: str, error: type[Exception] = ValueErr
     return arr
 
 
+def require_finite(values, subject: str, fix: str) -> np.ndarray:
+    """``values`` as an array; raises UntrustedResultError naming ``subject``, how many values
+    are NaN/inf and ``fix`` when any is (a number computed from them could not be trusted)."""
+    arr = np.asarray(values)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise UntrustedResultError(
+            f"{subject}: {int((~finite).sum())} of {arr.size} values are NaN/inf; {fix}"
+        )
+    return arr
+
+
 def _clean(values, name: str = "values") -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise UntrustedResultError(
+            f"{name} is empty: a statistic over 0 samples cannot be reported"
+        )
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN/inf: drop or impute them first")
     return arr

@@ -11,6 +11,7 @@ goes on. ``/preset colorblind`` turns on the default experiment's green/red refl
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
-from mlx_interp.analysis.directions import DirectionError, DirectionSet
+from mlx_interp.analysis.directions import DirectionSet
 from mlx_interp.apps.chat_preset import CONF_DIR, colorblind_preset, compose
+from mlx_interp.errors import MlxInterpError, one_line, report_error
 
 PROMPT = "you> "
 HELP = """commands:
@@ -36,7 +38,7 @@ HELP = """commands:
   /help, /quit         this text; leave (Ctrl-D works too)"""
 
 
-class ChatError(ValueError):
+class ChatError(MlxInterpError, ValueError):
     """A command that cannot be carried out; the chat prints it and goes on."""
 
 
@@ -64,14 +66,6 @@ class Steering:
         return f"{mode} L{layers} a{self.alpha:g}"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from mlx_interp.interventions.capture import LayerIndexError
-    from mlx_interp.interventions.steering import SteeringError
-    from mlx_interp.models.loading import ModelLoadError
-
-    return (ChatError, DirectionError, SteeringError, LayerIndexError, ModelLoadError, OSError)
-
-
 def parse_steer_args(tokens: Sequence[str]) -> tuple[str | None, dict[str, str]]:
     """``[FILE] key=value ...`` -> (file or None, {key: value}); keys: layer, alpha, mode."""
     path, options = None, {}
@@ -92,6 +86,9 @@ class ChatSession:
     """The conversation, the model and the steering state; ``handle`` takes one input line."""
 
     def __init__(self, cfg: dict, loaded: Any, temp: float, max_tokens: int, out: TextIO):
+        problem = flag_problem(float(temp), int(max_tokens))
+        if problem:
+            raise ChatError(problem)
         self.cfg, self.loaded, self.out = cfg, loaded, out
         self.temp, self.max_tokens = float(temp), int(max_tokens)
         self.system = cfg.get("concept", {}).get("system_prompt")
@@ -130,7 +127,7 @@ class ChatSession:
             return True
         try:
             self.commands[name](args)
-        except _user_errors() as err:
+        except (MlxInterpError, OSError) as err:
             self.say(f"error: {err}")
         return True
 
@@ -158,8 +155,8 @@ class ChatSession:
             temp = float(args[0])
         except (IndexError, ValueError) as err:
             raise ChatError("usage: /temp T with T >= 0 (0 = greedy)") from err
-        if not temp >= 0:
-            raise ChatError(f"temperature must be >= 0, got {args[0]}")
+        if not (math.isfinite(temp) and temp >= 0):
+            raise ChatError(f"temperature must be a finite number >= 0, got {args[0]}")
         self.temp = temp
         self.say(f"temperature {temp:g}")
 
@@ -312,6 +309,15 @@ def model_overrides(model: str | None) -> list[str]:
     return ["model=qwen2_5_7b_instruct_4bit", f"model.path={model}", f"model.name={name}"]
 
 
+def flag_problem(temp: float, max_tokens: int) -> str | None:
+    """Why ``--temp``/``--max-tokens`` cannot be used (checked before the model loads)."""
+    if not math.isfinite(temp) or temp < 0:
+        return f"--temp must be a finite number >= 0 (0 = greedy), not {temp}; e.g. --temp 0.7"
+    if max_tokens < 1:
+        return f"--max-tokens must be >= 1, not {max_tokens}; e.g. --max-tokens 128"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mlx-interp-chat", description="Chat with a model; steer it with /steer, /preset."
@@ -328,17 +334,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--override", action="append", default=[], help="extra Hydra override (repeatable)"
     )
     args = parser.parse_args(argv)
+    problem = flag_problem(args.temp, args.max_tokens)
+    if problem:
+        return report_error(ChatError(problem))
+    from mlx_interp.blas import log_blas
+
+    try:
+        log_blas()  # MLX_INTERP_BLAS naming a library that does not load
+    except MlxInterpError as err:
+        return report_error(err)
     from mlx_interp.models.loading import load_model
 
     try:
         cfg = compose(model_overrides(args.model) + list(args.override))
         started = time.time()
         loaded = load_model(cfg["model"])
-    except Exception as err:  # config or model: one line, exit 2, like mlx-interp
+    except MlxInterpError as err:  # a bad value or model: one line, exit 2, like mlx-interp
+        return report_error(err)
+    except Exception as err:  # Hydra could not compose (e.g. an unknown --model name)
         names = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
         print(
-            f"error: {err}\n(--model takes a conf/model name: {', '.join(names)}; a .gguf "
-            "file; or an mlx-lm folder or Hugging Face id)",
+            f"error: {one_line(err)} (--model takes a conf/model name: {', '.join(names)}; a "
+            ".gguf file; or an mlx-lm folder or Hugging Face id)",
             file=sys.stderr,
         )
         return 2

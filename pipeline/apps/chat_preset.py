@@ -19,17 +19,21 @@ from mlx_interp.resources import CONF_DIR  # noqa: E402
 
 
 def compose(overrides: list[str]) -> dict:
-    """The root config composed like ``mlx-interp`` would, as a resolved plain dict."""
+    """The root config composed like ``mlx-interp`` would, as a resolved plain dict, checked
+    by the same validator (a bad ``--override`` fails at start, not in a command)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from mlx_interp.engine.schema import register_configs
+    from mlx_interp.engine.validate import validate_config
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    validate_config(plain)
+    return plain
 
 
 @dataclass

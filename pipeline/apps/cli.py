@@ -3,55 +3,32 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra  # noqa: E402  (after the BLAS)
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
+from mlx_interp.apps.sweep import FAILED
 from mlx_interp.blas import log_blas
 from mlx_interp.engine.schema import register_configs
+from mlx_interp.errors import MlxInterpError, report_error
 
 log = logging.getLogger("mlx_interp")
+
+PROVENANCE = "provenance.json"  # in a run folder: versions, BLAS, seed, model checksum
 
 register_configs()
 
 from mlx_interp.resources import CONF_DIR  # noqa: E402
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (config, data, model), reported without a traceback."""
-    from mlx_interp.analysis.directions import DirectionError
-    from mlx_interp.analysis.probes import ProbeError
-    from mlx_interp.analysis.scoring import ScoringError
-    from mlx_interp.engine.cache import ArtifactError
-    from mlx_interp.engine.dag import PipelineError
-    from mlx_interp.interventions.capture import LayerIndexError
-    from mlx_interp.interventions.sites import SiteError
-    from mlx_interp.interventions.steering import SteeringError
-    from mlx_interp.io.datasets import DatasetError
-    from mlx_interp.models.gguf import GGUFError
-    from mlx_interp.models.loading import ModelLoadError
-    from mlx_interp.stages.capture import PromptTooLongError
-
-    return (
-        ArtifactError,
-        LayerIndexError,
-        PipelineError,
-        GGUFError,
-        ModelLoadError,
-        ProbeError,
-        PromptTooLongError,
-        DatasetError,
-        DirectionError,
-        ScoringError,
-        SiteError,
-        SteeringError,
-    )
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
@@ -59,9 +36,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     from mlx_interp.engine.cache import ArtifactStore
     from mlx_interp.engine.dag import run_stages
     from mlx_interp.engine.distributed import world
+    from mlx_interp.engine.validate import validate_config
     from mlx_interp.stages import STAGES
 
     plain = OmegaConf.to_container(cfg, resolve=True)
+    validate_config(plain)  # every knob checked before anything is computed
     store = ArtifactStore(Path(plain["paths"]["artifacts"]).expanduser().resolve())
     store.check_writable()
     group = world()  # one rank unless started by mlx.launch
@@ -74,6 +53,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
         return summary
     try:
         _fill_run_dir(run_dir, results, summary)
+        from mlx_interp.engine.cache import write_json_atomic
+
+        write_json_atomic(run_dir / PROVENANCE, provenance(plain))
     except OSError as err:
         from mlx_interp.engine.cache import ArtifactError
 
@@ -107,14 +89,29 @@ def _fill_run_dir(run_dir: Path, results: dict, summary: dict) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    info = log_blas()
     log.info("run directory: %s", run_dir)
+    sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        info = log_blas()
         summary = run_experiment(cfg, run_dir)
-    except _user_errors() as err:  # bad input: one clear line, no traceback
+    except MlxInterpError as err:  # bad input: one clear line, no traceback
         log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if sweep_job:  # the other points of the sweep run on; the summary lists this one
+            return record_failure(run_dir, err)
+        sys.exit(report_error(err))
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        print(
+            "error: interrupted; completed artifacts are kept, and re-running the same command "
+            "resumes (a capture keeps its completed parts)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except Exception as err:  # a bug: under a sweep keep the other points, else the traceback
+        if not sweep_job:
+            raise
+        log.exception("job failed")
+        return record_failure(run_dir, err)
     from mlx_interp.engine.distributed import world
 
     if world().rank != 0:  # under mlx.launch: rank 0 reports for all
@@ -153,6 +150,49 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
+def record_failure(run_dir: Path, err: BaseException) -> None:
+    """Write ``failed.json`` (error type and message) into a sweep job's folder, print the
+    one line, and return: the sweep summary lists the point and sets the exit status."""
+    from mlx_interp.engine.cache import write_json_atomic
+    from mlx_interp.errors import one_line
+
+    user_error = isinstance(err, MlxInterpError)
+    if user_error:
+        report_error(err)
+    else:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run_dir / FAILED,
+        {"error": type(err).__name__, "message": one_line(err), "bad_input": user_error},
+    )
+    return None
+
+
+def provenance(cfg: dict) -> dict:
+    """What a reproduction needs besides the config: versions, BLAS, seed, model checksum."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mlx_interp.blas import ensure_fast_blas
+    from mlx_interp.models.loading import model_fingerprint
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    blas = ensure_fast_blas()
+    return {
+        "packages": {n: ver(n) for n in ("mlx-interp", "mlx", "mlx-lm", "numpy", "pyarrow")},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "blas": {"name": blas.name, "path": blas.path},
+        "seed": cfg.get("seed"),
+        "model": {"name": cfg["model"].get("name"), **model_fingerprint(cfg["model"])},
+    }
+
+
 class Preflight(Callback):
     """Hydra callback: one clear line (exit 2) for a bad command line or unwritable outputs.
 
@@ -162,18 +202,61 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         _preflight(config, config.hydra.run.dir)
+        _claim_job_dir(config, "run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _preflight(config, config.hydra.sweep.dir)
+        _claim_job_dir(config, "sweep")
+
+
+def _claim_job_dir(config: DictConfig, kind: str) -> None:
+    """Give this run (or sweep) a folder of its own, with ``~`` expanded as for artifacts.
+
+    The default, timestamped folder is claimed by an exclusive ``mkdir``: a second run started
+    in the same second gets ``<time>-1`` (then -2, ...). A folder given on the command line
+    (``hydra.run.dir=...``) that holds an earlier run (a ``.hydra`` folder; never the working
+    directory or above it) has that run moved to a sibling
+    ``<dir>.previous-<ns>``, so the reports of two runs never mix. Under ``mlx.launch`` the
+    ranks share the folder as before.
+    """
+    from omegaconf import open_dict, read_write
+
+    key = f"hydra.{kind}.dir"
+    wanted = Path(str(OmegaConf.select(config, key))).expanduser()
+    explicit = any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
+    from mlx_interp.engine.distributed import _LAUNCH_ENV
+
+    if any(name in os.environ for name in _LAUNCH_ENV):
+        folder = wanted  # under mlx.launch every rank shares one run folder (rank 0 writes it)
+    elif explicit:
+        folder = wanted
+        cwd = Path.cwd().resolve()
+        earlier_run = (folder / ".hydra").is_dir() or (folder / "multirun.yaml").is_file()
+        if earlier_run and folder.resolve() not in (cwd, *cwd.parents):
+            aside = folder.with_name(f"{folder.name}.previous-{time.time_ns()}")
+            os.replace(folder, aside)
+            log.warning("%s %s held an earlier run: moved to %s", key, folder, aside.name)
+    else:
+        folder, n = wanted, 0
+        wanted.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                folder.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                folder = wanted.with_name(f"{wanted.name}-{n}")
+    with read_write(config), open_dict(config):
+        OmegaConf.update(config, key, str(folder), merge=False)
 
 
 def _preflight(config: DictConfig, job_dir: str) -> None:
-    from mlx_interp.engine.cache import writable_problem
+    from mlx_interp.engine.cache import disk_full_problem, writable_problem
 
     problem = duplicate_overrides(list(config.hydra.overrides.task))
     problem = problem or conflicting_experiments(_experiment_list(config.hydra.overrides.task))
     for path in (config.paths.outputs, config.paths.artifacts, job_dir):
-        why = None if problem else writable_problem(path)
+        why = None if problem else writable_problem(path) or disk_full_problem(path)
         if why:
             problem = (
                 f"the outputs folder {path} {why}; make it writable or set "

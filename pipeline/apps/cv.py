@@ -5,14 +5,45 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mlx_interp.analysis.directions import DirectionError
+from mlx_interp.blas import log_blas
+from mlx_interp.engine.cache import MANIFEST
+from mlx_interp.errors import MlxInterpError, report_error
 from mlx_interp.io.control_vectors import (
     export_control_vector,
     import_control_vector,
     load_directions,
     resolve_directions_path,
 )
+
+
+def check_output_path(source: Path, out: str | Path, suffix: str) -> Path:
+    """The output path of ``mlx-interp-cv``, refused when writing it could destroy input: the
+    source file itself (also through a link), a file inside an artifact folder (one with a
+    manifest, so the cache would no longer match its content), or a wrong extension."""
+    target = Path(out).expanduser()
+    if target.suffix.lower() != suffix:
+        raise DirectionError(
+            f"the output {out} must end in {suffix} (it is read back by its extension); "
+            f"e.g. {target.with_suffix(suffix).name}"
+        )
+    if target.is_dir():
+        raise DirectionError(f"the output {out} is a folder; give a file name ending in {suffix}")
+    resolved = target.resolve()
+    if resolved == Path(source).resolve():
+        raise DirectionError(
+            f"the output {out} is the source file itself; writing it would destroy the input: "
+            f"give another name, e.g. {target.with_stem(target.stem + '_out').name}"
+        )
+    for folder in resolved.parents:
+        if (folder / MANIFEST).is_file():
+            raise DirectionError(
+                f"the output {out} is inside the artifact folder {folder}, whose manifest "
+                "proves its content; write it elsewhere, e.g. ./" + target.name
+            )
+    return target
 
 
 def _parse_layers(text: str | None) -> list[int] | None:
@@ -44,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("source")
     args = parser.parse_args(argv)
     try:
+        log_blas()  # MLX_INTERP_BLAS naming a library that does not load: one line
         if args.command == "export":
             dirset = load_directions(args.source)
+            check_output_path(resolve_directions_path(args.source), args.out, ".gguf")
             layers = _parse_layers(args.layers)
             written = export_control_vector(
                 dirset, args.out, args.alpha, args.unit, layers, args.model_hint
@@ -60,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"[--control-vector-layer-range {written[0]} {written[-1]}]"
             )
         elif args.command == "import":
-            dirset = import_control_vector(resolve_directions_path(args.source))
+            source = resolve_directions_path(args.source)
+            check_output_path(source, args.out, ".safetensors")
+            dirset = import_control_vector(source)
             dirset.save(args.out)
             print(f"wrote {args.out}: layers {dirset.layers}, method {dirset.method}")
         else:
@@ -74,9 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if dirset.meta.get(key):
                     print(f"  {key}: {dirset.meta[key]}")
             print("  layer norms: " + ", ".join(f"{k}:{norms[k]:.3g}" for k in dirset.layers))
-    except (DirectionError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (MlxInterpError, OSError) as err:
+        return report_error(err)
     return 0
 
 

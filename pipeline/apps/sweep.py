@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+FAILED = "failed.json"  # written by mlx_interp.apps.cli.record_failure into a failed job's folder
 
 
 def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
@@ -56,6 +59,11 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
                 }
             )
             row.update(_fluency_columns(r))
+        elif (job / FAILED).exists():
+            failure = json.loads((job / FAILED).read_text(encoding="utf-8"))
+            row["status"] = "failed"
+            row["error"] = failure.get("message", "")
+            row["bad_input"] = bool(failure.get("bad_input"))
         elif (job / "run.json").exists():
             row["status"] = "no report"
         else:
@@ -148,11 +156,30 @@ def write_summary(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
+def failed_jobs(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of jobs that failed (status "failed"), with their overrides and message."""
+    if table.empty or "status" not in table:
+        return table.iloc[:0]
+    return table[table["status"] == "failed"]
+
+
 class SweepSummary(Callback):
-    """Hydra callback: write the sweep summary when a multirun ends."""
+    """Hydra callback: write the sweep summary when a multirun ends; when some jobs failed,
+    list them and exit with status 2 (all bad input) or 1 (some crashed)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         table = write_summary(sweep_dir)
         log.info("sweep summary: %d jobs -> %s", len(table), sweep_dir / "summary.md")
         print(f"sweep summary: {sweep_dir / 'summary.md'}")
+        failed = failed_jobs(table)
+        if len(failed):
+            for row in failed.itertuples():
+                print(f"failed job {row.job} ({row.overrides}): {row.error}", file=sys.stderr)
+            rest = "; the others completed" if len(failed) < len(table) else ""
+            print(
+                f"error: {len(failed)} of {len(table)} sweep jobs failed (listed above and in "
+                f"{sweep_dir / 'summary.md'}){rest}",
+                file=sys.stderr,
+            )
+            sys.exit(2 if failed["bad_input"].all() else 1)

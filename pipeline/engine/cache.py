@@ -24,13 +24,23 @@ from pathlib import Path
 from typing import Any
 
 from mlx_interp.engine.distributed import Group, sharding
+from mlx_interp.engine.integrity import (
+    MANIFEST,
+    clear_unsealed,
+    file_sha256,
+    is_seal,
+    listing,
+    listing_problem,
+    remove_seals,
+)
+from mlx_interp.errors import MlxInterpError
+
+__all__ = ["MANIFEST", "Artifact", "ArtifactError", "ArtifactStore", "file_sha256", "hash_key"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"  # leading "_": Parquet readers skip it when they list a folder
 
-
-class ArtifactError(RuntimeError):
+class ArtifactError(MlxInterpError, RuntimeError):
     """An artifact could not be written or read; the message says what to do."""
 
 
@@ -42,24 +52,6 @@ def canonical_json(obj: Any) -> str:
 def hash_key(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (hex, 64 chars)."""
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _listing(folder: Path) -> dict[str, int]:
-    """Relative path -> size of every file in an artifact folder but the manifest."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(folder).as_posix()] = p.stat().st_size
-    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,6 +84,27 @@ def writable_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def disk_full_problem(path: str | os.PathLike) -> str | None:
+    """Why a small file cannot be written under ``path`` (its nearest existing folder): a disk
+    already full fails here, at start, instead of half-way through a stage."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    probe = p / f".mlx-interp-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"is on a full disk ({p}: {err.strerror}); free space there"
+        return None  # permissions and the like: writable_problem names them
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A completed artifact: where it is and what its manifest says."""
@@ -116,15 +129,22 @@ class ArtifactStore:
         return self.root / stage / f"{key}.partial"
 
     def read_manifest(self, stage: str, key: str) -> dict | None:
-        """The manifest of a complete, untouched artifact, else None."""
+        """The manifest of a complete artifact whose every file matches its checksum, else
+        None (the caller then moves the folder aside and recomputes it)."""
         folder = self.path(stage, key)
+        if not folder.is_dir():
+            return None
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            log.warning("artifact %s/%s has no readable manifest", stage, key[:12])
             return None
         if manifest.get("key") != key or manifest.get("stage") != stage:
+            log.warning("artifact %s/%s: its manifest names another artifact", stage, key[:12])
             return None
-        if manifest.get("files") != _listing(folder):
+        problem = listing_problem(folder, manifest.get("files"))
+        if problem:
+            log.warning("artifact %s/%s fails its content check: %s", stage, key[:12], problem)
             return None
         return manifest
 
@@ -188,7 +208,7 @@ class ArtifactStore:
             found = self.get(stage, key)  # another job may have finished it meanwhile
             if found is not None:
                 return found
-            partial = self._prepare(stage, key)
+            partial = self._prepare(stage, key, resumable)
             started = time.time()
             with self._write_errors(stage, key, partial, resumable):
                 summary = compute(partial) or {}
@@ -218,7 +238,7 @@ class ArtifactStore:
                     held.enter_context(self.lock(stage, key))
                     ready = int(self.get(stage, key) is not None)
                     if not ready:
-                        self._prepare(stage, key)
+                        self._prepare(stage, key, resumable=True)
                 except Exception as err:  # the other ranks are waiting at the vote below
                     failure = err
             state = group.vote(2 * (failure is not None) + ready)
@@ -266,17 +286,30 @@ class ArtifactStore:
             )
         return found
 
-    def _prepare(self, stage: str, key: str) -> Path:
-        """Set aside an invalid final folder; return the (possibly resumed) partial folder."""
+    def _prepare(self, stage: str, key: str, resumable: bool = False) -> Path:
+        """Set aside an invalid final folder; return the partial folder, holding only the
+        sealed, intact parts of an earlier attempt (``resumable``) or nothing: every other
+        file there is moved into ``<key>.junk-<time>`` so it is never sealed."""
         final = self.path(stage, key)
         if final.exists():  # edited by hand or corrupt: keep it aside, never trust it
-            aside = final.with_name(f"{key}.invalid-{int(time.time())}")
+            aside = final.with_name(f"{key}.invalid-{time.time_ns()}")
             log.warning(
                 "artifact %s/%s fails its manifest check; moved to %s", stage, key, aside.name
             )
             os.replace(final, aside)
         partial = self.partial_path(stage, key)
         partial.mkdir(parents=True, exist_ok=True)
+        moved = clear_unsealed(partial, keep_sealed=resumable)
+        if moved:
+            log.warning(
+                "%s/%s.partial held %d file(s) no completed attempt vouches for (%s); moved "
+                "aside to %s.junk-*",
+                stage,
+                key[:12],
+                len(moved),
+                ", ".join(moved[:3]),
+                key[:12],
+            )
         return partial
 
     def _finalize(
@@ -290,8 +323,9 @@ class ArtifactStore:
             "seconds": round(time.time() - started, 3),
             "summary": summary,
             "record": record or {},
-            "files": _listing(partial),
+            "files": listing(partial, use_seals=True),
         }
+        remove_seals(partial)
         write_json_atomic(partial / MANIFEST, manifest)
         final = self.path(stage, key)
         os.replace(partial, final)
@@ -313,7 +347,7 @@ class ArtifactStore:
                 ) from err
             if resumable:
                 for tmp in partial.rglob(".*"):
-                    if tmp.is_file():
+                    if tmp.is_file() and not is_seal(tmp):
                         tmp.unlink(missing_ok=True)
                 kept = "its completed part files are kept, so re-running resumes"
             else:

@@ -18,18 +18,18 @@ from typing import Any
 
 from mlx_interp.engine.cache import Artifact, ArtifactStore, hash_key
 from mlx_interp.engine.distributed import Group
+from mlx_interp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 StageFn = Callable[[dict, dict[str, Path], Path], dict | None]
 
 
-class PipelineError(ValueError):
+class PipelineError(ConfigError):
     """The stage graph or its config is wrong; raised before any stage runs."""
 
 
-class ConfigError(PipelineError):
-    """A stage found a bad value in its own config slice; the message names the key and fix."""
+__all__ = ["ConfigError", "PipelineError", "Stage", "StageResult", "run_stages", "stage_keys"]
 
 
 @dataclass(frozen=True)

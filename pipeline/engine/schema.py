@@ -12,6 +12,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")  # where model weights come from
+
 
 @dataclass
 class TinyModelConfig:

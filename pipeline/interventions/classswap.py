@@ -16,6 +16,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.errors import MlxInterpError
+
 __all__ = [
     "LayerIndexError",
     "Recorder",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class LayerIndexError(IndexError):
+class LayerIndexError(MlxInterpError, IndexError):
     """A requested layer index is outside ``-n_layers..n_layers - 1``."""
 
 

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.errors import ConfigError
+
 __all__ = [
     "MODES",
     "AblateAllLayersMode",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class SteeringError(ValueError):
+class SteeringError(ConfigError):
     """A steering request that cannot be applied (bad vector, alpha, width or mode)."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.errors import ConfigError
 from mlx_interp.interventions.capture import POSITIONS, padded_batch, reduce_positions
 from mlx_interp.interventions.classswap import (
     Recorder,
@@ -86,7 +87,7 @@ _EXAMPLES = (
 )
 
 
-class SiteError(ValueError):
+class SiteError(ConfigError):
     """A site name that does not parse, or a site this model's layers do not have."""
 
 

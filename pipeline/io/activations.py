@@ -14,7 +14,9 @@ writes at ~0.1-0.3x (float32) and ~0.04-0.1x (float16) of np.save; raw bytes wri
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 from mlx_interp.analysis.directions import DirectionError
 from mlx_interp.analysis.probes import ProbeError
 from mlx_interp.engine.dag import ConfigError
+from mlx_interp.engine.integrity import seal
 from mlx_interp.interventions.sites import parse_site
 
 
@@ -106,22 +109,33 @@ def decode_vectors(table: pa.Table) -> pa.Table:
     return table.set_column(index, pa.field("vector", vectors.type), vectors)
 
 
-def write_part(table: pa.Table, path: Path) -> None:
-    """Write a Parquet part through a temporary name, then rename (complete or absent).
+def write_part(table: pa.Table, path: Path) -> float:
+    """Write a Parquet part through a temporary name, then rename (complete or absent), and
+    seal it with its sha256 (hashed from memory: no second read). Returns the seconds spent
+    hashing (``make bench`` reports their share of the capture stage).
 
     Options measured by ``make bench`` (bench/run.py parquet): no compression (activations
     barely compress), dictionary only for prompt_id, no statistics for the vector bytes."""
     tmp = path.with_name(f".{path.name}.tmp")
+    sink = pa.BufferOutputStream()
     pq.write_table(
         table,
-        tmp,
+        sink,
         compression="none",
         use_dictionary=["prompt_id"],
         write_statistics=["prompt_id", "layer", "position"],
     )
-    with open(tmp, "rb+") as f:
+    data = sink.getvalue()
+    hashing = time.perf_counter()
+    digest = hashlib.sha256(memoryview(data)).hexdigest()
+    hashing = time.perf_counter() - hashing
+    with open(tmp, "wb") as f:
+        f.write(memoryview(data))
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    seal(path, digest)  # a later attempt keeps this part only while its bytes match
+    return hashing
 
 
 def site_table(ids: list[str], got: dict, positions: str, lengths: list[int], dtype) -> pa.Table:

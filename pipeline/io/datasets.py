@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlx_interp.errors import DataError
 from mlx_interp.resources import DATA_ROOT
 
 REQUIRED = ("id", "text", "condition")
@@ -19,7 +20,7 @@ OPTIONAL = ("answer", "label", "split")
 PROJECT_ROOT = DATA_ROOT  # holds datasets/: the repository, or the installed package
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """A dataset file is missing or malformed; the message names the file and the line."""
 
 
@@ -36,33 +37,76 @@ def resolve_dataset_path(path: str) -> Path:
     )
 
 
-def read_jsonl(path: Path) -> pd.DataFrame:
-    """Rows of a dataset file as a DataFrame with columns id, text, condition, answer, ..., meta."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """object_pairs_hook for json.loads: a key given twice is an error, not last-wins."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DatasetError(f"the key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def _decoded_lines(path: Path):
+    """(line number, text) of a UTF-8 file; other encodings are an error naming the line."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DatasetError(
+                f"{path}: the file is UTF-16 (byte-order mark); save it as UTF-8, e.g. "
+                f"iconv -f UTF-16 -t UTF-8 {path.name} > fixed.jsonl"
+            )
+        f.seek(3 if head[:3] == b"\xef\xbb\xbf" else 0)  # a UTF-8 byte-order mark is fine
+        for lineno, raw in enumerate(f, start=1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{path}, line {lineno}: expected a JSON object")
-            missing = [k for k in REQUIRED if not isinstance(obj.get(k), str) or not obj[k]]
-            if missing:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
                 raise DatasetError(
-                    f"{path}, line {lineno}: missing or empty string field(s) {missing}; "
-                    f"every line needs {list(REQUIRED)}"
-                )
-            split = obj.get("split")
-            if split is not None and split not in ("train", "test"):
-                raise DatasetError(f"{path}, line {lineno}: split must be train or test")
-            row = {k: obj.get(k) for k in REQUIRED + OPTIONAL}
-            extra = {k: v for k, v in obj.items() if k not in REQUIRED + OPTIONAL}
-            row["meta"] = json.dumps(extra, sort_keys=True, ensure_ascii=False)
-            row["_line"] = lineno
-            rows.append(row)
+                    f"{path}, line {lineno}: byte {raw[err.start : err.start + 1]!r} at column "
+                    f"{err.start + 1} is not UTF-8; save the file as UTF-8"
+                ) from err
+
+
+def _check_label(path: Path, lineno: int, label: object) -> None:
+    if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+        raise DatasetError(
+            f"{path}, line {lineno}: label must be an integer (e.g. 1), not {label!r}; or leave "
+            "it out to number the conditions in concept.conditions order"
+        )
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """Rows of a dataset file as a DataFrame with columns id, text, condition, answer, ..., meta.
+
+    Strict: duplicate keys, non-UTF-8 bytes, blank ids/texts/conditions, non-integer labels
+    and a condition whose rows disagree on their label are errors naming the file and line."""
+    rows = []
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from err
+        except DatasetError as err:
+            raise DatasetError(f"{path}, line {lineno}: {err}; keep one") from err
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{path}, line {lineno}: expected a JSON object")
+        missing = [k for k in REQUIRED if not isinstance(obj.get(k), str) or not obj[k].strip()]
+        if missing:
+            raise DatasetError(
+                f"{path}, line {lineno}: missing, empty or blank string field(s) {missing}; "
+                f"every line needs {list(REQUIRED)}"
+            )
+        split = obj.get("split")
+        if split is not None and split not in ("train", "test"):
+            raise DatasetError(f"{path}, line {lineno}: split must be train or test")
+        _check_label(path, lineno, obj.get("label"))
+        row = {k: obj.get(k) for k in REQUIRED + OPTIONAL}
+        extra = {k: v for k, v in obj.items() if k not in REQUIRED + OPTIONAL}
+        row["meta"] = json.dumps(extra, sort_keys=True, ensure_ascii=False)
+        row["_line"] = lineno
+        rows.append(row)
     if not rows:
         raise DatasetError(f"{path}: the file has no rows")
     df = pd.DataFrame(rows)
@@ -71,4 +115,19 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         first = dup.iloc[0]
         lines = df.loc[df["id"] == first, "_line"].tolist()
         raise DatasetError(f"{path}: id {first!r} appears more than once (lines {lines})")
+    check_labels_agree(df, path)
     return df.drop(columns="_line")
+
+
+def check_labels_agree(df: pd.DataFrame, path: Path) -> None:
+    """Every row of one condition carries the same label, or none of them does."""
+    for cond, group in df.groupby("condition", sort=True):
+        missing = group["label"].isna()
+        given = sorted({int(x) for x in group["label"][~missing]})
+        if len(given) > 1 or (given and missing.any()):
+            lines = group["_line"].tolist()[:4]
+            raise DatasetError(
+                f"{path}: the rows of condition {cond!r} disagree on their label ({given}"
+                f"{', some have none' if missing.any() else ''}; lines {lines}...); give every "
+                "row of a condition the same label, or leave labels out"
+            )

@@ -19,10 +19,12 @@ from mlx_lm.tokenizer_utils import (
 )
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from mlx_interp.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 
-class GGUFError(ValueError):
+class GGUFError(DataError):
     """A GGUF file is missing, unreadable or describes a model we cannot build."""
 
 

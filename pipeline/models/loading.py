@@ -17,13 +17,13 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlx_interp.engine.cache import file_sha256, hash_key
+from mlx_interp.engine.schema import SOURCES
+from mlx_interp.errors import MlxInterpError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")
 
-
-class ModelLoadError(ValueError):
+class ModelLoadError(MlxInterpError, ValueError):
     """The model a config names cannot be loaded; the message says how to fix it."""
 
 
@@ -176,6 +176,7 @@ def _tiny(cfg: dict):
         rms_norm_eps=1e-5,
         vocab_size=len(meta["tokenizer.ggml.tokens"]),
         tie_word_embeddings=True,
+        max_position_embeddings=int(meta.get("llama.context_length", 8192)),  # a known limit
     )
     mx.random.seed(int(tiny.get("seed", 0)))
     model = llama.Model(args)

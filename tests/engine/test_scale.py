@@ -361,8 +361,10 @@ def test_disk_full_mid_capture_keeps_parts_and_the_rerun_resumes(tmp_path, monke
     with pytest.raises(ArtifactError, match="disk full while writing artifact capture/"):
         run_experiment(compose_config(overrides), tmp_path / "r1")
     partial = next((tmp_path / "outputs" / "artifacts" / "capture").glob("*.partial"))
-    parts = sorted(p.name for p in (partial / "activations").iterdir())
+    names = sorted(p.name for p in (partial / "activations").iterdir())
+    parts = [n for n in names if not n.endswith(".sha256")]
     assert parts == ["part-00000.parquet", "part-00001.parquet"]  # no temporary file left
+    assert [n for n in names if n.endswith(".sha256")] == [f".{n}.sha256" for n in parts]
     keys = _keys(["capture"], overrides)
     assert ArtifactStore(tmp_path / "outputs" / "artifacts").get("prompts", keys["prompts"])
 

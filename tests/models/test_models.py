@@ -105,7 +105,18 @@ def test_blas_selection():
     ref = _blas_in_subprocess({"MLX_INTERP_BLAS": "none"})
     assert ref.stdout.strip() == "reference"
     bad = _blas_in_subprocess({"MLX_INTERP_BLAS": "/nonexistent/libblas.so"})
-    assert bad.returncode != 0 and "pip install mkl" in bad.stderr
+    assert bad.returncode == 0 and bad.stdout.strip() == "unusable"  # importing never crashes
+    entry = subprocess.run(  # an entry point turns it into one error line, exit 2
+        [sys.executable, "-m", "mlx_interp.apps.chat", "--model", "tiny_random"],
+        env={**os.environ, "MLX_INTERP_BLAS": "/nonexistent/libblas.so"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert entry.returncode == 2 and "Traceback" not in entry.stderr, entry.stderr[-2000:]
+    assert "MLX_INTERP_BLAS='/nonexistent/libblas.so' does not load" in entry.stderr
+    assert "pip install mkl" in entry.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS loading is Linux only")

@@ -1,0 +1,203 @@
+"""``mlx-interp-reproduce RUN_DIR``: re-run a run folder's saved config and compare the results.
+
+A run folder (``outputs/runs/<date>/<time>``, or one a colleague sent) holds the composed
+config Hydra saved (``.hydra/config.yaml``), ``run.json`` (every stage's artifact key and
+path) and ``provenance.json`` (package, MLX and Python versions, BLAS, seed, model file
+checksum). This tool runs that config again, in a fresh artifact store (default) or reusing
+the cache (``--reuse-cache``), into a new run folder, then compares every artifact key, every
+artifact file's sha256 (from the manifests) and every number of the reports' JSON files. It
+prints ``identical`` (exit 0) or each difference (exit 1); bad input is one ``error:`` line
+(exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
+from mlx_interp.apps.cli import PROVENANCE
+from mlx_interp.engine.integrity import listing_problem
+from mlx_interp.errors import MlxInterpError, report_error
+
+
+class ReproduceError(MlxInterpError, ValueError):
+    """The folder is not a run folder this tool can re-run."""
+
+
+def numbers_differ(a: Any, b: Any, path: str = "", out: list | None = None) -> list[str]:
+    """Where two JSON values differ: every number compared exactly (NaN equals NaN)."""
+    out = [] if out is None else out
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                out.append(f"{where}: only in {'the original' if key in a else 'the re-run'}")
+            else:
+                numbers_differ(a[key], b[key], where, out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            numbers_differ(x, y, f"{path}[{i}]", out)
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        pass
+    elif a != b:
+        out.append(f"{path}: {a!r} (original) vs {b!r} (re-run)")
+    return out
+
+
+def _manifest_files(run_dir: Path, stage: str, record: dict) -> dict | None:
+    """The file checksums of a run's artifact: through its link, else its recorded path."""
+    for folder in (run_dir / "artifacts" / stage, Path(record.get("path", ""))):
+        manifest = folder / "_manifest.json"
+        if manifest.is_file():
+            return json.loads(manifest.read_text(encoding="utf-8")).get("files")
+    return None
+
+
+def _artifact_dir(run_dir: Path, stage: str, record: dict) -> Path:
+    link = run_dir / "artifacts" / stage
+    return link if link.exists() else Path(record.get("path", ""))
+
+
+def same_safetensors(a: Path, b: Path) -> bool:
+    """Equal tensors and metadata: safetensors writes its header's keys in hash-map order, so
+    two writes of one content can differ in bytes."""
+    import numpy as np
+    from safetensors import safe_open
+
+    def content(path: Path):
+        with safe_open(str(path), framework="numpy") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    try:
+        (meta_a, ta), (meta_b, tb) = content(a), content(b)
+    except Exception:  # unreadable: not the same
+        return False
+    return (
+        meta_a == meta_b
+        and ta.keys() == tb.keys()
+        and all(ta[k].dtype == tb[k].dtype and np.array_equal(ta[k], tb[k]) for k in ta)
+    )
+
+
+def compare_runs(original: Path, rerun: Path) -> list[str]:
+    """Differences between two run folders: keys, artifact file checksums, report numbers."""
+    diffs: list[str] = []
+    runs = [json.loads((d / "run.json").read_text(encoding="utf-8")) for d in (original, rerun)]
+    for stage in sorted(set(runs[0]) | set(runs[1])):
+        a, b = runs[0].get(stage), runs[1].get(stage)
+        if a is None or b is None:
+            diffs.append(f"stage {stage}: only in {'the original' if b is None else 'the re-run'}")
+            continue
+        if a["key"] != b["key"]:
+            diffs.append(f"stage {stage}: artifact key {a['key'][:12]} vs {b['key'][:12]}")
+        files = _manifest_files(original, stage, a), _manifest_files(rerun, stage, b)
+        if files[0] is None:
+            diffs.append(f"stage {stage}: the original artifact is gone; its files not compared")
+            continue
+        for name, run, rec, listed in (
+            ("original", original, a, files[0]),
+            ("re-run", rerun, b, files[1]),
+        ):
+            problem = listing_problem(_artifact_dir(run, stage, rec), listed)
+            if problem:
+                diffs.append(f"stage {stage}: the {name}'s artifact fails its checksums: {problem}")
+        for rel in sorted(set(files[0]) | set(files[1] or {})):
+            x, y = files[0].get(rel), (files[1] or {}).get(rel)
+            if x is not None and y is not None and x.get("sha256") == y.get("sha256"):
+                continue
+            if x is not None and y is not None and rel.endswith(".safetensors"):
+                pair = (_artifact_dir(d, stage, r) / rel for d, r in ((original, a), (rerun, b)))
+                if same_safetensors(*pair):
+                    continue
+            diffs.append(f"stage {stage}: {rel} differs (sha256)")
+    for report in sorted(original.glob("*.json")):
+        if report.name in ("run.json", PROVENANCE):
+            continue
+        other = rerun / report.name
+        if not other.is_file():
+            diffs.append(f"{report.name}: missing in the re-run")
+            continue
+        for d in numbers_differ(
+            *(json.loads(p.read_text(encoding="utf-8")) for p in (report, other))
+        ):
+            diffs.append(f"{report.name}: {d}")
+    return diffs
+
+
+def environment_notes(original: Path, rerun: Path) -> list[str]:
+    """Provenance entries that differ (versions, BLAS): context for differences, not ones."""
+    paths = [d / PROVENANCE for d in (original, rerun)]
+    if not all(p.is_file() for p in paths):
+        return ["the original run has no provenance.json (made by an older version)"]
+    a, b = (json.loads(p.read_text(encoding="utf-8")) for p in paths)
+    return numbers_differ(
+        {k: v for k, v in a.items() if k != "platform"},
+        {k: v for k, v in b.items() if k != "platform"},
+    )
+
+
+def reproduce(run_dir: Path, out: Path, reuse_cache: bool) -> tuple[list[str], list[str]]:
+    """Re-run ``run_dir``'s config into ``out``; (differences, environment notes)."""
+    from omegaconf import OmegaConf
+
+    from mlx_interp.apps.cli import run_experiment
+    from mlx_interp.engine.schema import register_configs
+
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file() or not (run_dir / "run.json").is_file():
+        raise ReproduceError(
+            f"{run_dir} is not a complete run folder (needs .hydra/config.yaml and run.json); "
+            "give the folder `mlx-interp` printed as 'run directory:'"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise ReproduceError(f"--out {out} is not empty; give a new folder")
+    register_configs()
+    cfg = OmegaConf.load(saved)
+    if not reuse_cache:
+        OmegaConf.update(cfg, "paths.artifacts", str(out / "artifacts_store"), merge=False)
+    out.mkdir(parents=True, exist_ok=True)
+    run_experiment(cfg, out)
+    return compare_runs(run_dir, out), environment_notes(run_dir, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlx-interp-reproduce",
+        description="Re-run a run folder's saved config; print 'identical' or the differences.",
+    )
+    parser.add_argument("run_dir", help="a run folder (outputs/runs/<date>/<time>)")
+    parser.add_argument("--out", help="new run folder (default: <run_dir>.reproduce-<time>)")
+    parser.add_argument(
+        "--reuse-cache", action="store_true", help="use the run's artifact store (default: fresh)"
+    )
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    out = Path(args.out).expanduser() if args.out else None
+    out = out or run_dir.with_name(f"{run_dir.name}.reproduce-{time.strftime('%H-%M-%S')}")
+    try:
+        from mlx_interp.blas import log_blas
+
+        log_blas()
+        diffs, notes = reproduce(run_dir, out.resolve(), args.reuse_cache)
+    except MlxInterpError as err:
+        return report_error(err)
+    for note in notes:
+        print(f"note: environment differs: {note}")
+    if diffs:
+        for d in diffs:
+            print(f"differs: {d}")
+        print(f"{len(diffs)} difference(s) between {run_dir} and {out}")
+        return 1
+    print(f"identical: {out} reproduces {run_dir} (every artifact checksum and report number)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
