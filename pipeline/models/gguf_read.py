@@ -75,7 +75,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     except Exception as err:  # the reader raises ValueError/IndexError/struct.error on damage
         raise GGUFError(
             f"{path} is not a readable GGUF file (truncated or corrupt?): {err}; check the "
-            "path, or download / copy the file again"
+            "path, or download the file again"
         ) from err
     metadata = {name: _field_value(field) for name, field in reader.fields.items()}
     tensors = {}
