@@ -1,7 +1,17 @@
 """The stages of the DAG and what each reads; ``STAGES`` is the registry the runner uses."""
 
 from pipeline.dag import Stage
-from stages import capture, contamination, directions, probe_report, probes, prompts, report, steer
+from stages import (
+    capture,
+    contamination,
+    directions,
+    localize,
+    probe_report,
+    probes,
+    prompts,
+    report,
+    steer,
+)
 
 STAGES: dict[str, Stage] = {
     "prompts": Stage(
@@ -24,9 +34,10 @@ STAGES: dict[str, Stage] = {
     "directions": Stage(
         name="directions",
         run=directions.run,
-        reads=("directions", "seed"),
+        reads=("directions", "seed", "model"),
         needs=("prompts", "capture"),
         version=directions.VERSION,
+        fingerprint=directions.fingerprint,
     ),
     "baseline": Stage(
         name="baseline",
@@ -78,5 +89,21 @@ STAGES: dict[str, Stage] = {
         reads=("model", "report"),
         needs=("contamination",),
         version=probe_report.VERSION,
+    ),
+    "logit_lens": Stage(
+        name="logit_lens",
+        run=localize.run_logit_lens,
+        reads=("model", "score"),
+        needs=("prompts",),
+        version=localize.VERSION,
+        fingerprint=localize.fingerprint,
+    ),
+    "patching": Stage(
+        name="patching",
+        run=localize.run_patching,
+        reads=("model", "score", "localize"),
+        needs=("prompts",),
+        version=localize.VERSION,
+        fingerprint=localize.fingerprint,
     ),
 }

@@ -16,8 +16,10 @@ def render_markdown(r: dict) -> str:
         f"# Colour swap by steering: {r['model']}",
         "",
         f"Direction: {r['direction']['method']} of {r['direction']['contrast'][0]} minus "
-        f"{r['direction']['contrast'][1]} (last-token residual stream, "
-        f"{r['direction']['n_pos']} + {r['direction']['n_neg']} questions). "
+        f"{r['direction']['contrast'][1]} ("
+        f"{r['direction'].get('measured_at', 'residual after each layer at the last token')}, "
+        f"{r['direction']['n_pos']} + {r['direction']['n_neg']} rows, fitted on split "
+        f"`{r['direction'].get('fit_split', 'all')}`). "
         f"Steering: mode {st['mode']}, layer(s) {st['layers']}, alpha {st['alpha']}, "
         f"positions {st.get('positions', 'all')}, "
         f"scorer `{st['scorer']}`, {st['n_random']} random directions of equal norm.",
@@ -38,6 +40,13 @@ def render_markdown(r: dict) -> str:
         f"questions answered right unsteered (by `{un['right_by']}`).",
         "",
         "## Result",
+        "",
+        f"Questions counted: split `{r.get('evaluated_on', 'all')}`"
+        + (
+            " (held out: not used to fit the direction or choose the setting)."
+            if r.get("evaluated_on") == "test"
+            else "."
+        ),
         "",
         "| measure | this run | original study (Qwen2.5-7B-4bit) |",
         "| --- | --- | --- |",
@@ -95,6 +104,7 @@ def render_markdown(r: dict) -> str:
             f"{_pct(long['steered']['loop'])} ({_pct(un['loop']) if un.get('n') else 'n/a'}) | |"
         )
     lines += _fluency_lines(r)
+    lines += _held_out_lines(r)
     lines += [
         "",
         "## Examples (greedy, steered)",
@@ -130,6 +140,46 @@ def render_markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _held_out_lines(r: dict) -> list[str]:
+    """Held-out (test) numbers beside the in-sample (train) ones."""
+    ins = r.get("in_sample")
+    if not ins:
+        return []
+    rb = r["random_baseline"]["answered_right"]["random_mean"]
+    lines = [
+        "",
+        "## Held out beside in-sample",
+        "",
+        "| measure | held out (test) | in-sample (train: fitted and chosen on) |",
+        "| --- | --- | --- |",
+        f"| bidirectional swap | {_num(r['bidirectional_swap'], True)} | "
+        f"{_num(ins['bidirectional_swap'], True)} |",
+    ]
+    for cond, c in r["unsteered"]["per_class"].items():
+        got = ins["per_class"].get(cond, {"n": 0})
+        lines.append(
+            f"| {cond} -> {c['target']} (answered right) | {_pct(c['swap_answered_right'])} | "
+            f"{_pct(got)} |"
+        )
+    lines.append(
+        f"| random directions (mean) | {_num(rb, True)} | {_num(ins['random_mean'], True)} |"
+    )
+    for key, name in (
+        ("logit_top_became_target_word", "control bleed (top token became a swap colour)"),
+        ("generate_bleed", "control bleed (greedy answer names a swap colour)"),
+    ):
+        if key in r["controls"]:
+            other = ins["controls"].get(key, {"n": 0})
+            lines.append(f"| {name} | {_pct(r['controls'][key])} | {_pct(other)} |")
+    long = (r.get("fluency") or {}).get("long", {}).get("steered", {})
+    if long.get("n"):
+        lines.append(
+            f"| loop rate of open-ended answers | {_pct(long['loop'])} | "
+            f"{_pct(ins['loop']) if ins.get('loop') else 'n/a'} |"
+        )
+    return lines
 
 
 def _num(value: float, pct: bool = False) -> str:

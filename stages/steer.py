@@ -30,6 +30,7 @@ from pipeline.capture import resolve_layers
 from pipeline.directions import DirectionSet
 from pipeline.fluency import FluencyError, FluencySpec, fluency
 from pipeline.models import load_model, model_fingerprint
+from pipeline.positions import object_spans
 from pipeline.scoring import (
     UNSTEERED,
     GenerateScorer,
@@ -44,7 +45,7 @@ from stages.prompts import render
 
 log = logging.getLogger(__name__)
 
-VERSION = "3"
+VERSION = "4"  # 4: positions last/object, split column
 
 
 def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -71,7 +72,10 @@ def _score(scorer, lm, df: pd.DataFrame, score: dict, steering: Steering, pad: i
     original = [c if c in score["swap"] else words_of(score)[0] for c in df["condition"]]
     target = [score["swap"].get(c, words_of(score)[-1]) for c in df["condition"]]
     tokens = [list(map(int, t)) for t in df["tokens"]]
-    return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad)
+    spans = None
+    if steering.edits and steering.positions == "object":
+        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist())
+    return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad, spans=spans)
 
 
 def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> pd.DataFrame:
@@ -80,6 +84,7 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     out.insert(1, "condition", df["condition"].to_numpy())
     out.insert(2, "direction", direction)
     out.insert(3, "scorer", kind)
+    out.insert(4, "split", df["split"].to_numpy() if "split" in df else "train")
     return out
 
 
