@@ -106,4 +106,11 @@ STAGES: dict[str, Stage] = {
         version=localize.VERSION,
         fingerprint=localize.fingerprint,
     ),
+    "localization_report": Stage(
+        name="localization_report",
+        run=localize.run_report,
+        reads=("model", "report"),
+        needs=("logit_lens", "patching", "steer", "report"),
+        version=localize.VERSION,
+    ),
 }

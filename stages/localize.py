@@ -10,6 +10,10 @@ paired with corrupted ones (``localize.corrupt``) of the same template (the text
 object replaced) and token count; per (layer, role) the share of the clean-minus-corrupted
 logit difference recovered by patching the clean residual in (pipeline/patching.py). Writes
 patching.parquet (layer, role, recovery) and pairs.json.
+
+localization_report (reads model, report; needs logit_lens, patching, steer, report):
+localization.md/json and the two heatmaps, with the patching ceiling at the steered site
+beside the steering result; its files go into the run directory next to report.md.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from pipeline.models import load_model, model_fingerprint
 from pipeline.patching import patching_recovery
 from pipeline.positions import ROLES, object_spans
 from pipeline.scoring import word_token_ids
+from stages.report_plots import plot_lens, plot_patching
+from stages.report_text import render_localization
 
 VERSION = "1"
+ROLE_OF_POSITIONS = {"object": "object", "last": "last", "suffix": "all", "all": "all"}
 
 
 def fingerprint(cfg: dict) -> dict:
@@ -145,6 +152,8 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
     )
     table.to_parquet(out / "patching.parquet", index=False)
     info = {
+        "clean": loc["clean"],
+        "corrupt": loc["corrupt"],
         "pairs": [
             [prompts["prompt_id"].iloc[pairs[i][0]], prompts["prompt_id"].iloc[pairs[i][1]]]
             for i in keep
@@ -165,3 +174,69 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
             "recovery": float(rec[best]),
         },
     }
+
+
+def localization(lens: pd.DataFrame, patching: pd.DataFrame, pairs: dict, steer_info) -> dict:
+    """Logit lens and patching summaries, and the patching ceiling at the steered site."""
+    by_role = lens.groupby(["role", "layer"])["logit_diff"].mean()
+    lens_out = {}
+    for role in dict.fromkeys(lens["role"]):
+        series = by_role[role].dropna()
+        if series.empty:
+            continue
+        positive = series[series > 0]
+        lens_out[role] = {
+            "final_layer_mean": float(series.iloc[-1]),
+            "max_layer": int(series.idxmax()),
+            "max_mean": float(series.max()),
+            "first_positive_layer": int(positive.index[0]) if len(positive) else None,
+        }
+    single = patching[patching["role"] != "all"].dropna(subset=["recovery"])
+    best = single.loc[single["recovery"].idxmax()] if len(single) else None
+    role = ROLE_OF_POSITIONS.get(steer_info.get("positions", "all"), "all")
+    at = patching[patching["layer"].isin(steer_info["layers"]) & (patching["role"] == role)]
+    return {
+        "lens": lens_out,
+        "patching": {
+            "n_pairs": len(pairs["pairs"]),
+            "ld_clean_mean": pairs["ld_clean_mean"],
+            "ld_corrupt_mean": pairs["ld_corrupt_mean"],
+            "best_site": None
+            if best is None
+            else {
+                "layer": int(best["layer"]),
+                "role": best["role"],
+                "recovery": float(best["recovery"]),
+            },
+            "steered_site": {
+                "layers": steer_info["layers"],
+                "role": role,
+                "recovery": float(at["recovery"].max()) if len(at) else None,
+            },
+        },
+    }
+
+
+def run_report(cfg: dict, inputs: dict, out: Path) -> dict:
+    """Stage entry: localization.md/json and the lens and patching heatmaps."""
+    lens = pd.read_parquet(inputs["logit_lens"] / "lens.parquet")
+    patching = pd.read_parquet(inputs["patching"] / "patching.parquet")
+    pairs = json.loads((inputs["patching"] / "pairs.json").read_text())
+    steer_info = json.loads((inputs["steer"] / "steer.json").read_text())
+    report = json.loads((inputs["report"] / "report.json").read_text())
+    result = {
+        "model": cfg["model"]["name"],
+        "localization": localization(lens, patching, pairs, steer_info),
+        "bidirectional_swap": report["bidirectional_swap"],
+        "evaluated_on": report.get("evaluated_on", "all"),
+        "plots": [],
+    }
+    if cfg["report"]["plots"]:
+        title = f"patching {len(pairs['pairs'])} {pairs['clean']} -> {pairs['corrupt']} pairs"
+        result["plots"] = [
+            plot_lens(lens, out / "logit_lens.png").name,
+            plot_patching(patching, title, out / "patching.png").name,
+        ]
+    (out / "localization.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "localization.md").write_text(render_localization(result), encoding="utf-8")
+    return {"best_site": result["localization"]["patching"]["best_site"]}

@@ -19,7 +19,7 @@ from pipeline.stats import SwapStats, binomial_test, mean_sd
 from stages.report_plots import plot_layers, plot_random_baseline
 from stages.report_text import render_markdown
 
-VERSION = "3"
+VERSION = "4"  # 4: held-out split beside in-sample
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "model": "Qwen2.5-7B-Instruct-4bit",
     "swap": "102/112 (91.1%)",

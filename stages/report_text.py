@@ -182,6 +182,54 @@ def _held_out_lines(r: dict) -> list[str]:
     return lines
 
 
+def render_localization(r: dict) -> str:
+    """localization.md: logit lens and patching, and the single-site ceiling."""
+    loc = r["localization"]
+    lines = [
+        f"# Where the colour is decided: {r['model']}",
+        "",
+        "Logit lens: each layer's residual through the final norm and unembedding; the logit "
+        "of the question's own colour minus the other's, mean over the questions (positive: "
+        "the right colour leads). Roles: the object's last token, the tokens after it, the last "
+        "token.",
+        "",
+        "| role | at the last layer | largest (layer) | first layer > 0 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for role, v in loc["lens"].items():
+        lines.append(
+            f"| {role} | {v['final_layer_mean']:.2f} | {v['max_mean']:.2f} ({v['max_layer']}) | "
+            f"{v['first_positive_layer']} |"
+        )
+    p = loc["patching"]
+    best, steered = p["best_site"], p["steered_site"]
+    lines += [
+        "",
+        f"Activation patching: {p['n_pairs']} clean/corrupted pairs of one template (logit "
+        f"difference clean {p['ld_clean_mean']:.2f}, corrupted {p['ld_corrupt_mean']:.2f}); the "
+        "clean residual after one layer at one role patched into the corrupted run.",
+        "",
+        "| site | share of the logit difference recovered |",
+        "| --- | --- |",
+    ]
+    if best:
+        lines.append(
+            f"| best single role: layer {best['layer']}, {best['role']} | "
+            f"{_num(best['recovery'], True)} |"
+        )
+    if steered["recovery"] is not None:
+        lines.append(
+            f"| the steered site: layer(s) {steered['layers']}, {steered['role']} (ceiling of "
+            f"an edit there) | {_num(steered['recovery'], True)} |"
+        )
+    lines.append(
+        f"| steering there (bidirectional swap, split `{r['evaluated_on']}`) | "
+        f"{_num(r['bidirectional_swap'], True)} |"
+    )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r.get("plots", [])] + [""]
+    return "\n".join(lines)
+
+
 def _num(value: float, pct: bool = False) -> str:
     if value is None or value != value:
         return "n/a"

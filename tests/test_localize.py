@@ -3,8 +3,11 @@ computations (full forwards without caches, masks written out by hand)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.capture import capture_layers
@@ -145,3 +148,55 @@ def test_patching_every_position_recovers_all_and_late_object_patches_nothing():
     assert rec[-1, PATCH_ROLES.index("last")] == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(PatchingError, match="equal token count"):
         patching_recovery(model, [clean[0]], [corrupt[0] + [7]], spans[:1], [[1]], [[2]])
+
+
+def test_localization_report_end_to_end_on_the_tiny_model(tmp_path):
+    import json
+
+    from pipeline.cli import run_experiment
+    from tests.helpers import compose_config
+
+    rows = []
+    for cond, objects in (("green", ["cat", "dog", "sun"]), ("red", ["car", "box", "hat"])):
+        for obj in objects:
+            for template in ("What colour is the {}?", "Which colour is a {} today?"):
+                rows.append(
+                    {
+                        "id": f"{cond}-{obj}-{len(rows)}",
+                        "text": template.format(obj),
+                        "condition": cond,
+                        "object": obj,
+                    }
+                )
+    rows.append(
+        {"id": "control-0", "text": "What is the sky?", "condition": "control", "object": "sky"}
+    )
+    rows.append(
+        {"id": "control-1", "text": "What is the sea?", "condition": "control", "object": "sea"}
+    )
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    cfg = compose_config(
+        [
+            "model=tiny_random",
+            f"concept.dataset={dataset}",
+            "concept.fewshot=[]",
+            f"paths.outputs={tmp_path / 'outputs'}",
+            "steer.layer=2",
+            "steer.positions=object",
+            "directions.site=object",
+            "steer.n_random=2",
+            "steer.confirm_n=2",
+            "pipeline.stages=[localization_report]",
+        ]
+    )
+    results = run_experiment(cfg, tmp_path / "run")
+    assert {"logit_lens", "patching", "report", "localization_report"} <= set(results)
+    loc = json.loads((tmp_path / "run" / "localization.json").read_text())
+    assert loc["localization"]["patching"]["n_pairs"] >= 2
+    assert (tmp_path / "run" / "patching.png").stat().st_size > 1000
+    assert "Where the colour is decided" in (tmp_path / "run" / "localization.md").read_text()
+    patching = pd.read_parquet(Path(results["patching"]["path"]) / "patching.parquet")
+    np.testing.assert_allclose(patching[patching["role"] == "all"]["recovery"], 1.0, atol=1e-3)
+    meta = json.loads((Path(results["directions"]["path"]) / "directions.json").read_text())
+    assert meta["site"] == "object" and "object's tokens" in meta["measured_at"]
