@@ -2,7 +2,9 @@
 
 :func:`unembed` maps a residual ``[..., d_model]`` to logits ``[..., vocab]`` exactly as the
 model's own head does after its last layer (mlx-lm: ``model.model.norm``, then ``lm_head``
-or the tied embedding), so at the last layer the lens equals the model's logits.
+or the tied embedding), so at the last layer the lens equals the model's logits (for models
+that transform the head's output further, e.g. gemma2's logit soft-capping, it equals them
+before that transform).
 :func:`lens_logit_diff` gives, per prompt, layer and position role, the logit difference of
 two answer words (max over each word's first-token spellings).
 """
@@ -16,11 +18,12 @@ import mlx.core as mx
 import numpy as np
 
 from pipeline.capture import capture_layers, decoder_layers, padded_batch
+from pipeline.models import ModelLoadError
 from pipeline.positions import ROLES, role_positions
 from pipeline.prefix import expand_cache, shared_prefix
 
 
-class LensError(ValueError):
+class LensError(ModelLoadError):
     """A model whose final norm or unembedding cannot be found."""
 
 
@@ -41,6 +44,26 @@ def unembed(model: Any, h: mx.array) -> mx.array:
     if embed is None or not hasattr(embed, "as_linear"):
         raise LensError(f"{type(model).__name__} has neither lm_head nor tied embed_tokens")
     return embed.as_linear(h)
+
+
+def unembed_ids(model: Any, h: mx.array, ids: Sequence[int]) -> mx.array:
+    """``[..., d_model]`` residual -> ``[..., len(ids)]``: the logits of ``ids`` only, equal
+    to ``unembed(model, h)[..., ids]``. A plain (unquantized) head multiplies by its rows of
+    ``ids`` alone; any other head runs whole."""
+    import mlx.nn as nn
+
+    index = mx.array(list(ids), dtype=mx.int32)
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None and type(embed) is nn.Embedding:
+        weight, bias = embed.weight, None
+    elif type(head) is nn.Linear:
+        weight, bias = head.weight, head.get("bias")
+    else:
+        return unembed(model, h)[..., index]
+    normed = model.model.norm(h)
+    out = normed @ weight[index].T
+    return out if bias is None else out + bias[index]
 
 
 def lens_logit_diff(
@@ -75,14 +98,17 @@ def lens_logit_diff(
             picks += [(r, j - p, i, k) for k, js in enumerate(chosen) for j in js]
         row_idx = mx.array([a for a, _, _, _ in picks], dtype=mx.int32)
         pos_idx = mx.array([b for _, b, _, _ in picks], dtype=mx.int32)
+        vocab = sorted({int(t) for i in rows for t in (*plus_ids[i], *minus_ids[i])})
+        column = {t: c for c, t in enumerate(vocab)}
         for layer in range(n_layers):
             h = rec.outputs[layer][row_idx, pos_idx]  # [picks, d_model]
-            logits = np.array(unembed(model, h).astype(mx.float32))  # [picks, vocab]
+            logits = np.array(unembed_ids(model, h, vocab).astype(mx.float32))  # [picks, ids]
             sums = np.zeros((len(seqs), len(ROLES)))
             counts = np.zeros((len(seqs), len(ROLES)))
             for m, (_, _, i, k) in enumerate(picks):
                 row = logits[m]
-                sums[i, k] += row[list(plus_ids[i])].max() - row[list(minus_ids[i])].max()
+                plus = row[[column[t] for t in plus_ids[i]]].max()
+                sums[i, k] += plus - row[[column[t] for t in minus_ids[i]]].max()
                 counts[i, k] += 1
             for i in rows:
                 seen = counts[i] > 0

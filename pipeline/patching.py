@@ -21,11 +21,12 @@ import numpy as np
 from pipeline.capture import capture_layers, decoder_layers, padded_batch, subclass_with_call
 from pipeline.positions import ROLES, role_positions
 from pipeline.prefix import batched_last_logits, expand_cache, last_logits, shared_prefix
+from pipeline.steering_modes import SteeringError
 
 PATCH_ROLES = (*ROLES, "all")
 
 
-class PatchingError(ValueError):
+class PatchingError(SteeringError):
     """Pairs that cannot be patched position by position (different lengths or spans)."""
 
 
@@ -69,10 +70,15 @@ def patching_recovery(
     minus_ids: Sequence[Sequence[int]],
     layers: Sequence[int] | None = None,
     pad_id: int = 0,
+    roles: Sequence[str] = PATCH_ROLES,
 ) -> dict[str, Any]:
     """Share recovered per (layer, role): ``recovery`` float ``[len(layers), len(PATCH_ROLES)]``,
     plus ``ld_clean``/``ld_corrupt`` per pair [n]. ``spans`` is the object span of each pair
-    (the same in both prompts); ``plus_ids``/``minus_ids`` the clean/corrupted word's ids."""
+    (the same in both prompts); ``plus_ids``/``minus_ids`` the clean/corrupted word's ids;
+    ``roles`` a subset of :data:`PATCH_ROLES` (``all`` recovers 1 by construction: a check)."""
+    unknown = [r for r in roles if r not in PATCH_ROLES]
+    if unknown:
+        raise PatchingError(f"unknown patching role(s) {unknown}; use {PATCH_ROLES}")
     clean = [[int(t) for t in s] for s in clean]
     corrupt = [[int(t) for t in s] for s in corrupt]
     for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)):
@@ -94,7 +100,7 @@ def patching_recovery(
     clean_tokens, _ = padded_batch([s[p:] for s in clean], pad_id)
     width = tokens.shape[1]
     masks = {}
-    for role in PATCH_ROLES:
+    for role in roles:
         m = np.zeros((len(clean), width), bool)
         for i, n in enumerate(lengths):
             if role == "all":
@@ -109,9 +115,9 @@ def patching_recovery(
         )
     clean_h = {layer: rec.outputs[layer] for layer in layers}
     last = [n - 1 for n in lengths]
-    recovery = np.full((len(layers), len(PATCH_ROLES)), np.nan)
+    recovery = np.full((len(layers), len(roles)), np.nan)
     for a, layer in enumerate(layers):
-        for k, role in enumerate(PATCH_ROLES):
+        for k, role in enumerate(roles):
             cache = expand_cache(cache0, len(corrupt)) if cache0 is not None else None
             with patch_residual(model, layer, masks[role], clean_h[layer]):
                 logits = last_logits(model, tokens, last, cache)
@@ -119,7 +125,7 @@ def patching_recovery(
             recovery[a, k] = (ld.mean() - ld_corrupt.mean()) / gap if gap else np.nan
     return {
         "layers": layers,
-        "roles": list(PATCH_ROLES),
+        "roles": list(roles),
         "recovery": recovery,
         "ld_clean": ld_clean,
         "ld_corrupt": ld_corrupt,

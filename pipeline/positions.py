@@ -21,11 +21,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from pipeline.steering_modes import SteeringError
+
 POSITIONS = ("all", "suffix", "last", "object")
 PER_ROW = ("last", "object")  # rules whose mask differs between rows
 
 
-class PositionError(ValueError):
+class PositionError(SteeringError):
     """A position rule that cannot be placed (unknown name, object not in the prompt)."""
 
 

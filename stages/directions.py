@@ -86,9 +86,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         is_pos = (prompts["condition"] == pos_name).to_numpy()
         is_neg = (prompts["condition"] == neg_name).to_numpy()
     else:
-        lm = load_model(cfg["model"])
-        layers = json.loads((inputs["capture"] / "meta.json").read_text())["layers"]
-        acts, is_pos, is_neg = site_activations(lm, prompts, site, pos_name, neg_name, layers)
+        lm = load_model(cfg["model"])  # every layer, read here (the capture is not used)
+        acts, is_pos, is_neg = site_activations(lm, prompts, site, pos_name, neg_name, None)
     contrast = (pos_name, neg_name)
     main = extract(acts, is_pos, is_neg, make_method(dcfg["method"]), contrast)
     main.meta.update(

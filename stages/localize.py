@@ -34,7 +34,7 @@ from pipeline.scoring import word_token_ids
 from stages.report_plots import plot_lens, plot_patching
 from stages.report_text import render_localization
 
-VERSION = "1"
+VERSION = "2"  # 2: lens reads only the answer ids; patching skips the `all` check
 ROLE_OF_POSITIONS = {"object": "object", "last": "last", "suffix": "all", "all": "all"}
 
 
@@ -141,6 +141,7 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
         [words_x] * len(keep),
         layers,
         lm.pad_id,
+        ROLES,  # `all` recovers 1 by construction (tested); not worth its forwards here
     )
     rec = res["recovery"]
     table = pd.DataFrame(

@@ -99,7 +99,8 @@ def fluency_spec(score: dict) -> FluencySpec:
 
 def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer) -> pd.DataFrame:
     """``score.fluency.n_prompts`` swap questions, evenly spaced over the table (so every swap
-    class is covered, without a seed), as open-ended zero-shot chat prompts (``tokens``)."""
+    class is covered, without a seed), as open-ended zero-shot chat prompts (``tokens``); only
+    test questions when the table has a test split (the loop rate is a held-out number)."""
     f = score["fluency"]
     n = int(f["n_prompts"])
     if n < 0:
@@ -109,6 +110,8 @@ def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer) -> pd.DataFrame:
             f"score.fluency.instruction {f['instruction']!r} has no {{text}}: it must place the "
             "question, e.g. '{text} Describe it in two or three sentences.'"
         )
+    if "split" in swap and (swap["split"] == "test").any():  # held out: loops on test rows
+        swap = swap[swap["split"] == "test"].reset_index(drop=True)
     n = min(n, len(swap))
     picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
     sample = swap.iloc[picks].reset_index(drop=True)
