@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup run test test-fast lint format bench clean-artifacts
+.PHONY: setup run test test-fast lint format bench docs clean-artifacts
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ format: setup
 
 bench: setup  ## speed and memory ratios (bench/README.md); ARGS=--full adds the unfixed run
 	$(PY) bench/run.py $(ARGS)
+
+docs: setup  ## the docs site (mkdocs.yml, docs/) into site/; warnings are errors
+	$(VENV)/bin/mkdocs build --strict
 
 clean-artifacts:  ## delete cached artifacts (runs are kept)
 	rm -rf outputs/artifacts

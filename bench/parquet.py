@@ -36,7 +36,7 @@ def _best(fn, repeat: int = 3) -> float:
 def parquet_vs_npsave(n: int = 1000, layers: int = 30, d_model: int = 576) -> dict:
     import pyarrow.parquet as pq
 
-    from stages.capture import batch_table, decode_vectors, write_part
+    from mlx_interp.io.activations import batch_table, decode_vectors, write_part
 
     rng = np.random.default_rng(0)
     data = rng.standard_normal((n, layers, d_model), dtype=np.float32)

@@ -27,7 +27,16 @@ sys.path.insert(0, str(ROOT))
 
 from bench.stats import best_of, interleaved, ratio  # noqa: E402
 
-SECTIONS = ("forward", "generate", "parquet", "batch", "torch", "experiment", "memory")
+SECTIONS = (
+    "forward",
+    "import_order",
+    "generate",
+    "parquet",
+    "batch",
+    "torch",
+    "experiment",
+    "memory",
+)
 # the reduced default experiment behind the cached re-run and the with/without-fixes figure
 REDUCED = ["steer.n_random=2", "steer.confirm_n=0"]
 MODEL = {"name": "smollm2_135m", "source": "embedded"}
@@ -37,10 +46,10 @@ MODEL = {"name": "smollm2_135m", "source": "embedded"}
 
 
 def _load(dequantize: str = "auto"):
-    from pipeline.blas import ensure_fast_blas
+    from mlx_interp.blas import ensure_fast_blas
 
     blas = ensure_fast_blas()  # before mlx is imported
-    from pipeline.models import load_model
+    from mlx_interp.models.loading import load_model
 
     return blas, load_model({**MODEL, "dequantize": dequantize})
 
@@ -57,7 +66,7 @@ def worker_forward(dequantize: str, batch: int, seq: int, capture: bool) -> dict
     blas, lm = _load(dequantize)
     import mlx.core as mx
 
-    from pipeline.capture import capture_batch
+    from mlx_interp.interventions.capture import capture_batch
 
     a = mx.random.normal((2048, 2048))
     mx.eval(a)
@@ -91,7 +100,7 @@ def worker_generate(max_tokens: int) -> dict:
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from pipeline.steering import LayerEdit, ReflectMode, generate_steered, steer
+    from mlx_interp.interventions.steering import LayerEdit, ReflectMode, generate_steered, steer
 
     model, tok = lm.model, lm.tokenizer
     chat = [{"role": "user", "content": "Write a long story about a red fox in a green forest."}]
@@ -144,7 +153,7 @@ def _hf_model():
         from transformers.utils import logging as hf_logging
     except ImportError as err:
         return None, f"torch/transformers not installed ({err.name})"
-    from pipeline.gguf import embedded_gguf_path
+    from mlx_interp.models.gguf import embedded_gguf_path
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -167,7 +176,7 @@ def worker_batch(batch: int, seq: int, torch: bool = True) -> dict:
     import numpy as np
     from mlx_lm.models.activations import swiglu
 
-    from pipeline.capture import capture_batch
+    from mlx_interp.interventions.capture import capture_batch
 
     tokens = _tokens(batch, seq)
     seqs = tokens.tolist()
@@ -242,6 +251,40 @@ def run_worker(name: str, env: dict | None = None, **kwargs) -> dict:
 # --- sections run from the parent process ---------------------------------------------------
 
 
+MATMUL = (
+    "import time; a = mx.random.normal((1024, 1024)); mx.eval(a @ a); t = time.perf_counter()\n"
+    "for _ in range(10): mx.eval(a @ a)\n"
+    "print(2 * 1024**3 * 10 / (time.perf_counter() - t) / 1e9)"
+)
+
+
+def section_import_order() -> dict:
+    """Both import orders: mlx_interp first (fast BLAS), mlx first (refused with the fix),
+    and mlx first accepted with MLX_INTERP_BLAS=none (what the slow order would compute at)."""
+
+    def run(first: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        code = f"{first}\nimport mlx.core as mx\n{MATMUL}"
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+        )
+
+    fast = run("import mlx_interp")
+    late = run("import mlx.core\nimport mlx_interp")
+    accepted = run("import mlx.core\nimport mlx_interp", {"MLX_INTERP_BLAS": "none"})
+    for name, proc in (("mlx_interp first", fast), ("MLX_INTERP_BLAS=none", accepted)):
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
+    return {
+        "mlx_interp_first_gflops": float(fast.stdout.split()[-1]),
+        "mlx_first_refused": late.returncode != 0 and "BlasOrderError" in late.stderr,
+        "mlx_first_message": (late.stderr.strip().splitlines() or [""])[-1],
+        "mlx_first_accepted_gflops": float(accepted.stdout.split()[-1]),
+    }
+
+
 def section_parquet() -> dict:
     from bench.parquet import parquet_vs_npsave
 
@@ -251,7 +294,7 @@ def section_parquet() -> dict:
 def mlx_interp(args: list[str], env: dict | None = None) -> tuple[float, str]:
     """Run the CLI; (wall seconds, stdout)."""
     exe = Path(sys.executable).with_name("mlx-interp")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlx_interp.apps.cli"]
     start = time.perf_counter()
     proc = subprocess.run(
         cmd + args, env={**os.environ, **(env or {})}, capture_output=True, text=True, cwd=ROOT
@@ -370,6 +413,23 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
                 ratio(fast["matmul_gflops"], ref["matmul_gflops"]),
                 "",
                 f"{fast['matmul_gflops']:.0f} vs {ref['matmul_gflops']:.1f} GFLOP/s",
+            ),
+        ]
+    order = res.get("import_order")
+    if order:
+        fast, slow = order["mlx_interp_first_gflops"], order["mlx_first_accepted_gflops"]
+        rows += [
+            (
+                "matmul GFLOP/s, mlx_interp imported first / mlx first (MLX_INTERP_BLAS=none)",
+                ratio(fast, slow),
+                "",
+                f"{fast:.0f} vs {slow:.1f} GFLOP/s",
+            ),
+            (
+                "mlx imported first without MLX_INTERP_BLAS=none: refused with the fix (1 = yes)",
+                float(order["mlx_first_refused"]),
+                "1",
+                "BlasOrderError names the fix",
             ),
         ]
     gen = res.get("generate")
@@ -569,6 +629,7 @@ def main() -> None:
                     ),
                 },
             ),
+            ("import_order", section_import_order),
             ("generate", lambda: run_worker("generate", max_tokens=args.max_tokens)),
             ("parquet", section_parquet),
             ("batch", lambda: run_worker("batch", batch=big_b, seq=big_s, torch="torch" in only)),

@@ -1,7 +1,10 @@
 """The stages of the DAG and what each reads; ``STAGES`` is the registry the runner uses."""
 
-from pipeline.dag import Stage
-from stages import (
+if __name__ != "mlx_interp.stages":  # the folder stages/ is installed as mlx_interp.stages
+    raise ImportError(f"import mlx_interp.stages, not {__name__!r} (pip install -e .)")
+
+from mlx_interp.engine.dag import Stage
+from mlx_interp.stages import (
     capture,
     contamination,
     directions,

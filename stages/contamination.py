@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from pipeline.stats import bootstrap_ci
-from stages.probes import layer_matrices, resolve_probe_layers
+from mlx_interp.analysis.stats import bootstrap_ci
+from mlx_interp.io.activations import layer_matrices, resolve_probe_layers
 
 VERSION = "1"
 
@@ -63,9 +64,8 @@ def summarize(cos: pd.DataFrame, n_boot: int, confidence: float, seed: int) -> p
     """Mean cosine and its bootstrap CI per (domain, variant, layer); domain "all" pools."""
     rows = []
     pooled = cos.assign(domain="all")
-    for (domain, variant, layer), g in pd.concat([cos, pooled]).groupby(
-        ["domain", "variant", "layer"], sort=True
-    ):
+    groups = pd.concat([cos, pooled]).groupby(["domain", "variant", "layer"], sort=True)
+    for (domain, variant, layer), g in tqdm(groups, desc="cosine CIs", leave=False):
         ci = bootstrap_ci(
             g["cosine"].to_numpy(), n_resamples=n_boot, confidence=confidence, seed=seed
         )
@@ -102,7 +102,8 @@ def differences(
                 )
         diff = (wide[a] - wide[b]).rename("diff").reset_index()
         pooled = diff.assign(domain="all")
-        for (domain, layer), g in pd.concat([diff, pooled]).groupby(["domain", "layer"]):
+        groups = pd.concat([diff, pooled]).groupby(["domain", "layer"])
+        for (domain, layer), g in tqdm(groups, desc=f"CIs {a} - {b}", leave=False):
             ci = bootstrap_ci(
                 g["diff"].to_numpy(), n_resamples=n_boot, confidence=confidence, seed=seed
             )

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.directions import DirectionError
-from pipeline.positions import object_spans
-from pipeline.readout import answer_sequences, residuals_at
+from mlx_interp.analysis.directions import DirectionError
+from mlx_interp.interventions.positions import object_spans
+from mlx_interp.interventions.readout import answer_sequences, residuals_at
 
 SITES = ("last", "object", "answer")
 SITE_NOTES = {

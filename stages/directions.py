@@ -17,24 +17,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.directions import METHODS, DirectionError, DirectionSet, extract, make_method
-from pipeline.models import load_model, model_fingerprint
-from stages.capture import read_activations
-from stages.direction_sites import SITE_NOTES, check_site, site_activations
+from mlx_interp.analysis.directions import (
+    METHODS,
+    DirectionError,
+    DirectionSet,
+    extract,
+    make_method,
+)
+from mlx_interp.io.activations import activation_matrix, read_activations
+from mlx_interp.models.loading import load_model, model_fingerprint
+from mlx_interp.stages.direction_sites import SITE_NOTES, check_site, site_activations
 
 VERSION = "2"  # 2: directions.site (last | object | answer)
-
-
-def activation_matrix(df: pd.DataFrame, prompt_ids: list[str]) -> dict[int, np.ndarray]:
-    """layer -> [n_prompts, d_model] float32, rows in ``prompt_ids`` order (one position each)."""
-    out = {}
-    for layer, group in df.groupby("layer", sort=True):
-        group = group.drop_duplicates("prompt_id", keep="last").set_index("prompt_id")
-        missing = [p for p in prompt_ids if p not in group.index]
-        if missing:
-            raise DirectionError(f"layer {layer}: no activation for prompt(s) {missing[:3]}")
-        out[int(layer)] = np.stack(group.loc[prompt_ids, "vector"].to_numpy()).astype(np.float32)
-    return out
 
 
 def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int) -> dict:

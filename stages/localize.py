@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.capture import resolve_layers
-from pipeline.dag import ConfigError
-from pipeline.lens import lens_logit_diff
-from pipeline.models import load_model, model_fingerprint
-from pipeline.patching import patching_recovery
-from pipeline.positions import ROLES, object_spans
-from pipeline.scoring import word_token_ids
-from stages.report_plots import plot_lens, plot_patching
-from stages.report_text import render_localization
+from mlx_interp.analysis.lens import lens_logit_diff
+from mlx_interp.analysis.scoring import word_token_ids
+from mlx_interp.engine.dag import ConfigError
+from mlx_interp.interventions.capture import resolve_layers
+from mlx_interp.interventions.patching import patching_recovery
+from mlx_interp.interventions.positions import ROLES, object_spans
+from mlx_interp.models.loading import load_model, model_fingerprint
+from mlx_interp.stages.report_plots import plot_lens, plot_patching
+from mlx_interp.stages.report_text import render_localization
 
 VERSION = "2"  # 2: lens reads only the answer ids; patching skips the `all` check
 ROLE_OF_POSITIONS = {"object": "object", "last": "last", "suffix": "all", "all": "all"}

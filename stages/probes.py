@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
-from pipeline.probes import (
+from mlx_interp.analysis.probes import (
     LogisticProbe,
     ProbeError,
     cross_validate_layer,
@@ -38,9 +37,8 @@ from pipeline.probes import (
     permutation_threshold,
     transfer_cv,
 )
-from pipeline.stats import wilson_interval
-from stages.capture import read_activations
-from stages.directions import activation_matrix
+from mlx_interp.analysis.stats import wilson_interval
+from mlx_interp.io.activations import layer_matrices
 
 VERSION = "1"
 
@@ -57,7 +55,7 @@ def make_probe(spec: Any) -> Any:
         return spec
     raise ProbeError(
         f"cannot make a probe from {spec!r}: use probes.probe={{_target_: "
-        "pipeline.probes.LogisticProbe, C: 1.0}"
+        "mlx_interp.analysis.probes.LogisticProbe, C: 1.0}"
     )
 
 
@@ -96,33 +94,6 @@ def contrasts_from_config(pcfg: dict, conditions: list[str]) -> dict[str, dict]:
     return out
 
 
-def resolve_probe_layers(wanted: list[int] | None, captured: list[int]) -> list[int]:
-    """Layers to probe; negative entries count from the last captured layer (-1 = last)."""
-    if not wanted:
-        return captured
-    top = max(captured) + 1
-    out = []
-    for layer in wanted:
-        abs_layer = top + int(layer) if int(layer) < 0 else int(layer)
-        if abs_layer not in captured:
-            raise ProbeError(
-                f"probes.layers has {layer}, which was not captured (captured: {captured}); "
-                "capture it (capture.layers) or drop it"
-            )
-        out.append(abs_layer)
-    return sorted(set(out))
-
-
-def layer_matrices(
-    capture: Path, wanted: list[int] | None, prompt_ids: list[str]
-) -> tuple[list[int], dict[int, np.ndarray]]:
-    """The layers to use (``wanted`` resolved against the captured ones) and their
-    [n_prompts, d_model] matrices in ``prompt_ids`` order; reads only those layers' rows."""
-    captured = pq.read_table(capture / "activations", columns=["layer"]).column("layer")
-    layers = resolve_probe_layers(wanted, sorted(int(x) for x in pc.unique(captured).to_pylist()))
-    return layers, activation_matrix(read_activations(capture, layers), prompt_ids)
-
-
 def _by_condition(x: np.ndarray, conds: np.ndarray) -> dict[str, np.ndarray]:
     return {c: x[conds == c] for c in dict.fromkeys(conds.tolist())}
 
@@ -153,8 +124,11 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     layers, acts = layer_matrices(inputs["capture"], pcfg.get("layers"), ids)
 
     rows, transfer_rows, cosine_rows, weights = [], [], [], {}
-    with threadpool_limits(limits=1):
+    fits = len(contrasts) * len(layers) + (len(layers) if directions else 0)
+    bar = tqdm(total=fits, desc="probes", unit="layer", leave=False)  # permutations: the bulk
+    with threadpool_limits(limits=1), bar:
         for name, spec in contrasts.items():
+            bar.set_postfix_str(name)
             classes = spec.get("classes") or spec["pos"] + spec["neg"]
             mask = np.isin(conds, classes)
             if spec["kind"] == "multiclass":
@@ -173,6 +147,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                     probe=probe,
                     layer=layer,
                 )
+                bar.update()
                 rows.append(
                     {
                         "contrast": name,
@@ -223,7 +198,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                 weights[f"{name}/{layer}/coef"] = coef.astype(np.float32)
                 weights[f"{name}/{layer}/intercept"] = np.array([intercept], dtype=np.float32)
         if directions:
+            bar.set_postfix_str("cosines")
             for layer in layers:
+                bar.update()
                 for row in mean_diff_cosines(
                     _by_condition(acts[layer], conds),
                     directions,

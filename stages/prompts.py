@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.cache import file_sha256
-from pipeline.dag import ConfigError
-from pipeline.models import load_model, model_fingerprint
-from stages.datasets import DatasetError, read_jsonl, resolve_dataset_path
+from mlx_interp.engine.cache import file_sha256
+from mlx_interp.engine.dag import ConfigError
+from mlx_interp.io.datasets import DatasetError, read_jsonl, resolve_dataset_path
+from mlx_interp.io.prompts import render
+from mlx_interp.models.loading import load_model, model_fingerprint
 
 VERSION = "2"
 FORMATS = ("chat", "plain")
@@ -71,49 +72,6 @@ def assign_splits(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Serie
         chosen = rng.choice(group.index.to_numpy(), size=n_test, replace=False)
         split.loc[chosen] = "test"
     return split
-
-
-def render(
-    tokenizer,
-    user_text: str,
-    fmt: str,
-    system_prompt: str | None,
-    shots: list[tuple[str, str]],
-    response: str | None = None,
-) -> tuple[str, list]:
-    """The text the model reads and its token ids; ``shots`` are (question, answer) examples.
-
-    With ``response`` the assistant's reply follows the user turn and the text stops at the
-    reply's end (the end-of-turn marker is left out, so the last token belongs to the reply).
-    """
-    if fmt == "plain":
-        text = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in shots)
-        if response is not None:
-            text += f"Q: {user_text}\nA: {response}"
-        else:
-            text += f"Q: {user_text}\nA:" if shots else user_text
-        return text, list(tokenizer.encode(text))
-    messages = []
-    if system_prompt is not None:
-        messages.append({"role": "system", "content": system_prompt})
-    for q, a in shots:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    messages.append({"role": "user", "content": user_text})
-    if response is None:
-        chat_text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-    else:
-        messages.append({"role": "assistant", "content": response})
-        full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-        end = full.rfind(response)
-        if end < 0:
-            raise DatasetError(
-                "the chat template changed the assistant reply's text, so its end cannot be "
-                f"found: {response[:60]!r}; use prompts.format=plain or simplify the reply"
-            )
-        chat_text = full[: end + len(response)]
-    return chat_text, list(tokenizer.encode(chat_text, add_special_tokens=False))
 
 
 def read_rubrics(path: Path, conditions: list[str]) -> dict[str, str]:

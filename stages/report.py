@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.stats import SwapStats, binomial_test, mean_sd
-from stages.report_plots import plot_layers, plot_random_baseline
-from stages.report_text import render_markdown
+from mlx_interp.analysis.stats import SwapStats, binomial_test, mean_sd
+from mlx_interp.stages.report_plots import plot_layers, plot_random_baseline
+from mlx_interp.stages.report_text import render_markdown
 
 VERSION = "4"  # 4: held-out split beside in-sample
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5

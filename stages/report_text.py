@@ -250,10 +250,11 @@ def _fluency_lines(r: dict) -> list[str]:
         "",
         "## Fluency",
         "",
-        f"Every generation's token ids are scored (pipeline/fluency.py): a generation is a loop "
-        f"when it ends in at least {spec.get('min_repeats', '?')} copies of a cycle of at most "
-        f"{spec.get('max_period', '?')} tokens. Long answers: {spec.get('n_prompts', '?')} swap "
-        f"questions answered open-ended ({spec.get('max_tokens', '?')} tokens, "
+        "Every generation's token ids are scored (mlx_interp.analysis.fluency): a generation "
+        f"is a loop when it ends in at least {spec.get('min_repeats', '?')} copies of a cycle "
+        f"of at most {spec.get('max_period', '?')} tokens. Long answers: "
+        f"{spec.get('n_prompts', '?')} swap questions answered open-ended "
+        f"({spec.get('max_tokens', '?')} tokens, "
         f"`{spec.get('instruction', '')}`); short answers: the generation check above.",
         "",
         f"| generations | n | loop rate | repeated {spec.get('ngram', 3)}-gram share | "

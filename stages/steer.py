@@ -7,7 +7,7 @@ steer (reads model, score, steer, seed): the main direction, N random directions
 norm (same center) for the baseline rate, the controls for contamination, and greedy
 generations on a seeded sample to confirm the logit verdicts. Writes generations.parquet:
 prompt_id, condition, direction, scorer, margin, top_token, top_word, answer, named,
-token_ids, the fluency metrics of every generation (pipeline.fluency), swapped.
+token_ids, the fluency metrics of every generation (mlx_interp.analysis.fluency), swapped.
 
 Fluency (``score.fluency``): a seeded sample of the swap questions is also answered at length
 (zero-shot chat, ``instruction``, ``max_tokens``), unsteered in baseline and steered in steer,
@@ -26,12 +26,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.capture import resolve_layers
-from pipeline.directions import DirectionSet
-from pipeline.fluency import FluencyError, FluencySpec, fluency
-from pipeline.models import load_model, model_fingerprint
-from pipeline.positions import object_spans
-from pipeline.scoring import (
+from mlx_interp.analysis.directions import DirectionSet
+from mlx_interp.analysis.fluency import FluencyError, FluencySpec, fluency
+from mlx_interp.analysis.scoring import (
     UNSTEERED,
     GenerateScorer,
     LogitScorer,
@@ -39,9 +36,12 @@ from pipeline.scoring import (
     Steering,
     make_scorer,
 )
-from pipeline.steering import LayerEdit, SteeringError, make_mode
-from pipeline.steering_modes import mode_name
-from stages.prompts import render
+from mlx_interp.interventions.capture import resolve_layers
+from mlx_interp.interventions.modes import mode_name
+from mlx_interp.interventions.positions import object_spans
+from mlx_interp.interventions.steering import LayerEdit, SteeringError, make_mode
+from mlx_interp.io.prompts import render
+from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +156,19 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
     both = pd.concat([swap, controls], ignore_index=True)
     logit = LogitScorer(batch_size=score["batch_size"])
     gen = GenerateScorer(max_tokens=score["max_tokens"])
-    frames = [
-        _rows(
-            both,
-            _score(logit, lm, both, score, UNSTEERED, lm.pad_id),
-            "none",
-            "logit",
-        )
-    ]
-    answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
-    frames.append(_rows(both, answers, "none", "generate"))
-    frames += _fluency_rows(lm, swap, score, UNSTEERED, "none")
+    with tqdm(total=3, desc="baseline", unit="step", leave=False) as bar:
+        bar.set_postfix_str("logit scores")
+        frames = [
+            _rows(both, _score(logit, lm, both, score, UNSTEERED, lm.pad_id), "none", "logit")
+        ]
+        bar.update()
+        bar.set_postfix_str("greedy answers")
+        answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
+        frames.append(_rows(both, answers, "none", "generate"))
+        bar.update()
+        bar.set_postfix_str("long answers (fluency)")
+        frames += _fluency_rows(lm, swap, score, UNSTEERED, "none")
+        bar.update()
     table = add_fluency(pd.concat(frames, ignore_index=True), fluency_spec(score))
     table.to_parquet(out / "baseline.parquet", index=False)
     return {"n_questions": len(swap), "n_controls": len(controls)}

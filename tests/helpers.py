@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pipeline.cli import CONF_DIR
+from mlx_interp.apps.cli import CONF_DIR
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

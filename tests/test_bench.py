@@ -116,6 +116,20 @@ def test_figures_are_the_ratios_of_the_raw_timings(capsys):
     assert "skipped" in out and "pip install -e '.[bench]'" in out
 
 
+def test_import_order_figures():
+    order = {
+        "mlx_interp_first_gflops": 30.0,
+        "mlx_first_refused": True,
+        "mlx_first_message": "BlasOrderError: ...",
+        "mlx_first_accepted_gflops": 3.0,
+    }
+    rows = {name: value for name, value, _, _ in figures({"import_order": order})}
+    assert rows == {
+        "matmul GFLOP/s, mlx_interp imported first / mlx first (MLX_INTERP_BLAS=none)": 10.0,
+        "mlx imported first without MLX_INTERP_BLAS=none: refused with the fix (1 = yes)": 1.0,
+    }
+
+
 def test_figures_of_a_partial_run():
     assert figures({}) == []
     only = {"parquet": _fake_results()["parquet"]}

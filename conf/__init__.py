@@ -1,0 +1,1 @@
+"""Hydra configs of mlx-interp, shipped as package data (``mlx_interp.conf``)."""

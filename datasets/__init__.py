@@ -1,0 +1,1 @@
+"""Prompt datasets of the experiments, shipped as package data (``mlx_interp.datasets``)."""

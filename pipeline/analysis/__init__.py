@@ -1,0 +1,1 @@
+"""Analysis on captured arrays: directions, probes, statistics, fluency, steering scores."""

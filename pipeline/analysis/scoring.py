@@ -1,0 +1,215 @@
+"""Scorers for steering: does the steered model name the target word instead of the original?
+
+Two scorers behind one interface (chosen by Hydra ``_target_``), each mapping prompts (token
+ids) plus a steering setting to one row per prompt:
+
+- ``LogitScorer`` (default): one batched forward; at the answer position, the logit margin
+  of the target word over the original word (max over each word's first-token variants:
+  "red", "Red", " red", " Red", "RED"), and the top token.
+- ``GenerateScorer``: greedy generation, then the first target word the answer names; the
+  generated token ids are kept (``token_ids``) for the fluency metrics.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlx_interp.interventions.positions import (
+    PER_ROW,
+    POSITIONS,
+    GatedMode,
+    PositionGate,
+    position_mask,
+)
+from mlx_interp.interventions.prefix import batched_last_logits, greedy_generate, shared_prefix
+from mlx_interp.interventions.steering import LayerEdit, make_mode, steer
+
+
+class ScoringError(ValueError):
+    """An unknown or misconfigured scorer or steering setting; the message lists valid ones."""
+
+
+def word_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """First-token ids of the usual spellings of ``word`` at the start of an answer."""
+    variants = {word, word.lower(), word.capitalize(), word.upper()}
+    ids = set()
+    for v in variants:
+        for text in (v, " " + v):
+            toks = tokenizer.encode(text, add_special_tokens=False)
+            if toks:
+                ids.add(int(toks[0]))
+    return sorted(ids)
+
+
+def named_word(text: str, words: Sequence[str]) -> str | None:
+    """The first of ``words`` that ``text`` names (whole word, any case), else None."""
+    pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"
+    found = re.search(pattern, text, flags=re.IGNORECASE)
+    return found.group(1).lower() if found else None
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One steering setting: edits at layers, a mode object, alpha (empty edits = unsteered).
+
+    positions: "all" edits every token; "suffix" leaves the prompts' shared prefix (system
+    prompt, few-shot turns) unsteered and edits the rest of the prompt and every new token;
+    "last" edits the last prompt token and every new token; "object" only the object's
+    tokens (the scorers then need each prompt's object span).
+    See :mod:`mlx_interp.interventions.positions`.
+    """
+
+    edits: tuple[LayerEdit, ...]
+    mode: Any
+    alpha: float
+    positions: str = "all"
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ScoringError(
+                f"steer.positions must be one of {POSITIONS}, not {self.positions!r}"
+            )
+
+
+def _run_steered(lm: Any, tokens: list[list[int]], steering: Steering, fn):
+    """Run ``fn(prefix)`` under the steering; the shared prefix is run steered or not."""
+    prefix = shared_prefix(lm.model, tokens) if steering.positions == "suffix" else None
+    with steer(lm.model, list(steering.edits), steering.mode or "add", steering.alpha):
+        return fn(prefix)
+
+
+def _run_per_row(lm, tokens, steering: Steering, spans, batch_size: int, fn) -> list[dict]:
+    """Run ``fn(rows, prefix)`` batch by batch (rows sorted by length, so the batched helpers
+    keep their order), with the gate set to each batch's position mask; the shared prefix is
+    run unsteered (neither rule edits it)."""
+    if steering.positions == "object" and (spans is None or len(spans) != len(tokens)):
+        raise ScoringError("steer.positions=object needs each prompt's object span")
+    gate = PositionGate(generated=steering.positions == "last")
+    mode = GatedMode(make_mode(steering.mode or "add"), gate)
+    prefix = shared_prefix(lm.model, tokens) if len(tokens) > 1 else (0, None)
+    order = [int(i) for i in np.argsort([len(t) for t in tokens], kind="stable")]
+    out: list[dict | None] = [None] * len(tokens)
+    with steer(lm.model, list(steering.edits), mode, steering.alpha):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            if len(rows) == 1:  # a lone prompt would take mlx-lm's loop, which splits the
+                rows = rows * 2  # prompt forward in two: run it twice in one batch instead
+            lengths = [len(tokens[i]) for i in rows]
+            row_spans = None if spans is None else [spans[i] for i in rows]
+            gate.set(position_mask(steering.positions, lengths, prefix[0], row_spans))
+            try:
+                results = fn(rows, prefix)
+            finally:
+                gate.set(None)
+            for i, result in zip(rows, results, strict=True):
+                out[i] = result  # a duplicated lone prompt writes the same result twice
+    return out
+
+
+UNSTEERED = Steering(edits=(), mode=None, alpha=0.0)
+
+
+class Scorer:
+    """Base of the scorers: run ``score`` under a steering setting (prefix handled here)."""
+
+    kind = ""
+    batch_size = 16  # prompts per forward (the per-row position rules run batch by batch)
+
+    def __call__(
+        self,
+        lm: Any,
+        tokens: list[list[int]],
+        original: list[str],
+        target: list[str],
+        words: Sequence[str],
+        steering: Steering = UNSTEERED,
+        pad_id: int = 0,
+        spans: Sequence[tuple[int, int]] | None = None,
+    ) -> list[dict]:
+        """One dict per prompt (token ids), with its original and target word; ``spans``:
+        each prompt's object ``[start, end)`` (needed by ``positions=object``)."""
+        if steering.edits and steering.positions in PER_ROW:
+
+            def run_rows(rows, prefix):
+                pick = [[seq[i] for i in rows] for seq in (tokens, original, target)]
+                return self.score(lm, *pick, words, pad_id, prefix)
+
+            return _run_per_row(lm, tokens, steering, spans, self.batch_size, run_rows)
+
+        def run(prefix):
+            return self.score(lm, tokens, original, target, words, pad_id, prefix)
+
+        return _run_steered(lm, tokens, steering, run)
+
+    def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
+        raise NotImplementedError
+
+
+class LogitScorer(Scorer):
+    """Logit margin of the target word over the original at the answer position."""
+
+    kind = "logit"
+
+    def __init__(self, batch_size: int = 16):
+        self.batch_size = int(batch_size)
+
+    def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
+        """margin (target - original, max over spellings), top_token, top_word."""
+        ids = {w: word_token_ids(lm.tokenizer, w) for w in words}
+        word_of = {i: w for w, toks in ids.items() for i in toks}
+        logits = batched_last_logits(lm.model, tokens, pad_id, self.batch_size, prefix)
+        rows = []
+        for i, row in enumerate(logits):
+            top = int(np.argmax(row))
+            margin = float(row[ids[target[i]]].max() - row[ids[original[i]]].max())
+            rows.append(
+                {
+                    "margin": margin,
+                    "top_token": lm.tokenizer.decode([top]),
+                    "top_word": word_of.get(top),
+                }
+            )
+        return rows
+
+
+class GenerateScorer(Scorer):
+    """Greedy generation; the answer text, its token ids and the first word it names."""
+
+    kind = "generate"
+
+    def __init__(self, max_tokens: int = 8, batch_size: int = 16):
+        self.max_tokens = int(max_tokens)
+        self.batch_size = int(batch_size)
+
+    def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
+        answers = greedy_generate(
+            lm.model, lm.tokenizer, tokens, self.max_tokens, prefix, batch_size=self.batch_size
+        )
+        return [
+            {"answer": text, "named": named_word(text, words), "token_ids": list(ids)}
+            for text, ids in answers
+        ]
+
+
+SCORERS = {"logit": LogitScorer, "generate": GenerateScorer}
+
+
+def make_scorer(cfg: Any) -> Scorer:
+    """A scorer from a name or a ``_target_`` config."""
+    if isinstance(cfg, str):
+        if cfg not in SCORERS:
+            raise ScoringError(f"unknown scorer {cfg!r}; valid scorers: {sorted(SCORERS)}")
+        return SCORERS[cfg]()
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg)
+    except Exception as err:
+        raise ScoringError(
+            f"cannot build the scorer {dict(cfg)}: {err}; use steer.scorer=logit or generate"
+        ) from err

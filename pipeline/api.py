@@ -1,0 +1,247 @@
+"""The library in a few lines: load a model, record activations, train a direction, steer.
+
+    import mlx_interp as mi
+
+    model = mi.load("smollm2_135m")  # a conf/model name, a .gguf file, an mlx-lm folder or hub id
+    cache = model.record(["Grass is", "Fire trucks are"], sites=["resid_post"], layers=[8, -1])
+    cache["resid_post", 8].shape  # (2, 576): the last token of each prompt
+    direction = mi.Direction.train(model, ["I love this"], ["I hate this"], layers=[8])
+    with direction.apply(model, alpha=4.0, mode="add"):
+        print(model.generate("Tell me about your day."))
+    direction.save("love.safetensors")
+
+The same functions run the pipeline's stages (capture, directions, steering): this module
+only holds them together. Sites speak one naming scheme (:mod:`mlx_interp.interventions.sites`):
+``layers.8.mlp``, TransformerLens's ``blocks.8.hook_mlp_out``, or ``("mlp_out", 8)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlx_interp.analysis.directions import DirectionSet, extract
+from mlx_interp.interventions.capture import POSITIONS
+from mlx_interp.interventions.sites import (
+    SHORTHAND,
+    Site,
+    SiteError,
+    capture_sites_batch,
+    parse_site,
+    resolve_sites,
+)
+from mlx_interp.interventions.steering import LayerEdit, steer
+from mlx_interp.io.control_vectors import export_control_vector, import_control_vector
+from mlx_interp.io.prompts import render
+from mlx_interp.models.loading import LoadedModel, ModelLoadError, load_model, model_config
+
+__all__ = ["ActivationCache", "Direction", "Model", "load"]
+
+_KINDS = {**SHORTHAND, **{kind: kind for kind in SHORTHAND.values()}}  # resid_post or resid
+
+
+class Model:
+    """A loaded model and its tokenizer, ready to record, steer and generate.
+
+    Attributes: ``model`` (the mlx-lm module), ``tokenizer`` (mlx-lm's wrapper), ``name``,
+    ``n_layers`` and ``d_model``.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
+        self.n_layers, self.d_model = loaded.n_layers, loaded.d_model
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    def tokens(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``chat`` inside the model's chat template (a user turn)."""
+        return render(self.tokenizer, text, "chat" if chat else "plain", None, [])[1]
+
+    def record(
+        self,
+        prompts: str | Sequence[str],
+        sites: Any = "resid_post",
+        layers: Sequence[int] | int | None = None,
+        positions: str = "last",
+        chat: bool = False,
+        batch_size: int = 16,
+    ) -> ActivationCache:
+        """Activations of ``prompts`` at ``sites``.
+
+        ``sites`` are full names (``layers.8.mlp``, ``blocks.8.hook_mlp_out``,
+        ``("mlp_out", 8)``) or kinds (``resid_post``, ``attn_out``, ``mlp_out``, ``z``)
+        taken at every layer in ``layers`` (None: all; negative counts from the end).
+        ``positions``: ``last`` token, ``mean`` over tokens, or ``all`` tokens.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError("record needs a non-empty list of non-empty prompt strings")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+        chosen = resolve_sites(self.model, self._site_names(sites, layers))
+        seqs = [self.tokens(p, chat) for p in prompts]
+        parts: dict[str, list] = {site.name: [] for site in chosen}
+        for start in range(0, len(seqs), batch_size):
+            got = capture_sites_batch(
+                self.model, seqs[start : start + batch_size], chosen, positions, self.loaded.pad_id
+            )
+            for name, value in got.items():
+                parts[name].extend(value)
+        values = {
+            site: parts[site.name] if positions == "all" else np.stack(parts[site.name])
+            for site in chosen
+        }
+        return ActivationCache(values, prompts, positions, self.n_layers)
+
+    def _site_names(self, sites: Any, layers: Sequence[int] | int | None) -> list:
+        one_pair = isinstance(sites, tuple) and len(sites) == 2 and isinstance(sites[1], int)
+        if isinstance(sites, (str, Site)) or one_pair:
+            sites = [sites]
+        picked = list(range(self.n_layers)) if layers is None else layers
+        picked = [picked] if isinstance(picked, int) else list(picked)
+        names: list = []
+        for site in sites:
+            if isinstance(site, str) and site in _KINDS:
+                names += [Site(layer, _KINDS[site]) for layer in picked]
+            else:
+                names.append(site)
+        return names
+
+    def generate(self, prompt: str, max_tokens: int = 48, chat: bool = True) -> str:
+        """Greedy continuation of ``prompt`` (in the chat template when ``chat``), as text."""
+        from mlx_lm import generate
+
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, not {max_tokens!r}")
+        return generate(
+            self.model, self.tokenizer, self.tokens(prompt, chat), max_tokens=max_tokens
+        )
+
+
+def load(model: str | Path, dequantize: str | bool = "auto") -> Model:
+    """Load a model: a config name under conf/model (``smollm2_135m``, ``tiny_random``...),
+    a ``.gguf`` file, a folder saved by mlx-lm, or a Hugging Face id (mlx-lm, needs the hub).
+
+    ``dequantize``: ``auto`` gives float32 weights on the CPU and keeps quantized weights on
+    Metal/CUDA; True or False forces it.
+    """
+    cfg = model_config(model)
+    cfg["dequantize"] = dequantize
+    try:
+        return Model(load_model(cfg))
+    except ModelLoadError:
+        raise
+    except FileNotFoundError as err:
+        raise ModelLoadError(f"cannot load {model!r}: {err}") from err
+
+
+class ActivationCache(Mapping):
+    """Recorded activations by site; index like TransformerLens's cache.
+
+    ``cache["resid_post", 8]``, ``cache["layers.8.mlp"]``, ``cache["blocks.-1.hook_resid_post"]``
+    give ``[n_prompts, d_model]`` (heads: ``[n_prompts, n_heads, head_dim]``) for ``last`` and
+    ``mean`` positions, or a list of ``[n_tokens_i, ...]`` arrays for ``all``.
+    """
+
+    def __init__(self, values: dict[Site, Any], prompts: list[str], positions: str, n_layers: int):
+        self._values = {site.name: value for site, value in values.items()}
+        self.prompts, self.positions, self.n_layers = prompts, positions, n_layers
+
+    def _key(self, key: Any) -> str:
+        site = parse_site(key)
+        if not -self.n_layers <= site.layer < self.n_layers:
+            raise SiteError(f"layer {site.layer} is out of range for {self.n_layers} layers")
+        name = Site(site.layer % self.n_layers, site.kind).name
+        if name not in self._values:
+            raise KeyError(f"{key!r} ({name}) was not recorded; recorded: {sorted(self._values)}")
+        return name
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._values[self._key(key)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self.prompts)} prompts, {self.positions}, {list(self)})"
+
+
+class Direction(DirectionSet):
+    """A direction per layer with the class means it came from; steer with :meth:`apply`.
+
+    It is the pipeline's ``DirectionSet`` (arithmetic, ``save``/``load`` as safetensors with
+    provenance), plus training from prompts and llama.cpp control-vector files.
+    """
+
+    @classmethod
+    def train(
+        cls,
+        model: Model,
+        positive: Sequence[str],
+        negative: Sequence[str],
+        layers: Sequence[int] | int | None = None,
+        method: Any = "mean_diff",
+        chat: bool = False,
+        positions: str = "last",
+    ) -> Direction:
+        """Fit ``positive - negative`` at each layer (residual stream, last token by default).
+
+        ``method``: ``mean_diff``, ``pca`` (paired differences: equal list lengths) or
+        ``logistic``, or a ``_target_`` config.
+        """
+        positive, negative = list(positive), list(negative)
+        pairs = None
+        if method == "pca" or (isinstance(method, Mapping) and "PCA" in str(method)):
+            if len(positive) != len(negative):
+                raise ValueError("pca pairs prompts: give positive and negative of equal length")
+            pairs = np.stack([np.arange(len(positive))] * 2, axis=1)
+        cache = model.record(positive + negative, "resid_post", layers, positions, chat)
+        acts = {parse_site(name).layer: np.asarray(cache[name]) for name in cache}
+        is_pos = np.arange(len(positive) + len(negative)) < len(positive)
+        fitted = extract(acts, is_pos, ~is_pos, method, ("positive", "negative"), pairs)
+        meta = {**fitted.meta, "model": model.name, "positions": positions, "chat": chat}
+        return cls(
+            fitted.vectors, fitted.pos_means, fitted.neg_means, fitted.method, fitted.contrast, meta
+        )
+
+    @contextmanager
+    def apply(
+        self,
+        model: Model | Any,
+        alpha: float = 1.0,
+        mode: Any = "add",
+        layers: Sequence[int] | None = None,
+    ) -> Iterator[None]:
+        """Steer every forward inside the ``with`` block; the model is restored after.
+
+        ``mode``: ``add`` (h + alpha * v), ``subtract``, ``reflect`` (mirror through the class
+        midpoint; alpha 1 is an exact mirror), ``ablate``, or any steering-mode config.
+        ``layers``: a subset of this direction's layers (default: all of them).
+        """
+        target = model.model if isinstance(model, Model) else model
+        chosen = self.layers if layers is None else list(layers)
+        missing = sorted(set(chosen) - set(self.layers))
+        if missing:
+            raise ValueError(f"no direction at layer(s) {missing}; this one has {self.layers}")
+        edits = [LayerEdit(layer, self.vectors[layer], self.center(layer)) for layer in chosen]
+        with steer(target, edits, mode, alpha):
+            yield
+
+    def save_control_vector(self, path: str | Path, alpha: float = 1.0) -> list[int]:
+        """Write a llama.cpp control vector (GGUF, ``direction.L`` = alpha * vector)."""
+        return export_control_vector(self, path, alpha)
+
+    @classmethod
+    def load_control_vector(cls, path: str | Path) -> Direction:
+        """Read a llama.cpp / repeng control vector GGUF (ours round-trips exactly)."""
+        d = import_control_vector(path)
+        return cls(d.vectors, d.pos_means, d.neg_means, d.method, d.contrast, d.meta)

@@ -1,0 +1,102 @@
+"""Config and presets for ``mlx-interp-chat``: the composed root config, the colour-blind demo.
+
+The colour-blind preset is the default experiment's steering: the green/red direction of the
+``directions`` stage at the layer, alpha and mode the composed config names (for SmolLM2:
+reflect, layer 8, alpha 2 from conf/model_concept/). It reads the cached directions artifact
+of the default run when there is one; else it runs the DAG up to ``directions`` capturing only
+that layer (last token, mean difference), which caches its own artifact for the next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_interp.analysis.directions import DirectionSet
+from mlx_interp.resources import CONF_DIR  # noqa: E402
+
+
+def compose(overrides: list[str]) -> dict:
+    """The root config composed like ``mlx-interp`` would, as a resolved plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mlx_interp.engine.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@dataclass
+class Preset:
+    """A direction set and the steering setting to use it with."""
+
+    dirset: DirectionSet
+    source: str
+    layer: int
+    alpha: float
+    mode: Any  # a MODES name or a ``_target_`` config
+
+
+def mode_spec(mode_cfg: Any) -> Any:
+    """A ``steer.mode`` config as the chat keeps it: the MODES name when the config is just
+    ``{_target_: <a named mode class>}``, else the config itself (``steer`` builds it)."""
+    from mlx_interp.interventions.steering import MODES
+
+    if isinstance(mode_cfg, str):
+        return mode_cfg
+    target = str(mode_cfg.get("_target_", ""))
+    for name, cls in MODES.items():
+        if set(mode_cfg) == {"_target_"} and target.rsplit(".", 1)[-1] == cls.__name__:
+            return name
+    return dict(mode_cfg)
+
+
+def _keys(cfg: dict, stages: dict, target: str) -> dict[str, str]:
+    """Artifact keys of ``target`` and its upstream stages under ``cfg`` (nothing is run)."""
+    from mlx_interp.engine.dag import config_slice, execution_order, stage_key
+
+    keys: dict[str, str] = {}
+    for name in execution_order(stages, [target]):
+        stage = stages[name]
+        upstream = {n: keys[n] for n in stage.needs}
+        keys[name] = stage_key(stage, config_slice(cfg, stage), upstream)
+    return keys
+
+
+def colorblind_preset(cfg: dict, say: Callable[[str], None] = print) -> Preset:
+    """The green/red direction for ``cfg``'s model, and the experiment's steering setting."""
+    from mlx_interp.engine.cache import ArtifactStore
+    from mlx_interp.engine.dag import run_stages
+    from mlx_interp.stages import STAGES
+
+    steer_cfg = cfg["steer"]
+    layers = steer_cfg["layer"] if isinstance(steer_cfg["layer"], list) else [steer_cfg["layer"]]
+    layer, alpha, mode = int(layers[0]), float(steer_cfg["alpha"]), mode_spec(steer_cfg["mode"])
+    store = ArtifactStore(Path(cfg["paths"]["artifacts"]).expanduser().resolve())
+    fast = {
+        **cfg,
+        "capture": {**cfg["capture"], "layers": [layer]},
+        "directions": {**cfg["directions"], "compare_methods": False},
+    }
+    for candidate in (cfg, fast):  # the full default run first, then an earlier fast one
+        key = _keys(candidate, STAGES, "directions")["directions"]
+        found = store.get("directions", key)
+        if found is not None:
+            dirset = DirectionSet.load(found.path / "directions.safetensors")
+            if layer in dirset.vectors:
+                say(f"using the cached directions artifact {found.path}")
+                dirset.meta.setdefault("artifact_key", key)
+                return Preset(dirset, str(found.path), layer, alpha, mode)
+    say(f"no cached directions: capturing layer {layer} for the {cfg['concept']['name']} prompts")
+    results = run_stages(STAGES, ["directions"], fast, store)
+    path = results["directions"].path
+    dirset = DirectionSet.load(path / "directions.safetensors")
+    dirset.meta.setdefault("artifact_key", results["directions"].key)
+    say(f"computed and cached {path}")
+    return Preset(dirset, str(path), layer, alpha, mode)

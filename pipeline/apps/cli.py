@@ -1,0 +1,285 @@
+"""`mlx-interp`: the Hydra entry point. Compose the config, run the DAG, say where things are."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra  # noqa: E402  (after the BLAS)
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
+from mlx_interp.blas import log_blas
+from mlx_interp.engine.schema import register_configs
+
+log = logging.getLogger("mlx_interp")
+
+register_configs()
+
+from mlx_interp.resources import CONF_DIR  # noqa: E402
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (config, data, model), reported without a traceback."""
+    from mlx_interp.analysis.directions import DirectionError
+    from mlx_interp.analysis.probes import ProbeError
+    from mlx_interp.analysis.scoring import ScoringError
+    from mlx_interp.engine.cache import ArtifactError
+    from mlx_interp.engine.dag import PipelineError
+    from mlx_interp.interventions.capture import LayerIndexError
+    from mlx_interp.interventions.sites import SiteError
+    from mlx_interp.interventions.steering import SteeringError
+    from mlx_interp.io.datasets import DatasetError
+    from mlx_interp.models.gguf import GGUFError
+    from mlx_interp.models.loading import ModelLoadError
+    from mlx_interp.stages.capture import PromptTooLongError
+
+    return (
+        ArtifactError,
+        LayerIndexError,
+        PipelineError,
+        GGUFError,
+        ModelLoadError,
+        ProbeError,
+        PromptTooLongError,
+        DatasetError,
+        DirectionError,
+        ScoringError,
+        SiteError,
+        SteeringError,
+    )
+
+
+def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run the configured target stages; link their artifacts into the run directory."""
+    from mlx_interp.engine.cache import ArtifactStore
+    from mlx_interp.engine.dag import run_stages
+    from mlx_interp.engine.distributed import world
+    from mlx_interp.stages import STAGES
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    store = ArtifactStore(Path(plain["paths"]["artifacts"]).expanduser().resolve())
+    store.check_writable()
+    group = world()  # one rank unless started by mlx.launch
+    results = run_stages(STAGES, plain["pipeline"]["stages"], plain, store, group=group)
+    summary = {
+        name: {"key": r.key, "path": str(r.path), "cached": r.cached, "summary": r.summary}
+        for name, r in results.items()
+    }
+    if group.rank != 0:  # rank 0 alone writes the (shared) run directory
+        return summary
+    try:
+        _fill_run_dir(run_dir, results, summary)
+    except OSError as err:
+        from mlx_interp.engine.cache import ArtifactError
+
+        raise ArtifactError(
+            f"could not write the run folder {run_dir} ({err.strerror}); every artifact is "
+            f"complete under {store.root}, so re-running recomputes nothing; free space or "
+            "set paths.outputs=<a writable folder>"
+        ) from err
+    return summary
+
+
+def _fill_run_dir(run_dir: Path, results: dict, summary: dict) -> None:
+    """Links to the artifacts, the reports' files and run.json in the run directory."""
+    from mlx_interp.engine.cache import MANIFEST, write_json_atomic
+
+    links = run_dir / "artifacts"
+    links.mkdir(parents=True, exist_ok=True)
+    for name, res in results.items():
+        link = links / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(res.path, target_is_directory=True)
+    reports = [n for n in results if n == "report" or n.endswith("_report")]
+    for name in reports:  # a report's files belong in the run directory itself
+        for src in sorted(results[name].path.iterdir()):
+            if src.suffix in (".md", ".json", ".png") and src.name != MANIFEST:
+                shutil.copy2(src, run_dir / src.name)
+    write_json_atomic(run_dir / "run.json", summary)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    info = log_blas()
+    log.info("run directory: %s", run_dir)
+    try:
+        summary = run_experiment(cfg, run_dir)
+    except _user_errors() as err:  # bad input: one clear line, no traceback
+        log.error("%s: %s", type(err).__name__, err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    from mlx_interp.engine.distributed import world
+
+    if world().rank != 0:  # under mlx.launch: rank 0 reports for all
+        return None
+    all_cached = all(s["cached"] for s in summary.values())
+    for name, s in summary.items():
+        state = "cached" if s["cached"] else "computed"
+        print(f"[{state:8s}] {name:10s} {s['path']}")
+    if all_cached:
+        print("every stage was cached: nothing recomputed")
+    if "capture" in summary:
+        meta = summary["capture"]["summary"]
+        print(
+            f"activations: {run_dir / 'artifacts' / 'capture' / 'activations'} "
+            f"({meta.get('n_prompts')} prompts x {len(meta.get('layers', []))} layers, "
+            f"d_model {meta.get('d_model')}, positions={meta.get('positions')})"
+        )
+    if "report" in summary:
+        head = summary["report"]["summary"]
+        print(
+            f"report: {run_dir / 'report.md'}  swap rate {head['swap_rate_answered_right']:.3f} "
+            f"(answered right unsteered), {head['swap_rate_all']:.3f} (all), "
+            f"binomial p {head['binomial_p']:.3g}"
+        )
+    for name, s in summary.items():  # probe and contamination reports name their headline
+        head = s["summary"].get("headline") if name.endswith("_report") else None
+        if head:
+            print(f"report: {run_dir / 'report.md'}  {head['name']} {head['value']:.3f}")
+    print(f"run directory: {run_dir}  (config: .hydra/config.yaml, log: {_log_name()})")
+    log.info("BLAS in use: %s", info.name)
+    if "report" in summary:
+        return float(summary["report"]["summary"]["swap_rate_answered_right"])
+    for name, s in summary.items():
+        if name.endswith("_report") and s["summary"].get("headline"):
+            return float(s["summary"]["headline"]["value"])
+    return None
+
+
+class Preflight(Callback):
+    """Hydra callback: one clear line (exit 2) for a bad command line or unwritable outputs.
+
+    Runs before Hydra creates the run (or sweep) folder, which would otherwise fail with a
+    traceback, and before any stage: nothing is computed for a command line that is wrong.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _preflight(config, config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _preflight(config, config.hydra.sweep.dir)
+
+
+def _preflight(config: DictConfig, job_dir: str) -> None:
+    from mlx_interp.engine.cache import writable_problem
+
+    problem = duplicate_overrides(list(config.hydra.overrides.task))
+    problem = problem or conflicting_experiments(_experiment_list(config.hydra.overrides.task))
+    for path in (config.paths.outputs, config.paths.artifacts, job_dir):
+        why = None if problem else writable_problem(path)
+        if why:
+            problem = (
+                f"the outputs folder {path} {why}; make it writable or set "
+                "paths.outputs=<a writable folder>"
+            )
+    for note in forced_groups(list(config.hydra.overrides.task)):
+        log.warning("%s", note)
+        print(f"warning: {note}", file=sys.stderr)
+    if problem:
+        log.error("%s", problem)
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def duplicate_overrides(overrides: list[str]) -> str | None:
+    """A key given twice on the command line: Hydra would silently keep the last value."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in seen:
+            hint = (
+                "to merge experiments give them as a list, experiment=[a,b]"
+                if key == "experiment"
+                else f"to sweep, give one {key}=a,b with -m"
+            )
+            return (
+                f"{key} is given twice on the command line ({seen[key]} and {item}); only the "
+                f"last would be used: give it once ({hint})"
+            )
+        seen[key] = item
+    return None
+
+
+def _experiment_list(overrides) -> list[str] | None:
+    """The names of ``experiment=[a,b]`` on the command line (None for one or none)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for item in OverridesParser.create().parse_overrides(list(overrides)):
+        if item.key_or_group == "experiment" and isinstance(item.value(), list):
+            return [str(v) for v in item.value()]
+    return None
+
+
+def conflicting_experiments(choice) -> str | None:
+    """Two experiment overlays (experiment=[a,b]) that set the same key to different values."""
+    if choice is None or isinstance(choice, str) or len(choice) < 2:
+        return None
+    values: dict[str, tuple[str, object]] = {}
+    for name in choice:
+        path = Path(CONF_DIR) / "experiment" / f"{name}.yaml"
+        if not path.is_file():
+            continue
+        for key, value in _flat_settings(OmegaConf.to_container(OmegaConf.load(path))).items():
+            if key in values and values[key][1] != value:
+                other, before = values[key]
+                return (
+                    f"experiments {other} and {name} both set {key} ({before!r} vs {value!r}); "
+                    f"merged in order, {name} would silently win: use one, or write an "
+                    "experiment in conf/experiment/ that combines them"
+                )
+            values[key] = (name, value)
+    return None
+
+
+def forced_groups(overrides: list[str]) -> list[str]:
+    """Groups an experiment overrides that the command line also sets (the command line wins)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    given = {o.key_or_group: o.value() for o in parsed if isinstance(o.value(), str)}
+    names = _experiment_list(overrides) or ([given["experiment"]] if "experiment" in given else [])
+    notes = []
+    for name in names:
+        path = Path(CONF_DIR) / "experiment" / f"{name}.yaml"
+        if not path.is_file():
+            continue
+        settings = _flat_settings(OmegaConf.to_container(OmegaConf.load(path)))
+        for key, value in settings.items():
+            group = key[1:] if key.startswith("/") else None
+            if group and group in given and given[group] != value:
+                notes.append(
+                    f"experiment {name} sets {group}={value} but the command line gives "
+                    f"{group}={given[group]}: the command line wins"
+                )
+    return notes
+
+
+def _flat_settings(node, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value of an experiment file; `override /group: x` entries as /group."""
+    out: dict[str, object] = {}
+    for item in node.pop("defaults", []) if not prefix else []:
+        if isinstance(item, dict):
+            for key, value in item.items():
+                out[key.replace("override ", "").strip()] = value
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _log_name() -> str:
+    job = HydraConfig.get().job.name
+    return f"{job}.log"
+
+
+if __name__ == "__main__":
+    main()

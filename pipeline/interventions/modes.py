@@ -1,0 +1,330 @@
+"""Steering modes: what an edit does to the hidden state ``h`` of one layer.
+
+A mode maps ``(h [batch, seq, d_model], vector [d_model], center [d_model] | None, alpha)``
+to ``h'`` of the same shape and dtype. Modes are small classes chosen by name
+(:data:`MODES`) or by Hydra ``_target_`` (:func:`make_mode`). Two optional hooks let
+:func:`mlx_interp.interventions.steering.steer` place them:
+
+- ``every_layer = True``: the edit is applied after every decoder layer, not only at the
+  layer it names (:class:`AblateAllLayersMode`);
+- ``for_layer(layer) -> mode``: a mode bound to the layer it edits, called before any layer
+  is touched (:class:`ConditionalMode` picks or checks its probe's layer there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import mlx.core as mx
+import numpy as np
+
+__all__ = [
+    "MODES",
+    "AblateAllLayersMode",
+    "AblateMode",
+    "AddMode",
+    "ConditionalMode",
+    "NormPreservingMode",
+    "ReflectMode",
+    "SteeringError",
+    "SubtractMode",
+    "load_probe",
+    "make_mode",
+    "mode_name",
+]
+
+
+class SteeringError(ValueError):
+    """A steering request that cannot be applied (bad vector, alpha, width or mode)."""
+
+
+def _unit(vector: mx.array) -> mx.array:
+    """``vector / |vector|`` in the vector's dtype."""
+    return vector / mx.linalg.norm(vector)
+
+
+class AddMode:
+    """``h + alpha * vector``: push every position along the direction."""
+
+    needs_center: ClassVar[bool] = False
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        return h + alpha * vector
+
+
+class SubtractMode:
+    """``h - alpha * vector``: push every position against the direction."""
+
+    needs_center: ClassVar[bool] = False
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        return h - alpha * vector
+
+
+class ReflectMode:
+    """Mirror across the hyperplane through ``center`` orthogonal to ``vector``.
+
+    With ``u = vector / |vector|`` and ``c = (h - center) . u``: ``h' = h - 2 * alpha * c * u``.
+    ``alpha = 1`` is the exact mirror (the positive class mean lands on the negative one when
+    ``center`` is their midpoint and ``vector`` their difference); ``alpha`` scales the move.
+    """
+
+    needs_center: ClassVar[bool] = True
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        if center is None:
+            raise ValueError(
+                "reflect mode needs a center (the midpoint of the two class means); "
+                "pass LayerEdit(..., center=...)"
+            )
+        u = _unit(vector)
+        coefficient = (2 * alpha) * ((h - center) @ u)  # [batch, seq]
+        return h - coefficient[..., None] * u
+
+
+class AblateMode:
+    """``h - alpha * (h . u) u`` with ``u = vector / |vector|``; ``alpha = 1`` projects it out."""
+
+    needs_center: ClassVar[bool] = False
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        u = _unit(vector)
+        coefficient = alpha * (h @ u)  # [batch, seq]
+        return h - coefficient[..., None] * u
+
+
+class AblateAllLayersMode(AblateMode):
+    """Directional ablation after every decoder layer (Arditi et al. 2024).
+
+    The edit's vector (the direction of the layer the edit names, e.g. ``steer.layer``) is
+    projected out, ``h - alpha (h . u) u``, of the residual stream after each decoder layer,
+    so no layer can write it back. ``alpha = 1`` removes it fully.
+    """
+
+    every_layer: ClassVar[bool] = True
+
+
+class NormPreservingMode:
+    """Run ``inner``, then rescale each position back to the norm it had before the edit.
+
+    ``h' = inner(h) * |h| / |inner(h)|``, norms over ``d_model`` per position (float32), so
+    the edit turns the hidden state without growing or shrinking it: downstream RMSNorms see
+    the same scale as unsteered. ``inner`` is a mode name or config (default ``reflect``).
+    """
+
+    def __init__(self, inner: Any = "reflect"):
+        self.inner = make_mode(inner)
+
+    @property
+    def needs_center(self) -> bool:
+        return bool(getattr(self.inner, "needs_center", False))
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        edited = self.inner(h, vector, center, alpha)
+        before = mx.linalg.norm(h.astype(mx.float32), axis=-1, keepdims=True)
+        after = mx.linalg.norm(edited.astype(mx.float32), axis=-1, keepdims=True)
+        scale = before / mx.maximum(after, np.finfo(np.float32).tiny)  # [batch, seq, 1]
+        return edited * scale.astype(h.dtype)
+
+
+def load_probe(path: str | Path, contrast: str | None, layer: int) -> tuple[np.ndarray, float]:
+    """(coef [d_model], intercept) of the probe ``{contrast}/{layer}`` in a probes file.
+
+    The file (the probes stage's ``probes.safetensors``) holds ``{contrast}/{layer}/coef``
+    ``[d_model]`` and ``{contrast}/{layer}/intercept`` ``[1]`` with
+    ``p = sigmoid(h . coef + intercept)`` on the raw hidden state. ``contrast`` may be None
+    when the file holds one contrast.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise SteeringError(
+            f"probe file {path} does not exist; run the probes stage (probes.safetensors) or "
+            "fix steer.mode.probe_path"
+        )
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise SteeringError(f"{path}: not a readable safetensors probe file ({err})") from err
+    contrasts = sorted({key.split("/")[0] for key in tensors if key.count("/") == 2})
+    if contrast is None:
+        if len(contrasts) != 1:
+            raise SteeringError(
+                f"{path} holds probes of {len(contrasts)} contrasts {contrasts}; name one with "
+                "steer.mode.contrast"
+            )
+        contrast = contrasts[0]
+    key = f"{contrast}/{layer}"
+    if f"{key}/coef" not in tensors or f"{key}/intercept" not in tensors:
+        layers = sorted(
+            int(k.split("/")[1]) for k in tensors if k.startswith(f"{contrast}/") and "coef" in k
+        )
+        raise SteeringError(
+            f"{path} has no probe {key!r} (contrasts: {contrasts}; layers of {contrast!r}: "
+            f"{layers}); fit probes at the steered layer or set steer.mode.probe_layer"
+        )
+    coef = np.asarray(tensors[f"{key}/coef"], dtype=np.float32).reshape(-1)
+    intercept = np.asarray(tensors[f"{key}/intercept"], dtype=np.float32).reshape(-1)
+    if intercept.size != 1 or not np.all(np.isfinite(coef)) or not np.isfinite(intercept[0]):
+        raise SteeringError(f"{path}: probe {key!r} must be a finite coef and one intercept")
+    return coef, float(intercept[0])
+
+
+class ConditionalMode:
+    """Apply ``inner`` only at positions where a linear probe on ``h`` fires.
+
+    The probe reads the hidden state the mode receives (the steered layer's output, before
+    the edit): ``p = sigmoid(h . coef + intercept)`` per position, in float32. Where
+    ``p > threshold`` the position gets ``inner``'s edit; elsewhere it is left exactly as it
+    was. During generation each new token is gated on its own hidden state.
+
+    The probe comes from ``coef``/``intercept`` arrays, or from a probes file
+    (``probe_path``, ``contrast``, ``probe_layer``). With a file and no ``probe_layer``, the
+    probe of the steered layer is used; a ``probe_layer`` other than the steered layer is an
+    error (the probe would read a hidden state it was not fitted on).
+    """
+
+    def __init__(
+        self,
+        inner: Any = "add",
+        threshold: float = 0.5,
+        probe_path: str | None = None,
+        contrast: str | None = None,
+        probe_layer: int | None = None,
+        coef: Any = None,
+        intercept: float | None = None,
+    ):
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise SteeringError(f"probe threshold must be in [0, 1], got {threshold}")
+        if (coef is None) == (probe_path is None):
+            raise SteeringError(
+                "a conditional mode needs exactly one probe source: probe_path (a probes "
+                "safetensors file) or coef and intercept arrays"
+            )
+        self.inner = make_mode(inner)
+        self.threshold = float(threshold)
+        self.probe_path, self.contrast, self.probe_layer = probe_path, contrast, probe_layer
+        self.coef: np.ndarray | None = None
+        self.intercept = 0.0
+        if coef is not None:
+            self._set_probe(coef, 0.0 if intercept is None else intercept)
+        elif probe_layer is not None:
+            self._set_probe(*load_probe(probe_path, contrast, int(probe_layer)))
+
+    def _set_probe(self, coef: Any, intercept: Any) -> None:
+        coef = np.asarray(coef, dtype=np.float32).reshape(-1)
+        intercept = float(np.asarray(intercept, dtype=np.float32).reshape(-1)[0])
+        if not np.all(np.isfinite(coef)) or not np.isfinite(intercept):
+            raise SteeringError("the probe's coef and intercept must be finite")
+        self.coef, self.intercept = coef, intercept
+        self._coef_mx = mx.array(coef)
+
+    @property
+    def needs_center(self) -> bool:
+        return bool(getattr(self.inner, "needs_center", False))
+
+    def for_layer(self, layer: int) -> ConditionalMode:
+        """This mode with the probe of ``layer`` (loaded from the file when needed)."""
+        if self.probe_layer is not None and int(self.probe_layer) != layer:
+            raise SteeringError(
+                f"the probe was fitted at layer {self.probe_layer} but the edit is at layer "
+                f"{layer}; use the probe of the steered layer (steer.mode.probe_layer: {layer} "
+                "or null)"
+            )
+        if self.coef is not None:
+            return self
+        bound = ConditionalMode.__new__(ConditionalMode)
+        bound.__dict__.update(self.__dict__)
+        bound.probe_layer = layer
+        bound._set_probe(*load_probe(self.probe_path, self.contrast, layer))
+        return bound
+
+    def fires(self, h: mx.array) -> mx.array:
+        """bool ``[batch, seq]``: where the probe's probability exceeds the threshold."""
+        if self.coef is None:
+            raise SteeringError(
+                "this conditional mode has no probe yet: give probe_layer, or steer through "
+                "mlx_interp.interventions.steering.steer, which binds the probe of the "
+                "steered layer"
+            )
+        if h.shape[-1] != self.coef.shape[0]:
+            raise SteeringError(
+                f"the probe has {self.coef.shape[0]} weights but the hidden state has "
+                f"d_model={h.shape[-1]}; use a probe fitted on this model's activations"
+            )
+        logit = h.astype(mx.float32) @ self._coef_mx + self.intercept
+        return mx.sigmoid(logit) > self.threshold
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        gate = self.fires(h)[..., None]
+        return mx.where(gate, self.inner(h, vector, center, alpha), h)
+
+
+MODES: dict[str, type] = {
+    "add": AddMode,
+    "subtract": SubtractMode,
+    "reflect": ReflectMode,
+    "ablate": AblateMode,
+    "ablate_all": AblateAllLayersMode,
+    "reflect_norm": NormPreservingMode,  # inner defaults to reflect
+}
+
+
+def mode_name(mode: Any) -> str:
+    """A readable name of a mode object: its class, with its inner mode when it wraps one
+    (``NormPreservingMode(ReflectMode)``)."""
+    name = type(mode).__name__
+    inner = getattr(mode, "inner", None)
+    return f"{name}({mode_name(inner)})" if inner is not None else name
+
+
+def make_mode(name_or_cfg: Any) -> Any:
+    """A mode from a name in :data:`MODES`, a config with ``_target_``, a mode class or object."""
+    if isinstance(name_or_cfg, str):
+        if name_or_cfg not in MODES:
+            raise SteeringError(
+                f"unknown steering mode {name_or_cfg!r}; valid modes: {', '.join(MODES)}"
+            )
+        return MODES[name_or_cfg]()
+    if isinstance(name_or_cfg, Mapping):
+        if "_target_" not in name_or_cfg:
+            raise SteeringError(
+                "a steering mode config needs a `_target_` "
+                "(e.g. mlx_interp.interventions.steering.AddMode); "
+                f"or use a name: {', '.join(MODES)}"
+            )
+        from hydra.utils import instantiate
+
+        try:
+            return instantiate(name_or_cfg, _convert_="all")
+        except Exception as err:
+            cause = err
+            while cause.__cause__ is not None:  # Hydra wraps the constructor's own error
+                cause = cause.__cause__
+            raise SteeringError(
+                f"cannot build the steering mode {dict(name_or_cfg)}: {cause}; valid modes: "
+                f"{', '.join(MODES)}"
+            ) from err
+    if isinstance(name_or_cfg, type):
+        return name_or_cfg()
+    if callable(name_or_cfg):
+        return name_or_cfg
+    raise SteeringError(
+        f"a steering mode must be a name ({', '.join(MODES)}), a config with `_target_`, "
+        f"or a callable mode object; got {type(name_or_cfg).__name__}"
+    )

@@ -1,0 +1,246 @@
+"""Load the model a config names: the embedded GGUF, any llama GGUF, or any mlx-lm model.
+
+``dequantize: auto`` turns quantized weights into float32 on the CPU device (MLX's CPU
+quantized matmul is ~20x slower than a float32 matmul on an optimized BLAS) and keeps them
+quantized on Metal/CUDA, where quantized kernels are fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from mlx_interp.engine.cache import file_sha256, hash_key
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")
+
+
+class ModelLoadError(ValueError):
+    """The model a config names cannot be loaded; the message says how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture and steering."""
+
+    model: nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    name: str
+    n_layers: int
+    d_model: int
+    dequantized: bool
+
+    @property
+    def pad_id(self) -> int:
+        """Token used to right-pad batches (never seen by real positions: causal attention)."""
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, attr, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
+
+def _gpu_available() -> bool:
+    try:
+        return mx.metal.is_available() or mx.cuda.is_available()
+    except AttributeError:
+        return mx.metal.is_available()
+
+
+def should_dequantize(option: str | bool) -> bool:
+    """Resolve the ``dequantize`` option: auto = only when running on the CPU."""
+    if isinstance(option, bool):
+        return option
+    option = str(option).lower()  # `model.dequantize=false` arrives as "False" (a str field)
+    if option == "auto":
+        return mx.default_device() == mx.cpu or not _gpu_available()
+    if option in ("true", "false"):
+        return option == "true"
+    raise ModelLoadError(f"model.dequantize must be auto, true or false, not {option!r}")
+
+
+def to_float32(model: nn.Module) -> None:
+    """Cast every floating parameter to float32 (MLX's CPU matmul is fastest in float32)."""
+    params = tree_map(
+        lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+        model.parameters(),
+    )
+    model.update(params)
+
+
+def source_for_path(path: str | Path) -> str:
+    """The model source a path means: ``gguf`` for a .gguf file, ``mlx_lm`` for a folder or a
+    Hugging Face id (``owner/name``). Raises :class:`ModelLoadError` for anything else."""
+    text = str(path)
+    local = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        return "gguf"
+    if local.is_dir():
+        return "mlx_lm"
+    if local.exists():
+        raise ModelLoadError(f"{local} is a file but not a .gguf model; give a .gguf file")
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts) and not text.startswith((".", "~")):
+        return "mlx_lm"
+    raise ModelLoadError(
+        f"{text!r} is not a model: give a conf/model name (e.g. smollm2_135m), a .gguf file, "
+        "a folder saved by mlx-lm, or a Hugging Face id like owner/name"
+    )
+
+
+def model_config(spec: str | Path) -> dict:
+    """A ``model`` config slice for ``spec``: a name under conf/model, or a path / hub id
+    (its source inferred by :func:`source_for_path`)."""
+    from omegaconf import OmegaConf
+
+    from mlx_interp.engine.schema import ModelConfig
+    from mlx_interp.resources import CONF_DIR
+
+    text = str(spec)
+    named = Path(CONF_DIR) / "model" / f"{text}.yaml"
+    schema = OmegaConf.structured(ModelConfig)
+    if "/" not in text and named.is_file():
+        cfg = OmegaConf.merge(schema, OmegaConf.load(named))
+    else:
+        source = source_for_path(text)
+        name = Path(text).stem if source == "gguf" else text.rstrip("/").split("/")[-1]
+        cfg = OmegaConf.merge(schema, {"name": name, "source": source, "path": text})
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _resolve_gguf_path(cfg: dict) -> Path:
+    from mlx_interp.models.gguf import embedded_gguf_path
+
+    if cfg["source"] == "embedded":
+        return embedded_gguf_path()
+    if not cfg.get("path"):
+        raise ModelLoadError("model.source=gguf needs model.path=/path/to/model.gguf")
+    path = Path(cfg["path"]).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}; check model.path")
+    return path
+
+
+def _load_mlx_lm(cfg: dict):
+    from mlx_lm import load as mlx_lm_load
+
+    ref = cfg.get("path")
+    if not ref:
+        raise ModelLoadError("model.source=mlx_lm needs model.path (a Hugging Face id or folder)")
+    local = Path(ref).expanduser()
+    looks_local = local.exists() or ref.startswith((".", "/", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise ModelLoadError(
+            f"{local} is not an mlx-lm model folder (no config.json); save one with "
+            "mlx_lm.convert or mlx_lm.utils.save, or give a Hugging Face id"
+        )
+    try:
+        kwargs = {"revision": cfg["revision"]} if cfg.get("revision") else {}
+        return mlx_lm_load(str(local) if looks_local else ref, **kwargs)
+    except Exception as err:  # hub and file errors come in many types
+        raise ModelLoadError(
+            f"could not load model {ref!r} with mlx_lm.load: {err}. Without network access "
+            "use a local folder saved by mlx-lm, or model=smollm2_135m (embedded)"
+        ) from err
+
+
+def _tiny(cfg: dict):
+    """A random-weight llama with the embedded tokenizer: for fast smoke tests of the DAG."""
+    from mlx_lm.models import llama
+
+    from mlx_interp.models.gguf import embedded_gguf_path
+    from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
+
+    _, meta = mx.load(str(embedded_gguf_path()), return_metadata=True)
+    tokenizer = tokenizer_from_gguf(meta)
+    tiny = cfg.get("tiny") or {}
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=int(tiny.get("hidden_size", 32)),
+        num_hidden_layers=int(tiny.get("num_layers", 4)),
+        intermediate_size=int(tiny.get("intermediate_size", 64)),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=len(meta["tokenizer.ggml.tokens"]),
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(int(tiny.get("seed", 0)))
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+_CACHE: dict[str, LoadedModel] = {}
+
+
+def load_model(cfg: dict) -> LoadedModel:
+    """Load (once per process) the model described by a ``model`` config slice."""
+    cache_key = hash_key(cfg)
+    if cache_key in _CACHE:
+        return _CACHE[cache_key]
+    source = cfg.get("source")
+    if source not in SOURCES:
+        raise ModelLoadError(f"unknown model.source {source!r}; use one of {SOURCES}")
+    if source in ("embedded", "gguf"):
+        from mlx_interp.models.gguf import load_gguf
+
+        model, tokenizer = load_gguf(_resolve_gguf_path(cfg))
+    elif source == "mlx_lm":
+        model, tokenizer = _load_mlx_lm(cfg)
+    else:
+        model, tokenizer = _tiny(cfg)
+    dequantized = False
+    if should_dequantize(cfg.get("dequantize", "auto")):
+        from mlx_lm.utils import dequantize_model
+
+        before = sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+        model = dequantize_model(model)
+        to_float32(model)
+        mx.eval(model.parameters())
+        dequantized = before > 0
+        log.info("model %s: dequantized %d quantized layers to float32 (CPU)", cfg["name"], before)
+    model.eval()
+    layers = model.layers
+    d_model = _d_model(model)
+    loaded = LoadedModel(model, tokenizer, cfg["name"], len(layers), d_model, dequantized)
+    _CACHE[cache_key] = loaded
+    return loaded
+
+
+def _d_model(model: nn.Module) -> int:
+    args = getattr(model, "args", None)
+    for attr in ("hidden_size", "n_embd", "d_model", "dim"):
+        if args is not None and getattr(args, attr, None):
+            return int(getattr(args, attr))
+    raise ModelLoadError("cannot tell the model's hidden size (no args.hidden_size)")
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def model_fingerprint(cfg: dict) -> dict:
+    """Content identity of the weights a model slice names, for cache keys."""
+    source = cfg.get("source")
+    if source in ("embedded", "gguf"):
+        path = _resolve_gguf_path(cfg)
+        stat = path.stat()
+        memo = (str(path), stat.st_size, stat.st_mtime_ns)
+        if memo not in _FINGERPRINTS:
+            _FINGERPRINTS[memo] = file_sha256(path)
+        return {"weights_sha256": _FINGERPRINTS[memo]}
+    if source == "mlx_lm":
+        local = Path(str(cfg.get("path", ""))).expanduser()
+        if local.is_dir():
+            files = sorted(p for p in local.iterdir() if p.is_file())
+            return {"files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+        return {"hub_id": cfg.get("path"), "revision": cfg.get("revision")}
+    return {}
