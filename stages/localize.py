@@ -163,10 +163,7 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
         "ld_corrupt_mean": float(res["ld_corrupt"].mean()),
     }
     (out / "pairs.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    best = np.unravel_index(
-        np.nanargmax(np.where(table["role"].to_numpy().reshape(rec.shape) == "all", -np.inf, rec)),
-        rec.shape,
-    )
+    best = np.unravel_index(np.nanargmax(rec), rec.shape)  # [layer, role] of the largest share
     return {
         "n_pairs": len(keep),
         "best_single_role_site": {

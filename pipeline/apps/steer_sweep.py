@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/notes/color_swap_sweep.csv")
     parser.add_argument("--max-bleed", type=float, default=0.10)
-    parser.add_argument("--top", type=int, default=3, help="points checked for random/loops")
+    parser.add_argument("--top", type=int, default=6, help="points checked for random/loops")
     parser.add_argument("--n-random", type=int, default=3)
+    parser.add_argument("--loop-prompts", type=int, default=20, help="open-ended train answers")
+    parser.add_argument("--grid-from", help="a sweep CSV whose grid rows are reused (no rescoring)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from hydra import compose, initialize_config_dir
@@ -189,7 +191,22 @@ def main(argv: list[str] | None = None) -> int:
             )
     mode = make_mode("reflect")
     rows = []
-    for site, positions, layers, alphas in GRID:
+    grid = [] if args.grid_from else GRID
+    if args.grid_from:
+        rows = pd.read_csv(args.grid_from)[
+            [
+                "site",
+                "positions",
+                "layer",
+                "alpha",
+                "swap_green",
+                "swap_red",
+                "bidirectional",
+                "bleed",
+                "seconds",
+            ]
+        ].to_dict("records")
+    for site, positions, layers, alphas in grid:
         for layer in layers:
             for alpha in alphas:
                 t = time.perf_counter()
@@ -234,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         edit = (LayerEdit(layer, ds.vectors[layer], ds.center(layer)),)
         steering = Steering(edit, mode, alpha, point["positions"])
         sweep.loc[i, "random"] = float(np.mean(rates))
-        sweep.loc[i, "loops"] = loop_rate(lm, fit, steering)
+        sweep.loc[i, "loops"] = loop_rate(lm, fit, steering, args.loop_prompts)
         print(sweep.loc[i].to_dict(), flush=True)
     good = sweep[
         (sweep["bleed"] <= args.max_bleed) & (sweep["random"] <= 0.10) & (sweep["loops"] < 0.05)
