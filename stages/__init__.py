@@ -8,6 +8,7 @@ from mlx_interp.stages import (
     capture,
     contamination,
     directions,
+    localize,
     probe_report,
     probes,
     prompts,
@@ -36,9 +37,10 @@ STAGES: dict[str, Stage] = {
     "directions": Stage(
         name="directions",
         run=directions.run,
-        reads=("directions", "seed"),
+        reads=("directions", "seed", "model"),
         needs=("prompts", "capture"),
         version=directions.VERSION,
+        fingerprint=directions.fingerprint,
     ),
     "baseline": Stage(
         name="baseline",
@@ -90,5 +92,28 @@ STAGES: dict[str, Stage] = {
         reads=("model", "report"),
         needs=("contamination",),
         version=probe_report.VERSION,
+    ),
+    "logit_lens": Stage(
+        name="logit_lens",
+        run=localize.run_logit_lens,
+        reads=("model", "score"),
+        needs=("prompts",),
+        version=localize.VERSION,
+        fingerprint=localize.fingerprint,
+    ),
+    "patching": Stage(
+        name="patching",
+        run=localize.run_patching,
+        reads=("model", "score", "localize"),
+        needs=("prompts",),
+        version=localize.VERSION,
+        fingerprint=localize.fingerprint,
+    ),
+    "localization_report": Stage(
+        name="localization_report",
+        run=localize.run_report,
+        reads=("model", "report"),
+        needs=("logit_lens", "patching", "steer", "report"),
+        version=localize.VERSION,
     ),
 }

@@ -1,5 +1,9 @@
 """Stage `directions`: activations + a contrast (pos vs neg condition) -> one direction per layer.
 
+``directions.site`` says where the activations are read (stages/direction_sites.py): the last
+prompt token (the capture artifact), the object's tokens or the answer contrast (read from the
+model). The direction set's metadata records the site.
+
 Writes directions.safetensors (the chosen method's DirectionSet) and directions.json: per
 layer the direction norm, the separability of the two conditions along it (d' and a 5-fold
 cross-validated threshold accuracy), and the cosines between the three methods.
@@ -21,8 +25,10 @@ from mlx_interp.analysis.directions import (
     make_method,
 )
 from mlx_interp.io.activations import activation_matrix, read_activations
+from mlx_interp.models.loading import load_model, model_fingerprint
+from mlx_interp.stages.direction_sites import SITE_NOTES, check_site, site_activations
 
-VERSION = "1"
+VERSION = "2"  # 2: directions.site (last | object | answer)
 
 
 def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int) -> dict:
@@ -46,8 +52,15 @@ def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int)
     return {"d_prime": d_prime, "cv_accuracy": correct / len(x)}
 
 
+def fingerprint(cfg: dict) -> dict:
+    """The model matters when the activations are read from it (sites other than last)."""
+    if cfg["directions"].get("site", "last") == "last":
+        return {}
+    return {"model": model_fingerprint(cfg["model"])}
+
+
 def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads directions, seed; needs prompts and capture."""
+    """Stage entry: reads directions, seed, model; needs prompts and capture."""
     dcfg = cfg["directions"]
     pos_name, neg_name = dcfg["contrast"]["pos"], dcfg["contrast"]["neg"]
     prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
@@ -60,13 +73,25 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                 f"condition {name!r} has no prompts (split {dcfg['fit_split']!r}); fix "
                 "directions.contrast or the dataset"
             )
-    ids = prompts["prompt_id"].tolist()
-    acts = activation_matrix(read_activations(inputs["capture"]), ids)
-    is_pos = (prompts["condition"] == pos_name).to_numpy()
-    is_neg = (prompts["condition"] == neg_name).to_numpy()
+    site = check_site(dcfg.get("site", "last"))
+    if site == "last":
+        ids = prompts["prompt_id"].tolist()
+        acts = activation_matrix(read_activations(inputs["capture"]), ids)
+        is_pos = (prompts["condition"] == pos_name).to_numpy()
+        is_neg = (prompts["condition"] == neg_name).to_numpy()
+    else:
+        lm = load_model(cfg["model"])  # every layer, read here (the capture is not used)
+        acts, is_pos, is_neg = site_activations(lm, prompts, site, pos_name, neg_name, None)
     contrast = (pos_name, neg_name)
     main = extract(acts, is_pos, is_neg, make_method(dcfg["method"]), contrast)
-    main.meta.update({"prompt_ids": len(ids), "fit_split": dcfg["fit_split"]})
+    main.meta.update(
+        {
+            "prompt_ids": len(prompts),
+            "fit_split": dcfg["fit_split"],
+            "site": site,
+            "measured_at": SITE_NOTES[site],
+        }
+    )
     main.save(out / "directions.safetensors")
     others: dict[str, DirectionSet] = {}
     if dcfg.get("compare_methods", True):
@@ -90,6 +115,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "n_pos": int(is_pos.sum()),
         "n_neg": int(is_neg.sum()),
         "layers": main.layers,
+        "site": site,
+        "measured_at": SITE_NOTES[site],
+        "fit_split": dcfg["fit_split"],
     }
     (out / "directions.json").write_text(
         json.dumps({**summary, "per_layer": per_layer}, indent=2), encoding="utf-8"

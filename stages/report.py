@@ -19,7 +19,7 @@ from mlx_interp.analysis.stats import SwapStats, binomial_test, mean_sd
 from mlx_interp.stages.report_plots import plot_layers, plot_random_baseline
 from mlx_interp.stages.report_text import render_markdown
 
-VERSION = "3"
+VERSION = "4"  # 4: held-out split beside in-sample
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "model": "Qwen2.5-7B-Instruct-4bit",
     "swap": "102/112 (91.1%)",
@@ -52,7 +52,38 @@ def unsteered_right(baseline: pd.DataFrame, swap: dict) -> pd.DataFrame:
 
 
 def compute_report(baseline, generations, directions_info, steer_info, cfg) -> dict:
-    """All report numbers from the stage tables (pure: tested on small DataFrames)."""
+    """All report numbers (pure: tested on small DataFrames). With a held-out split (rows of
+    split ``test``), the headline counts the test questions and ``in_sample`` holds the same
+    numbers on the train questions (those the direction was fitted on) beside it."""
+    held_out = "split" in generations and (generations["split"] == "test").any()
+    if not held_out:
+        return {
+            **_compute(baseline, generations, directions_info, steer_info, cfg),
+            "evaluated_on": "all",
+        }
+
+    def part(split: str) -> dict:
+        b = baseline[baseline["split"] == split] if "split" in baseline else baseline
+        g = generations[generations["split"] == split]
+        return _compute(b, g, directions_info, steer_info, cfg)
+
+    test, train = part("test"), part("train")
+    test["evaluated_on"] = "test"
+    test["in_sample"] = {
+        "bidirectional_swap": train["bidirectional_swap"],
+        "swap": train["swap"],
+        "per_class": {
+            c: v["swap_answered_right"] for c, v in train["unsteered"]["per_class"].items()
+        },
+        "random_mean": train["random_baseline"]["answered_right"]["random_mean"],
+        "controls": train["controls"],
+        "loop": train["fluency"].get("long", {}).get("steered", {}).get("loop"),
+    }
+    return test
+
+
+def _compute(baseline, generations, directions_info, steer_info, cfg) -> dict:
+    """The report numbers of one set of questions."""
     swap = cfg["swap"]
     right = unsteered_right(baseline, swap)
     right_col = "right_generate" if steer_info["scorer"] == "generate" else "right_logit"

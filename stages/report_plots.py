@@ -1,10 +1,13 @@
-"""PNG plots of the report: per-layer direction norm and separability; swap vs random."""
+"""PNG plots of the report: per-layer direction norm and separability; swap vs random; logit
+lens and activation patching heatmaps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -137,6 +140,49 @@ def plot_swap_vs_loop(table, path: Path) -> Path | None:
     ax3.set_title("swap against loop rate (labels: alpha)", fontsize=10)
     for ax in (ax1, ax2, ax3):
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_lens(lens: pd.DataFrame, path: Path) -> Path:
+    """Logit lens heatmaps, one per class: mean logit difference (own colour minus the other)
+    per layer and position role."""
+    classes = sorted(lens["condition"].unique())
+    roles = list(dict.fromkeys(lens["role"]))
+    fig, axes = plt.subplots(1, len(classes), figsize=(4 * len(classes) + 1, 5), squeeze=False)
+    for ax, cond in zip(axes[0], classes, strict=True):
+        mean = (
+            lens[lens["condition"] == cond]
+            .groupby(["layer", "role"])["logit_diff"]
+            .mean()
+            .unstack("role")[roles]
+        )
+        lim = float(np.nanmax(np.abs(mean.to_numpy()))) or 1.0
+        im = ax.imshow(mean.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_xticks(range(len(roles)), roles)
+        ax.set_ylabel("layer")
+        ax.set_title(f"{cond} questions: logit({cond}) - other")
+        fig.colorbar(im, ax=ax)
+    fig.suptitle("Logit lens (final norm + unembedding of each layer's residual)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_patching(patching: pd.DataFrame, title: str, path: Path) -> Path:
+    """Activation patching heatmap: share of the logit difference recovered per layer x role."""
+    roles = list(dict.fromkeys(patching["role"]))
+    mean = patching.pivot(index="layer", columns="role", values="recovery")[roles]
+    fig, ax = plt.subplots(figsize=(5, 6))
+    im = ax.imshow(mean.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(roles)), roles)
+    ax.set_yticks(range(len(mean.index)), [str(i) for i in mean.index], fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of logit difference recovered")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,8 +16,10 @@ def render_markdown(r: dict) -> str:
         f"# Colour swap by steering: {r['model']}",
         "",
         f"Direction: {r['direction']['method']} of {r['direction']['contrast'][0]} minus "
-        f"{r['direction']['contrast'][1]} (last-token residual stream, "
-        f"{r['direction']['n_pos']} + {r['direction']['n_neg']} questions). "
+        f"{r['direction']['contrast'][1]} ("
+        f"{r['direction'].get('measured_at', 'residual after each layer at the last token')}, "
+        f"{r['direction']['n_pos']} + {r['direction']['n_neg']} rows, fitted on split "
+        f"`{r['direction'].get('fit_split', 'all')}`). "
         f"Steering: mode {st['mode']}, layer(s) {st['layers']}, alpha {st['alpha']}, "
         f"positions {st.get('positions', 'all')}, "
         f"scorer `{st['scorer']}`, {st['n_random']} random directions of equal norm.",
@@ -38,6 +40,13 @@ def render_markdown(r: dict) -> str:
         f"questions answered right unsteered (by `{un['right_by']}`).",
         "",
         "## Result",
+        "",
+        f"Questions counted: split `{r.get('evaluated_on', 'all')}`"
+        + (
+            " (held out: not used to fit the direction or choose the setting)."
+            if r.get("evaluated_on") == "test"
+            else "."
+        ),
         "",
         "| measure | this run | original study (Qwen2.5-7B-4bit) |",
         "| --- | --- | --- |",
@@ -95,6 +104,7 @@ def render_markdown(r: dict) -> str:
             f"{_pct(long['steered']['loop'])} ({_pct(un['loop']) if un.get('n') else 'n/a'}) | |"
         )
     lines += _fluency_lines(r)
+    lines += _held_out_lines(r)
     lines += [
         "",
         "## Examples (greedy, steered)",
@@ -129,6 +139,94 @@ def render_markdown(r: dict) -> str:
         "the mean swap rate of the random directions on the same questions.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def _held_out_lines(r: dict) -> list[str]:
+    """Held-out (test) numbers beside the in-sample (train) ones."""
+    ins = r.get("in_sample")
+    if not ins:
+        return []
+    rb = r["random_baseline"]["answered_right"]["random_mean"]
+    lines = [
+        "",
+        "## Held out beside in-sample",
+        "",
+        "| measure | held out (test) | in-sample (train: fitted and chosen on) |",
+        "| --- | --- | --- |",
+        f"| bidirectional swap | {_num(r['bidirectional_swap'], True)} | "
+        f"{_num(ins['bidirectional_swap'], True)} |",
+    ]
+    for cond, c in r["unsteered"]["per_class"].items():
+        got = ins["per_class"].get(cond, {"n": 0})
+        lines.append(
+            f"| {cond} -> {c['target']} (answered right) | {_pct(c['swap_answered_right'])} | "
+            f"{_pct(got)} |"
+        )
+    lines.append(
+        f"| random directions (mean) | {_num(rb, True)} | {_num(ins['random_mean'], True)} |"
+    )
+    for key, name in (
+        ("logit_top_became_target_word", "control bleed (top token became a swap colour)"),
+        ("generate_bleed", "control bleed (greedy answer names a swap colour)"),
+    ):
+        if key in r["controls"]:
+            other = ins["controls"].get(key, {"n": 0})
+            lines.append(f"| {name} | {_pct(r['controls'][key])} | {_pct(other)} |")
+    long = (r.get("fluency") or {}).get("long", {}).get("steered", {})
+    if long.get("n"):
+        lines.append(
+            f"| loop rate of open-ended answers | {_pct(long['loop'])} | "
+            f"{_pct(ins['loop']) if ins.get('loop') else 'n/a'} |"
+        )
+    return lines
+
+
+def render_localization(r: dict) -> str:
+    """localization.md: logit lens and patching, and the single-site ceiling."""
+    loc = r["localization"]
+    lines = [
+        f"# Where the colour is decided: {r['model']}",
+        "",
+        "Logit lens: each layer's residual through the final norm and unembedding; the logit "
+        "of the question's own colour minus the other's, mean over the questions (positive: "
+        "the right colour leads). Roles: the object's last token, the tokens after it, the last "
+        "token.",
+        "",
+        "| role | at the last layer | largest (layer) | first layer > 0 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for role, v in loc["lens"].items():
+        lines.append(
+            f"| {role} | {v['final_layer_mean']:.2f} | {v['max_mean']:.2f} ({v['max_layer']}) | "
+            f"{v['first_positive_layer']} |"
+        )
+    p = loc["patching"]
+    best, steered = p["best_site"], p["steered_site"]
+    lines += [
+        "",
+        f"Activation patching: {p['n_pairs']} clean/corrupted pairs of one template (logit "
+        f"difference clean {p['ld_clean_mean']:.2f}, corrupted {p['ld_corrupt_mean']:.2f}); the "
+        "clean residual after one layer at one role patched into the corrupted run.",
+        "",
+        "| site | share of the logit difference recovered |",
+        "| --- | --- |",
+    ]
+    if best:
+        lines.append(
+            f"| best single role: layer {best['layer']}, {best['role']} | "
+            f"{_num(best['recovery'], True)} |"
+        )
+    if steered["recovery"] is not None:
+        lines.append(
+            f"| the steered site: layer(s) {steered['layers']}, {steered['role']} (ceiling of "
+            f"an edit there) | {_num(steered['recovery'], True)} |"
+        )
+    lines.append(
+        f"| steering there (bidirectional swap, split `{r['evaluated_on']}`) | "
+        f"{_num(r['bidirectional_swap'], True)} |"
+    )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r.get("plots", [])] + [""]
     return "\n".join(lines)
 
 

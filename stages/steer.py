@@ -38,13 +38,14 @@ from mlx_interp.analysis.scoring import (
 )
 from mlx_interp.interventions.capture import resolve_layers
 from mlx_interp.interventions.modes import mode_name
+from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.steering import LayerEdit, SteeringError, make_mode
 from mlx_interp.io.prompts import render
 from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-VERSION = "3"
+VERSION = "4"  # 4: positions last/object, split column
 
 
 def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -71,7 +72,10 @@ def _score(scorer, lm, df: pd.DataFrame, score: dict, steering: Steering, pad: i
     original = [c if c in score["swap"] else words_of(score)[0] for c in df["condition"]]
     target = [score["swap"].get(c, words_of(score)[-1]) for c in df["condition"]]
     tokens = [list(map(int, t)) for t in df["tokens"]]
-    return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad)
+    spans = None
+    if steering.edits and steering.positions == "object":
+        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist())
+    return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad, spans=spans)
 
 
 def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> pd.DataFrame:
@@ -80,6 +84,7 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     out.insert(1, "condition", df["condition"].to_numpy())
     out.insert(2, "direction", direction)
     out.insert(3, "scorer", kind)
+    out.insert(4, "split", df["split"].to_numpy() if "split" in df else "train")
     return out
 
 
@@ -95,7 +100,8 @@ def fluency_spec(score: dict) -> FluencySpec:
 def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat") -> pd.DataFrame:
     """``score.fluency.n_prompts`` swap questions, evenly spaced over the table (so every swap
     class is covered, without a seed), as open-ended zero-shot prompts (``tokens``) in the
-    model's prompt format (chat; plain text for a base model)."""
+    model's prompt format (chat; plain text for a base model); only test questions when the
+    table has a test split (the loop rate is a held-out number)."""
     f = score["fluency"]
     n = int(f["n_prompts"])
     if n < 0:
@@ -105,6 +111,8 @@ def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat
             f"score.fluency.instruction {f['instruction']!r} has no {{text}}: it must place the "
             "question, e.g. '{text} Describe it in two or three sentences.'"
         )
+    if "split" in swap and (swap["split"] == "test").any():  # held out: loops on test rows
+        swap = swap[swap["split"] == "test"].reset_index(drop=True)
     n = min(n, len(swap))
     picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
     sample = swap.iloc[picks].reset_index(drop=True)

@@ -21,8 +21,15 @@ import numpy as np
 
 from mlx_interp.analysis.stats import require_finite
 from mlx_interp.errors import ConfigError, UntrustedResultError
+from mlx_interp.interventions.positions import (
+    PER_ROW,
+    POSITIONS,
+    GatedMode,
+    PositionGate,
+    position_mask,
+)
 from mlx_interp.interventions.prefix import batched_last_logits, greedy_generate, shared_prefix
-from mlx_interp.interventions.steering import LayerEdit, steer
+from mlx_interp.interventions.steering import LayerEdit, make_mode, steer
 
 
 class ScoringError(ConfigError):
@@ -48,15 +55,15 @@ def named_word(text: str, words: Sequence[str]) -> str | None:
     return found.group(1).lower() if found else None
 
 
-POSITIONS = ("all", "suffix")
-
-
 @dataclass(frozen=True)
 class Steering:
     """One steering setting: edits at layers, a mode object, alpha (empty edits = unsteered).
 
     positions: "all" edits every token; "suffix" leaves the prompts' shared prefix (system
-    prompt, few-shot turns) unsteered and edits the rest of the prompt and every new token.
+    prompt, few-shot turns) unsteered and edits the rest of the prompt and every new token;
+    "last" edits the last prompt token and every new token; "object" only the object's
+    tokens (the scorers then need each prompt's object span).
+    See :mod:`mlx_interp.interventions.positions`.
     """
 
     edits: tuple[LayerEdit, ...]
@@ -78,6 +85,34 @@ def _run_steered(lm: Any, tokens: list[list[int]], steering: Steering, fn):
         return fn(prefix)
 
 
+def _run_per_row(lm, tokens, steering: Steering, spans, batch_size: int, fn) -> list[dict]:
+    """Run ``fn(rows, prefix)`` batch by batch (rows sorted by length, so the batched helpers
+    keep their order), with the gate set to each batch's position mask; the shared prefix is
+    run unsteered (neither rule edits it)."""
+    if steering.positions == "object" and (spans is None or len(spans) != len(tokens)):
+        raise ScoringError("steer.positions=object needs each prompt's object span")
+    gate = PositionGate(generated=steering.positions == "last")
+    mode = GatedMode(make_mode(steering.mode or "add"), gate)
+    prefix = shared_prefix(lm.model, tokens) if len(tokens) > 1 else (0, None)
+    order = [int(i) for i in np.argsort([len(t) for t in tokens], kind="stable")]
+    out: list[dict | None] = [None] * len(tokens)
+    with steer(lm.model, list(steering.edits), mode, steering.alpha):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            if len(rows) == 1:  # a lone prompt would take mlx-lm's loop, which splits the
+                rows = rows * 2  # prompt forward in two: run it twice in one batch instead
+            lengths = [len(tokens[i]) for i in rows]
+            row_spans = None if spans is None else [spans[i] for i in rows]
+            gate.set(position_mask(steering.positions, lengths, prefix[0], row_spans))
+            try:
+                results = fn(rows, prefix)
+            finally:
+                gate.set(None)
+            for i, result in zip(rows, results, strict=True):
+                out[i] = result  # a duplicated lone prompt writes the same result twice
+    return out
+
+
 UNSTEERED = Steering(edits=(), mode=None, alpha=0.0)
 
 
@@ -85,6 +120,7 @@ class Scorer:
     """Base of the scorers: run ``score`` under a steering setting (prefix handled here)."""
 
     kind = ""
+    batch_size = 16  # prompts per forward (the per-row position rules run batch by batch)
 
     def __call__(
         self,
@@ -95,8 +131,17 @@ class Scorer:
         words: Sequence[str],
         steering: Steering = UNSTEERED,
         pad_id: int = 0,
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> list[dict]:
-        """One dict per prompt (token ids), with its original and target word."""
+        """One dict per prompt (token ids), with its original and target word; ``spans``:
+        each prompt's object ``[start, end)`` (needed by ``positions=object``)."""
+        if steering.edits and steering.positions in PER_ROW:
+
+            def run_rows(rows, prefix):
+                pick = [[seq[i] for i in rows] for seq in (tokens, original, target)]
+                return self.score(lm, *pick, words, pad_id, prefix)
+
+            return _run_per_row(lm, tokens, steering, spans, self.batch_size, run_rows)
 
         def run(prefix):
             return self.score(lm, tokens, original, target, words, pad_id, prefix)
@@ -145,11 +190,14 @@ class GenerateScorer(Scorer):
 
     kind = "generate"
 
-    def __init__(self, max_tokens: int = 8):
+    def __init__(self, max_tokens: int = 8, batch_size: int = 16):
         self.max_tokens = int(max_tokens)
+        self.batch_size = int(batch_size)
 
     def score(self, lm, tokens, original, target, words, pad_id, prefix) -> list[dict]:
-        answers = greedy_generate(lm.model, lm.tokenizer, tokens, self.max_tokens, prefix)
+        answers = greedy_generate(
+            lm.model, lm.tokenizer, tokens, self.max_tokens, prefix, batch_size=self.batch_size
+        )
         if answers and not any(text.strip() for text, _ in answers):
             raise UntrustedResultError(
                 f"all {len(answers)} generated answers are empty (the model ended at once), so "

@@ -81,6 +81,7 @@ class DirectionsConfig:
     contrast: dict[str, str] = field(default_factory=lambda: {"pos": "red", "neg": "green"})
     fit_split: str = "all"  # all | train | test: which prompts the direction is fitted on
     compare_methods: bool = True  # also fit every method, for cosines in directions.json
+    site: str = "last"  # last token | object (mean over its tokens) | answer (answer contrast)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class SteerConfig:
     layer: Any = 12  # decoder layer(s) edited: an int or a list (negative ok)
     alpha: float = 1.0  # strength; for reflect 1.0 = exact mirror
     mode: Any = "reflect"  # add | subtract | reflect | ablate, or {_target_: ...}
-    positions: str = "all"  # all tokens | suffix: leave the shared prefix (few-shot) unsteered
+    positions: str = "all"  # all | suffix (not the shared prefix) | last | object (its tokens)
     n_random: int = 10  # random directions of equal norm for the baseline rate
     confirm_n: int = 24  # questions also answered by greedy generation (steered)
 
@@ -144,6 +145,14 @@ class ContaminationConfig:
 
 
 @dataclass
+class LocalizeConfig:
+    clean: str = "green"  # condition of the clean prompts (patching) / first lens class
+    corrupt: str = "red"  # condition of the corrupted prompts, same template as a clean one
+    max_pairs: int = 24  # clean/corrupted pairs patched (one batch); lens: all questions
+    layers: list[int] | None = None  # layers patched (negative ok); null: every layer
+
+
+@dataclass
 class ReportConfig:
     plots: bool = True  # write PNG plots
     reference: dict[str, Any] = field(default_factory=dict)  # published figures shown beside ours
@@ -172,6 +181,7 @@ class RootConfig:
     steer: SteerConfig = MISSING  # steering stage
     probes: ProbesConfig = field(default_factory=ProbesConfig)  # probe cross-validation stage
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # rubric
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)  # logit lens, patching
     report: ReportConfig = MISSING  # report stage
     paths: PathsConfig = field(default_factory=PathsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -223,7 +223,8 @@ def test_every_steer_mode_config_composes_and_builds(mode, tmp_path):
 
 def test_steer_quality_experiment_composes_with_its_sweep():
     cfg = compose_config(["experiment=steer_quality"])
-    assert cfg.steer.layer == 8 and cfg.score.fluency.n_prompts > 0
+    default = compose_config([])  # the model/concept's steered layer, not one of its own
+    assert cfg.steer.layer == default.steer.layer and cfg.score.fluency.n_prompts > 0
     params = cfg.hydra.sweeper.params if "hydra" in cfg else None
     if params is not None:  # compose() without a multirun may drop the hydra node
         assert set(params) == {"steer/mode", "steer.alpha"}

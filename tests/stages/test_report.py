@@ -163,3 +163,21 @@ def test_markdown_has_the_table_rows():
     assert (
         markdown_table(pd.DataFrame({"a": [1.23456, np.nan], "b": ["x|y", "z"]})).count("\n") == 3
     )
+
+
+def test_held_out_headline_counts_test_questions_and_shows_in_sample_beside():
+    base, gens = _tables(main_swaps=(8, 6))  # every right question swaps
+    # odd question numbers are test; on the test half only green-1 and red-1 stay swapped
+    for t in (base, gens):
+        t["split"] = ["test" if int(p.split("-")[1]) % 2 else "train" for p in t["prompt_id"]]
+    keep = ~gens["prompt_id"].isin(["green-3", "green-5", "green-7", "red-3", "red-5"])
+    gens.loc[~keep & (gens["direction"] == "main"), "swapped"] = False
+    r = compute_report(base, gens, DIRECTIONS, STEER, CFG)
+    assert r["evaluated_on"] == "test"
+    green = r["unsteered"]["per_class"]["green"]["swap_answered_right"]
+    red = r["unsteered"]["per_class"]["red"]["swap_answered_right"]
+    assert (green["k"], green["n"]) == (1, 4) and (red["k"], red["n"]) == (1, 3)
+    assert r["bidirectional_swap"] == pytest.approx(1 / 4)
+    assert r["in_sample"]["bidirectional_swap"] == pytest.approx(1.0)
+    md = render_markdown(r)
+    assert "Held out beside in-sample" in md and "| bidirectional swap | 25.0% | 100.0% |" in md

@@ -1,0 +1,117 @@
+"""Logit lens: each layer's residual read through the model's final norm and unembedding.
+
+:func:`unembed` maps a residual ``[..., d_model]`` to logits ``[..., vocab]`` exactly as the
+model's own head does after its last layer (mlx-lm: ``model.model.norm``, then ``lm_head``
+or the tied embedding), so at the last layer the lens equals the model's logits (for models
+that transform the head's output further, e.g. gemma2's logit soft-capping, it equals them
+before that transform).
+:func:`lens_logit_diff` gives, per prompt, layer and position role, the logit difference of
+two answer words (max over each word's first-token spellings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_interp.interventions.capture import capture_layers, decoder_layers, padded_batch
+from mlx_interp.interventions.positions import ROLES, role_positions
+from mlx_interp.interventions.prefix import expand_cache, shared_prefix
+from mlx_interp.models.loading import ModelLoadError
+
+
+class LensError(ModelLoadError):
+    """A model whose final norm or unembedding cannot be found."""
+
+
+def unembed(model: Any, h: mx.array) -> mx.array:
+    """``[..., d_model]`` residual -> ``[..., vocab]`` logits via the final norm and head."""
+    inner = getattr(model, "model", None)
+    norm = getattr(inner, "norm", None)
+    if norm is None:
+        raise LensError(
+            f"{type(model).__name__} has no model.norm: the logit lens needs an mlx-lm model "
+            "whose body ends in a final norm (llama, qwen2, mistral, ...)"
+        )
+    h = norm(h)
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        return head(h)
+    embed = getattr(inner, "embed_tokens", None)
+    if embed is None or not hasattr(embed, "as_linear"):
+        raise LensError(f"{type(model).__name__} has neither lm_head nor tied embed_tokens")
+    return embed.as_linear(h)
+
+
+def unembed_ids(model: Any, h: mx.array, ids: Sequence[int]) -> mx.array:
+    """``[..., d_model]`` residual -> ``[..., len(ids)]``: the logits of ``ids`` only, equal
+    to ``unembed(model, h)[..., ids]``. A plain (unquantized) head multiplies by its rows of
+    ``ids`` alone; any other head runs whole."""
+    import mlx.nn as nn
+
+    index = mx.array(list(ids), dtype=mx.int32)
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None and type(embed) is nn.Embedding:
+        weight, bias = embed.weight, None
+    elif type(head) is nn.Linear:
+        weight, bias = head.weight, head.get("bias")
+    else:
+        return unembed(model, h)[..., index]
+    normed = model.model.norm(h)
+    out = normed @ weight[index].T
+    return out if bias is None else out + bias[index]
+
+
+def lens_logit_diff(
+    model: Any,
+    seqs: Sequence[Sequence[int]],
+    spans: Sequence[tuple[int, int]],
+    plus_ids: Sequence[Sequence[int]],
+    minus_ids: Sequence[Sequence[int]],
+    pad_id: int = 0,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """float32 ``[n, n_layers, len(ROLES)]``: through the lens, max logit over ``plus_ids[i]``
+    minus max logit over ``minus_ids[i]``, at the last object token (``object``), averaged
+    over the tokens after it (``after``; NaN when there are none) and at the last token."""
+    seqs = [[int(t) for t in s] for s in seqs]
+    n_layers = len(decoder_layers(model))
+    out = np.full((len(seqs), n_layers, len(ROLES)), np.nan, np.float32)
+    p, cache0 = shared_prefix(model, seqs)
+    if cache0 is not None and min(s for s, _ in spans) < p:
+        p, cache0 = 0, None
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    for begin in range(0, len(order), batch_size):
+        rows = [int(i) for i in order[begin : begin + batch_size]]
+        tokens, _ = padded_batch([seqs[i][p:] for i in rows], pad_id)
+        cache = expand_cache(cache0, len(rows)) if cache0 is not None else None
+        with capture_layers(model, None) as rec:
+            model(tokens, **({} if cache is None else {"cache": cache}))
+        picks = []  # (row in batch, position in suffix, prompt, role index)
+        for r, i in enumerate(rows):
+            roles = role_positions(spans[i], len(seqs[i]))
+            chosen = (roles["object"][-1:], roles["after"], roles["last"])
+            picks += [(r, j - p, i, k) for k, js in enumerate(chosen) for j in js]
+        row_idx = mx.array([a for a, _, _, _ in picks], dtype=mx.int32)
+        pos_idx = mx.array([b for _, b, _, _ in picks], dtype=mx.int32)
+        vocab = sorted({int(t) for i in rows for t in (*plus_ids[i], *minus_ids[i])})
+        column = {t: c for c, t in enumerate(vocab)}
+        for layer in range(n_layers):
+            h = rec.outputs[layer][row_idx, pos_idx]  # [picks, d_model]
+            logits = np.array(unembed_ids(model, h, vocab).astype(mx.float32))  # [picks, ids]
+            sums = np.zeros((len(seqs), len(ROLES)))
+            counts = np.zeros((len(seqs), len(ROLES)))
+            for m, (_, _, i, k) in enumerate(picks):
+                row = logits[m]
+                plus = row[[column[t] for t in plus_ids[i]]].max()
+                sums[i, k] += plus - row[[column[t] for t in minus_ids[i]]].max()
+                counts[i, k] += 1
+            for i in rows:
+                seen = counts[i] > 0
+                out[i, layer, seen] = sums[i, seen] / counts[i, seen]
+        rec.outputs.clear()
+    return out
