@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 
 from mlx_interp.analysis.directions import DirectionError
+from mlx_interp.engine.schema import DIRECTION_SITES
 from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.readout import answer_sequences, residuals_at
 
-SITES = ("last", "object", "answer")
+SITES = DIRECTION_SITES  # last | object | answer (one list, in the schema)
 SITE_NOTES = {
     "last": "residual after each layer at the last prompt token",
     "object": "residual after each layer, mean over the object's tokens",

@@ -13,6 +13,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")  # where model weights come from
+STEER_POSITIONS = ("all", "suffix", "last", "object")  # where a steering edit applies
+DIRECTION_SITES = ("last", "object", "answer")  # where a direction's activations are read
 
 
 @dataclass

@@ -17,7 +17,7 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mlx_interp.engine.schema import SOURCES
+from mlx_interp.engine.schema import DIRECTION_SITES, SOURCES, STEER_POSITIONS
 from mlx_interp.errors import ConfigError
 
 Check = Callable[[Any], bool]
@@ -116,9 +116,14 @@ RULES: dict[str, tuple[Check, str, str]] = {
     ),
     "prompts.format": (one_of("chat", "plain"), "one of ('chat', 'plain')", "prompts.format=chat"),
     "steer.positions": (
-        one_of("all", "suffix"),
-        "one of ('all', 'suffix')",
-        "steer.positions=suffix",
+        one_of(*STEER_POSITIONS),
+        f"one of {STEER_POSITIONS}",
+        "steer.positions=last",
+    ),
+    "directions.site": (
+        one_of(*DIRECTION_SITES),
+        f"one of {DIRECTION_SITES}",
+        "directions.site=last",
     ),
     "capture.batch_size": (at_least(1), "an int >= 1", "capture.batch_size=16"),
     "capture.max_tokens": (

@@ -21,9 +21,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.engine.schema import STEER_POSITIONS
 from mlx_interp.interventions.modes import SteeringError
 
-POSITIONS = ("all", "suffix", "last", "object")
+POSITIONS = STEER_POSITIONS  # all | suffix | last | object (one list, in the schema)
 PER_ROW = ("last", "object")  # rules whose mask differs between rows
 
 

@@ -58,7 +58,9 @@ def test_unknown_group_option_names_the_choices():
 SCHEMAS = {  # the stage groups (model and concept files name their choices in full)
     "prompts": "PromptsConfig",
     "capture": "CaptureConfig",
+    "directions": "DirectionsConfig",
     "score": "ScoreConfig",
+    "steer": "SteerConfig",
     "probes": "ProbesConfig",
     "contamination": "ContaminationConfig",
     "report": "ReportConfig",
