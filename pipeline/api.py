@@ -60,8 +60,14 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
 
-    def tokens(self, text: str, chat: bool = False) -> list[int]:
-        """Token ids of ``text``; with ``chat`` inside the model's chat template (a user turn)."""
+    def tokens(self, text: str, chat: bool | None = False) -> list[int]:
+        """Token ids of ``text``; with ``chat`` inside the model's chat template (a user turn).
+
+        ``chat=None`` follows the model's prompt format: chat for instruction-tuned models,
+        plain text for base models without a chat template (``model.prompt_format``).
+        """
+        if chat is None:
+            chat = self.loaded.prompt_format == "chat"
         return render(self.tokenizer, text, "chat" if chat else "plain", None, [])[1]
 
     def record(
@@ -114,8 +120,9 @@ class Model:
                 names.append(site)
         return names
 
-    def generate(self, prompt: str, max_tokens: int = 48, chat: bool = True) -> str:
-        """Greedy continuation of ``prompt`` (in the chat template when ``chat``), as text."""
+    def generate(self, prompt: str, max_tokens: int = 48, chat: bool | None = None) -> str:
+        """Greedy continuation of ``prompt`` as text: in the chat template when ``chat``; by
+        default (None) in the model's prompt format (plain text for a base model)."""
         from mlx_lm import generate
 
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:

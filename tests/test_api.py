@@ -94,6 +94,12 @@ def test_apply_equals_steer_and_restores_the_model(model):
             pass
 
 
+def test_default_prompt_format_follows_the_model(model, monkeypatch):
+    assert model.tokens("Grass is", chat=None) == model.tokens("Grass is", chat=True)
+    monkeypatch.setattr(model.loaded, "prompt_format", "plain")  # a base model, e.g. Gemma
+    assert model.tokens("Grass is", chat=None) == model.tokens("Grass is", chat=False)
+
+
 def test_generate_steered_differs_and_files_round_trip(model, tmp_path):
     d = mi.Direction.train(model, PROMPTS[:2], PROMPTS[2:], layers=[1])
     plain = model.generate("Grass is", max_tokens=4, chat=False)
