@@ -33,8 +33,8 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
             key, _, value = str(item).partition("=")
             row[key.lstrip("+~")] = _number(value)
         report = job / "report.json"
-        if report.exists():
-            r = json.loads(report.read_text())
+        r = json.loads(report.read_text()) if report.exists() else {}
+        if "random_baseline" in r:  # the colour-swap report
             rb = r["random_baseline"]["answered_right"]
             row.update(
                 {
@@ -65,11 +65,25 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
             row["error"] = failure.get("message", "")
             row["bad_input"] = bool(failure.get("bad_input"))
         elif (job / "run.json").exists():
-            row["status"] = "no report"
+            row.update(_report_headlines(json.loads((job / "run.json").read_text())))
         else:
             row["status"] = "failed or running"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _report_headlines(run: dict) -> dict:
+    """The headline of each ``*_report`` stage of a job (probes, contamination): its name,
+    its value, and the probes' best CV accuracy per contrast; "no report" when none."""
+    row: dict[str, Any] = {}
+    for name, stage in run.items():
+        summary = stage.get("summary") or {}
+        if not name.endswith("_report") or not summary.get("headline"):
+            continue
+        row["headline"] = summary["headline"]["name"]
+        row["headline_value"] = summary["headline"]["value"]
+        row.update({f"best_{c}": v for c, v in (summary.get("best") or {}).items()})
+    return row or {"status": "no report"}
 
 
 def _fluency_columns(report: dict) -> dict:
