@@ -51,6 +51,7 @@ class Steering:
     layers: list[int]
     alpha: float
     mode: Any  # a MODES name, or a ``_target_`` config (from the experiment's steer.mode)
+    positions: str = "all"  # all tokens | last: the last prompt token and every generated one
 
     def edits(self) -> list:
         from mlx_interp.interventions.steering import LayerEdit
@@ -63,7 +64,8 @@ class Steering:
     def short(self) -> str:
         layers = ",".join(map(str, self.layers))
         mode = self.mode if isinstance(self.mode, str) else self.mode["_target_"].split(".")[-1]
-        return f"{mode} L{layers} a{self.alpha:g}"
+        where = "" if self.positions == "all" else f" @{self.positions}"
+        return f"{mode} L{layers} a{self.alpha:g}{where}"
 
 
 def parse_steer_args(tokens: Sequence[str]) -> tuple[str | None, dict[str, str]]:
@@ -72,8 +74,8 @@ def parse_steer_args(tokens: Sequence[str]) -> tuple[str | None, dict[str, str]]
     for token in tokens:
         if "=" in token:
             key, value = token.split("=", 1)
-            if key not in ("layer", "layers", "alpha", "mode"):
-                raise ChatError(f"unknown option {key!r}: use layer=, alpha=, mode=")
+            if key not in ("layer", "layers", "alpha", "mode", "positions"):
+                raise ChatError(f"unknown option {key!r}: use layer=, alpha=, mode=, positions=")
             options["layer" if key == "layers" else key] = value
         elif path is None:
             path = token
@@ -219,7 +221,10 @@ class ChatSession:
         mode = options.get("mode") or (previous.mode if previous else None)
         if mode is None:
             mode = "add" if dirset.meta.get("centers_known") is False else "reflect"
-        return Steering(source, dirset, layers, alpha, mode)
+        positions = options.get("positions") or (previous.positions if previous else "all")
+        if positions not in ("all", "last"):
+            raise ChatError(f"positions must be all or last in the chat, not {positions!r}")
+        return Steering(source, dirset, layers, alpha, mode, positions)
 
     def activate(self, steering: Steering) -> None:
         """Check the steering against the model (no forward), then switch it on."""
@@ -244,7 +249,12 @@ class ChatSession:
         steering = self._steering(
             preset.dirset,
             preset.source,
-            {"layer": str(preset.layer), "alpha": str(preset.alpha), "mode": preset.mode},
+            {
+                "layer": str(preset.layer),
+                "alpha": str(preset.alpha),
+                "mode": preset.mode,
+                "positions": preset.positions,
+            },
             None,
         )
         self.activate(steering)
@@ -264,6 +274,11 @@ class ChatSession:
         edits = self.steering.edits() if on else []
         mode = self.steering.mode if on else "add"
         alpha = self.steering.alpha if on else 0.0
+        if on and self.steering.positions == "last":  # as the steer stage places it
+            from mlx_interp.interventions.positions import FromPosition
+            from mlx_interp.interventions.steering import make_mode
+
+            mode = FromPosition(make_mode(mode), start=len(tokens) - 1)
         parts: list[str] = []
         try:
             with steer(self.loaded.model, edits, mode, alpha):

@@ -45,6 +45,7 @@ class Preset:
     layer: int
     alpha: float
     mode: Any  # a MODES name or a ``_target_`` config
+    positions: str = "all"  # steer.positions; the chat applies all and last, refuses others
 
 
 def mode_spec(mode_cfg: Any) -> Any:
@@ -82,6 +83,7 @@ def colorblind_preset(cfg: dict, say: Callable[[str], None] = print) -> Preset:
     steer_cfg = cfg["steer"]
     layers = steer_cfg["layer"] if isinstance(steer_cfg["layer"], list) else [steer_cfg["layer"]]
     layer, alpha, mode = int(layers[0]), float(steer_cfg["alpha"]), mode_spec(steer_cfg["mode"])
+    positions = str(steer_cfg.get("positions", "all"))
     store = ArtifactStore(Path(cfg["paths"]["artifacts"]).expanduser().resolve())
     fast = {
         **cfg,
@@ -96,11 +98,11 @@ def colorblind_preset(cfg: dict, say: Callable[[str], None] = print) -> Preset:
             if layer in dirset.vectors:
                 say(f"using the cached directions artifact {found.path}")
                 dirset.meta.setdefault("artifact_key", key)
-                return Preset(dirset, str(found.path), layer, alpha, mode)
+                return Preset(dirset, str(found.path), layer, alpha, mode, positions)
     say(f"no cached directions: capturing layer {layer} for the {cfg['concept']['name']} prompts")
     results = run_stages(STAGES, ["directions"], fast, store)
     path = results["directions"].path
     dirset = DirectionSet.load(path / "directions.safetensors")
     dirset.meta.setdefault("artifact_key", results["directions"].key)
     say(f"computed and cached {path}")
-    return Preset(dirset, str(path), layer, alpha, mode)
+    return Preset(dirset, str(path), layer, alpha, mode, positions)

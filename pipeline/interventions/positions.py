@@ -151,3 +151,35 @@ def role_positions(span: tuple[int, int], length: int) -> dict[str, list[int]]:
         "after": list(range(end, length - 1)),
         "last": [length - 1],
     }
+
+
+class FromPosition:
+    """``inner``'s edit at absolute token positions ``>= start``, for streaming generation
+    (the prompt, possibly in chunks, then one token per step): each forward's positions are
+    counted. ``start = prompt length - 1`` is the ``last`` rule (the last prompt token and
+    every generated token). ``steer`` binds one copy per edited layer (``for_layer``), so
+    every layer counts its own forwards; one edit per layer."""
+
+    def __init__(self, inner: Any, start: int):
+        self.inner, self.start, self.seen = inner, int(start), 0
+
+    @property
+    def needs_center(self) -> bool:
+        return bool(getattr(self.inner, "needs_center", False))
+
+    def for_layer(self, layer: int) -> FromPosition:
+        bind = getattr(self.inner, "for_layer", None)
+        return FromPosition(bind(layer) if bind else self.inner, self.start)
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        first, n = self.seen, h.shape[1]
+        self.seen += n
+        if first + n <= self.start:
+            return h
+        edited = self.inner(h, vector, center, alpha)
+        if first >= self.start:
+            return edited
+        open_ = (mx.arange(first, first + n) >= self.start)[None, :, None]
+        return mx.where(open_, edited, h)

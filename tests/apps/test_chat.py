@@ -9,6 +9,7 @@ import pytest
 
 from mlx_interp.analysis.directions import DirectionSet
 from mlx_interp.apps.chat import ChatError, model_overrides, parse_steer_args
+from tests.helpers import compose_config
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -118,7 +119,9 @@ def test_colorblind_preset_changes_the_answer(tmp_path):
     child = spawn_chat("--fewshot", "--override", f"paths.outputs={tmp_path}", timeout=600)
     before = ask(child, question)
     out = command(child, "/preset colorblind")
-    assert "steering on: reflect L8 a2" in out  # the default experiment's setting
+    steer = compose_config([]).steer  # the default experiment's setting (model_concept)
+    where = "" if steer.positions == "all" else f" @{steer.positions}"
+    assert f"steering on: reflect L{steer.layer} a{steer.alpha:g}{where}" in out
     assert "computed and cached" in out  # a fresh artifact store: computed, then cached
     after = ask(child, question)
     assert "green" in before.lower()
