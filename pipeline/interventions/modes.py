@@ -116,7 +116,18 @@ class AblateAllLayersMode(AblateMode):
     every_layer: ClassVar[bool] = True
 
 
-class NormPreservingMode:
+class WrappingMode:
+    """Base of the modes that wrap another (``self.inner``): a centre is needed exactly when
+    the inner mode needs one (norm-preserving, conditional, position-gated modes)."""
+
+    inner: Any
+
+    @property
+    def needs_center(self) -> bool:
+        return bool(getattr(self.inner, "needs_center", False))
+
+
+class NormPreservingMode(WrappingMode):
     """Run ``inner``, then rescale each position back to the norm it had before the edit.
 
     ``h' = inner(h) * |h| / |inner(h)|``, norms over ``d_model`` per position (float32), so
@@ -126,10 +137,6 @@ class NormPreservingMode:
 
     def __init__(self, inner: Any = "reflect"):
         self.inner = make_mode(inner)
-
-    @property
-    def needs_center(self) -> bool:
-        return bool(getattr(self.inner, "needs_center", False))
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -185,7 +192,7 @@ def load_probe(path: str | Path, contrast: str | None, layer: int) -> tuple[np.n
     return coef, float(intercept[0])
 
 
-class ConditionalMode:
+class ConditionalMode(WrappingMode):
     """Apply ``inner`` only at positions where a linear probe on ``h`` fires.
 
     The probe reads the hidden state the mode receives (the steered layer's output, before
@@ -233,10 +240,6 @@ class ConditionalMode:
             raise SteeringError("the probe's coef and intercept must be finite")
         self.coef, self.intercept = coef, intercept
         self._coef_mx = mx.array(coef)
-
-    @property
-    def needs_center(self) -> bool:
-        return bool(getattr(self.inner, "needs_center", False))
 
     def for_layer(self, layer: int) -> ConditionalMode:
         """This mode with the probe of ``layer`` (loaded from the file when needed)."""

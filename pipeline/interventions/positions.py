@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.engine.schema import STEER_POSITIONS
-from mlx_interp.interventions.modes import SteeringError
+from mlx_interp.interventions.modes import SteeringError, WrappingMode
 
 POSITIONS = STEER_POSITIONS  # all | suffix | last | object (one list, in the schema)
 PER_ROW = ("last", "object")  # rules whose mask differs between rows
@@ -94,15 +94,11 @@ class PositionGate:
         self.mask = None if mask is None else mx.array(mask)
 
 
-class GatedMode:
+class GatedMode(WrappingMode):
     """``inner``'s edit where the gate is open, ``h`` unchanged elsewhere."""
 
     def __init__(self, inner: Any, gate: PositionGate):
         self.inner, self.gate = inner, gate
-
-    @property
-    def needs_center(self) -> bool:
-        return bool(getattr(self.inner, "needs_center", False))
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -153,7 +149,7 @@ def role_positions(span: tuple[int, int], length: int) -> dict[str, list[int]]:
     }
 
 
-class FromPosition:
+class FromPosition(WrappingMode):
     """``inner``'s edit at absolute token positions ``>= start``, for streaming generation
     (the prompt, possibly in chunks, then one token per step): each forward's positions are
     counted. ``start = prompt length - 1`` is the ``last`` rule (the last prompt token and
@@ -162,10 +158,6 @@ class FromPosition:
 
     def __init__(self, inner: Any, start: int):
         self.inner, self.start, self.seen = inner, int(start), 0
-
-    @property
-    def needs_center(self) -> bool:
-        return bool(getattr(self.inner, "needs_center", False))
 
     def for_layer(self, layer: int) -> FromPosition:
         bind = getattr(self.inner, "for_layer", None)
