@@ -38,7 +38,7 @@ from mlx_interp.interventions.sites import (
 from mlx_interp.interventions.steering import LayerEdit, steer
 from mlx_interp.io.control_vectors import export_control_vector, import_control_vector
 from mlx_interp.io.prompts import render
-from mlx_interp.models.loading import LoadedModel, ModelLoadError, load_model, model_config
+from mlx_interp.models.loading import LoadedModel, load_model, model_config
 
 __all__ = ["ActivationCache", "Direction", "Model", "load"]
 
@@ -141,12 +141,7 @@ def load(model: str | Path, dequantize: str | bool = "auto") -> Model:
     """
     cfg = model_config(model)
     cfg["dequantize"] = dequantize
-    try:
-        return Model(load_model(cfg))
-    except ModelLoadError:
-        raise
-    except FileNotFoundError as err:
-        raise ModelLoadError(f"cannot load {model!r}: {err}") from err
+    return Model(load_model(cfg))  # a missing file or bad model is a named ModelLoadError
 
 
 class RecordedSiteError(MlxInterpError, KeyError):
