@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.interventions.capture import capture_layers, decoder_layers, padded_batch
+from mlx_interp.interventions.classswap import model_width
 from mlx_interp.interventions.positions import ROLES, role_positions
 from mlx_interp.interventions.prefix import expand_cache, shared_prefix
 from mlx_interp.models.loading import ModelLoadError
@@ -115,3 +116,74 @@ def lens_logit_diff(
                 out[i, layer, seen] = sums[i, seen] / counts[i, seen]
         rec.outputs.clear()
     return out
+
+
+def _head_rows(model: Any, ids: Sequence[int]) -> np.ndarray:
+    """float64 ``[len(ids), d_model]``: the unembedding rows of ``ids`` (the head's weight,
+    or the tied embedding), dequantized when the head is quantized."""
+    import mlx.nn as nn
+
+    index = mx.array(list(ids), dtype=mx.int32)
+    inner = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    layer = head if head is not None else getattr(inner, "embed_tokens", None)
+    if layer is None or not hasattr(layer, "weight"):
+        raise LensError(f"{type(model).__name__} has neither lm_head nor tied embed_tokens")
+    if isinstance(layer, nn.QuantizedLinear | nn.QuantizedEmbedding):
+        rows = mx.dequantize(
+            layer.weight[index],
+            layer.scales[index],
+            layer.biases[index] if layer.get("biases") is not None else None,
+            layer.group_size,
+            layer.bits,
+        )
+    else:
+        rows = layer.weight[index]
+    return np.array(rows.astype(mx.float32), dtype=np.float64)
+
+
+def norm_gain(model: Any) -> np.ndarray:
+    """float64 ``[d_model]``: the elementwise gain of the model's final RMS norm, read by
+    running the norm on a vector of ones (so a ``1 + w`` gain, as in Gemma, comes out right).
+    Refused for a norm that is not of that form (e.g. a mean-subtracting LayerNorm)."""
+    inner = getattr(model, "model", None)
+    norm = getattr(inner, "norm", None)
+    if norm is None:
+        raise LensError(f"{type(model).__name__} has no model.norm: cannot read its final norm")
+    d = model_width(model) or _d_model(model)
+    ones = mx.ones((1, d), dtype=mx.float32)
+    gain = np.array(norm(ones).astype(mx.float32), dtype=np.float64)[0]
+    doubled = np.array(norm(2 * ones).astype(mx.float32), dtype=np.float64)[0]
+    if not np.allclose(gain, doubled, rtol=1e-4, atol=1e-6) or not np.abs(gain).max() > 0:
+        raise LensError(
+            f"{type(norm).__name__} is not a scale-invariant RMS norm: the answer-word "
+            "direction needs norm(h) = h / rms(h) * gain"
+        )
+    return gain
+
+
+def _d_model(model: Any) -> int:
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed is not None and hasattr(embed, "weight"):
+        weight = embed.weight
+        if weight.dtype == mx.uint32:  # quantized: packed columns
+            return int(embed.scales.shape[-1] * embed.group_size)
+        return int(weight.shape[-1])
+    raise LensError(f"{type(model).__name__}: cannot tell its residual width")
+
+
+def answer_direction(model: Any, pos_ids: Sequence[int], neg_ids: Sequence[int]) -> np.ndarray:
+    """float64 ``[d_model]``: the residual direction that raises the mean logit of
+    ``pos_ids`` over that of ``neg_ids`` through the final norm and unembedding,
+    ``gain * (mean W[pos_ids] - mean W[neg_ids])``.
+
+    The final RMS norm only rescales a residual, so for any residual ``h`` the sign of
+    ``h . answer_direction`` is the sign of the logit lens's mean(pos) - mean(neg) logit
+    difference (a head bias aside), and a reflection through the origin across it negates
+    that difference exactly. Read at an intermediate layer it is the logit lens's answer
+    axis, not a concept fitted from data."""
+    if not pos_ids or not neg_ids:
+        raise LensError("answer_direction needs token ids for both words")
+    gain = norm_gain(model)
+    rows = _head_rows(model, [*pos_ids, *neg_ids])
+    return gain * (rows[: len(pos_ids)].mean(axis=0) - rows[len(pos_ids) :].mean(axis=0))

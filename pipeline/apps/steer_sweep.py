@@ -1,10 +1,13 @@
-"""The recorded steering sweep on TRAIN questions only: which (site, positions, layer, alpha).
+"""The recorded steering sweep on TRAIN questions only: which (site, method, positions,
+layers, alpha).
 
-    python -m mlx_interp.apps.steer_sweep [--out docs/notes/color_swap_sweep.csv] [key=value ...]
+    python -m mlx_interp.apps.steer_sweep [--out docs/notes/color_swap_sweep.csv]
+        [--grid "site/method/positions/layers/alphas;..."] [key=value ...]
 
-composes the default config (overrides as for ``mlx-interp``), builds the prompts, keeps the
-``train`` split, fits one mean-difference direction per measurement site on the train
-green/red questions, and scores every grid point with the logit scorer on the train swap
+composes the default config (overrides as for ``mlx-interp``, e.g. ``model=gemma3_270m``),
+builds the prompts, keeps the ``train`` split, fits one direction per (measurement site,
+method) on the train green/red questions, and scores every grid point with the logit scorer
+on the train swap
 questions and train controls (cross-validated, below). Per point: the swap rate of each
 class among the questions the unsteered model answers right, the bidirectional rate (the
 lower one) and the control bleed
@@ -32,25 +35,67 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlx_interp.analysis.directions import MeanDiff, extract
+from mlx_interp.analysis.directions import (
+    DirectionSet,
+    LogisticDirection,
+    MeanDiff,
+    PCADiff,
+    extract,
+)
 from mlx_interp.analysis.fluency import fluency
-from mlx_interp.analysis.scoring import UNSTEERED, GenerateScorer, LogitScorer, Steering
+from mlx_interp.analysis.lens import answer_direction
+from mlx_interp.analysis.scoring import (
+    UNSTEERED,
+    GenerateScorer,
+    LogitScorer,
+    Steering,
+    word_token_ids,
+)
+from mlx_interp.engine.schema import STEER_POSITIONS as POSITIONS
+from mlx_interp.errors import ConfigError, MlxInterpError, UntrustedResultError, report_error
 from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.steering import LayerEdit, make_mode
 from mlx_interp.io.prompts import render
 from mlx_interp.models.loading import load_model
 from mlx_interp.resources import CONF_DIR
-from mlx_interp.stages.direction_sites import site_activations
+from mlx_interp.stages.direction_sites import SITES, site_activations
 from mlx_interp.stages.prompts import build_prompts, read_datasets
 
-# (site, positions, layers, alphas): where the first probes (docs/notes/color_swap.md) found
-# effects, plus the old default (all positions) for comparison.
-GRID = [
-    ("object", "object", [2, 4, 8, 12, 16, 18, 20], [2.0, 3.0, 4.0]),
-    ("last", "last", [24, 28], [2.0, 3.0]),
-]
+# Grid rows "site/method/positions/layers/alphas": layers is a comma list, and a point that
+# edits several layers at once joins them with "+" (23+24+25). Methods: mean_diff, pca,
+# logistic (C=0.1), unembed (the answer words' unembedding through the final norm,
+# :func:`mlx_interp.analysis.lens.answer_direction`, scaled to the mean difference; centered
+# at the class midpoint like the others). Per model (docs/notes/color_swap.md says why).
+GRIDS = {
+    "smollm2_135m": (
+        "object/mean_diff/object/2,4,8,12,16,18,20/2,3,4;"
+        "last/mean_diff/last/23,24,25,26,28/2,3,5;"
+        "last/pca/last/24,26/2,3;"
+        "last/logistic/last/24,26/2,3;"
+        "last/unembed/last/24,25,26,28/2,3,5;"
+        "answer/mean_diff/last/24,26/2,3;"
+        "last/mean_diff/last/23+24+25/2,3"
+    ),
+    "gemma3_270m": (
+        "object/mean_diff/object/2,4,6,8,10/2,3,5;"
+        "last/mean_diff/last/9,11,12,13,14,15,16/2,3,5;"
+        "last/pca/last/12,14/2,3;"
+        "last/unembed/last/12,14,16/2,3,5"
+    ),
+}
+METHODS = ("mean_diff", "pca", "logistic", "unembed")
+KEYS = ["site", "method", "positions", "layer", "alpha"]
 FOLDS = 3  # cross-validation inside the train split: each fold scored with a direction
 # fitted on the other folds, so the sweep ranks settings by how they carry to new questions
+
+
+def default_grid(model_name: str) -> str:
+    if model_name not in GRIDS:
+        raise ConfigError(
+            f"no recorded grid for model {model_name!r} (known: {sorted(GRIDS)}): pass "
+            "--grid 'site/method/positions/layers/alphas;...', e.g. last/mean_diff/last/12,14/2,3"
+        )
+    return GRIDS[model_name]
 
 
 def fold_of(conditions: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -91,15 +136,66 @@ def summarize(cond, right, base_top, swapped, top, words) -> dict:
     return out
 
 
-def cv_point(lm, table, fold, fold_sets, site, positions, layer, alpha, spans, words, mode):
+def parse_grid(text: str) -> list[tuple[str, str, str, tuple[int, ...], float]]:
+    """Points (site, method, positions, layers, alpha) of a grid text (see :data:`GRIDS`)."""
+    points = []
+    for row in filter(None, (r.strip() for r in text.split(";"))):
+        parts = row.split("/")
+        if len(parts) != 5:
+            raise ConfigError(
+                f"grid row {row!r}: write site/method/positions/layers/alphas, e.g. "
+                "last/mean_diff/last/24,26/2,3 (several layers at once: 23+24+25)"
+            )
+        site, method, positions, layers, alphas = parts
+        if site not in SITES:
+            raise ConfigError(f"grid row {row!r}: site must be one of {SITES}")
+        if method not in METHODS:
+            raise ConfigError(f"grid row {row!r}: method must be one of {METHODS}")
+        if positions not in POSITIONS:
+            raise ConfigError(f"grid row {row!r}: positions must be one of {POSITIONS}")
+        try:
+            layer_sets = [tuple(int(x) for x in g.split("+")) for g in layers.split(",")]
+            alpha_list = [float(a) for a in alphas.split(",")]
+        except ValueError as err:
+            raise ConfigError(f"grid row {row!r}: layers and alphas are numbers ({err})") from None
+        points += [(site, method, positions, ls, a) for ls in layer_sets for a in alpha_list]
+    if not points:
+        raise ConfigError("the grid is empty: pass --grid 'site/method/positions/layers/alphas'")
+    return points
+
+
+def layer_label(layers: tuple[int, ...]) -> str:
+    return "+".join(map(str, layers))
+
+
+def fit_set(lm, acts, is_pos, is_neg, method: str) -> DirectionSet:
+    """One direction per layer by ``method`` (``unembed``: the answer words' unembedding
+    through the final norm at every layer, scaled to the mean difference's norm)."""
+    fitter = {"mean_diff": MeanDiff(), "pca": PCADiff(), "logistic": LogisticDirection(0.1)}
+    ds = extract(acts, is_pos, is_neg, fitter.get(method, MeanDiff()), ("red", "green"))
+    if method != "unembed":
+        return ds
+    axis = answer_direction(
+        lm.model, word_token_ids(lm.tokenizer, "red"), word_token_ids(lm.tokenizer, "green")
+    )
+    axis = axis / np.linalg.norm(axis)
+    vectors = {layer: axis * np.linalg.norm(v) for layer, v in ds.vectors.items()}
+    return DirectionSet(vectors, ds.pos_means, ds.neg_means, "unembed", ds.contrast)
+
+
+def edits_of(ds: DirectionSet, layers: tuple[int, ...]) -> tuple[LayerEdit, ...]:
+    return tuple(LayerEdit(layer, ds.vectors[layer], ds.center(layer)) for layer in layers)
+
+
+def cv_point(lm, table, fold, fold_sets, point, spans, words, mode):
     """(swapped [n], top [n]): each fold scored with the direction fitted without it."""
+    site, method, positions, layers, alpha = point
     swapped = np.zeros(len(table), bool)
     top = np.empty(len(table), object)
     for f, sets in enumerate(fold_sets):
-        ds = sets[site]
         rows = np.flatnonzero(fold == f)
-        edit = (LayerEdit(layer, ds.vectors[layer], ds.center(layer)),)
-        got = steered_rows(lm, table, rows, Steering(edit, mode, alpha, positions), spans, words)
+        edits = edits_of(sets[site, method], layers)
+        got = steered_rows(lm, table, rows, Steering(edits, mode, alpha, positions), spans, words)
         swapped[rows], top[rows] = got
     return swapped, top
 
@@ -134,8 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-random", type=int, default=3)
     parser.add_argument("--loop-prompts", type=int, default=20, help="open-ended train answers")
     parser.add_argument("--grid-from", help="a sweep CSV whose grid rows are reused (no rescoring)")
+    parser.add_argument(
+        "--grid",
+        help="grid rows site/method/positions/layers/alphas;... "
+        "(default: the model's row of GRIDS)",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    try:
+        return sweep(args)
+    except (MlxInterpError, OSError) as err:
+        return report_error(err)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run the sweep of ``args`` (see :func:`main`); writes ``args.out``."""
+    if args.grid:
+        parse_grid(args.grid)  # a bad grid fails before the model loads
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -175,91 +286,85 @@ def main(argv: list[str] | None = None) -> int:
         f"unsteered, {int((cond == 'control').sum())} controls",
         flush=True,
     )
+    for c in words:
+        if not (right & (cond == c)).any():
+            raise UntrustedResultError(
+                f"the unsteered {cfg['model']['name']} answers none of the train {c} questions "
+                "right, so no swap of that class can be measured: use a model that knows the "
+                "colours (e.g. model=smollm2_135m) or more questions"
+            )
     fold = fold_of(cond, FOLDS, int(cfg["seed"]))
     is_fit = np.isin(cond, words)
+    grid = parse_grid(args.grid or default_grid(cfg["model"]["name"]))
     sets, fold_sets = {}, [{} for _ in range(FOLDS)]
-    for site in sorted({g[0] for g in GRID}):
+    for site in sorted({p[0] for p in grid}):
         acts, is_pos, is_neg = site_activations(lm, fit, site, "red", "green")
-        sets[site] = extract(acts, is_pos, is_neg, MeanDiff(), ("red", "green"))
         per_row = len(is_pos) // len(fit)  # 2 rows per question for the answer contrast
         fit_fold = np.repeat(fold[is_fit], per_row)
-        for f in range(FOLDS):
-            keep = fit_fold != f
-            sub = {k: v[keep] for k, v in acts.items()}
-            fold_sets[f][site] = extract(
-                sub, is_pos[keep], is_neg[keep], MeanDiff(), ("red", "green")
-            )
+        for method in sorted({p[1] for p in grid if p[0] == site}):
+            sets[site, method] = fit_set(lm, acts, is_pos, is_neg, method)
+            for f in range(FOLDS):
+                keep = fit_fold != f
+                sub = {k: v[keep] for k, v in acts.items()}
+                fold_sets[f][site, method] = fit_set(lm, sub, is_pos[keep], is_neg[keep], method)
     mode = make_mode("reflect")
     rows = []
-    grid = [] if args.grid_from else GRID
     if args.grid_from:
-        rows = pd.read_csv(args.grid_from)[
-            [
-                "site",
-                "positions",
-                "layer",
-                "alpha",
-                "swap_green",
-                "swap_red",
-                "bidirectional",
-                "bleed",
-                "seconds",
-            ]
-        ].to_dict("records")
-    for site, positions, layers, alphas in grid:
-        for layer in layers:
-            for alpha in alphas:
-                t = time.perf_counter()
-                swapped, top = cv_point(
-                    lm, table, fold, fold_sets, site, positions, layer, alpha, spans, words, mode
-                )
-                got = summarize(cond, right, base_top, swapped, top, words)
-                rows.append(
-                    {
-                        "site": site,
-                        "positions": positions,
-                        "layer": layer,
-                        "alpha": alpha,
-                        **got,
-                        "seconds": time.perf_counter() - t,
-                    }
-                )
-                pd.DataFrame(rows).to_csv(args.out + ".partial", index=False)
-                print(
-                    " ".join(
-                        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in rows[-1].items()
-                    ),
-                    flush=True,
-                )
-    sweep = pd.DataFrame(rows)
-    sweep["random"] = np.nan
-    sweep["loops"] = np.nan
-    ok = sweep[sweep["bleed"] <= args.max_bleed]
+        grid = []
+        rows = pd.read_csv(args.grid_from, dtype={"layer": str})
+        if "method" not in rows:  # sweeps recorded before the method axis: mean differences
+            rows.insert(1, "method", "mean_diff")
+        rows = rows[[*KEYS, "swap_green", "swap_red", "bidirectional", "bleed", "seconds"]]
+        rows = rows.to_dict("records")
+    for point in grid:
+        t = time.perf_counter()
+        swapped, top = cv_point(lm, table, fold, fold_sets, point, spans, words, mode)
+        got = summarize(cond, right, base_top, swapped, top, words)
+        site, method, positions, layers, alpha = point
+        rows.append(
+            {
+                "site": site,
+                "method": method,
+                "positions": positions,
+                "layer": layer_label(layers),
+                "alpha": alpha,
+                **got,
+                "seconds": time.perf_counter() - t,
+            }
+        )
+        pd.DataFrame(rows).to_csv(args.out + ".partial", index=False)
+        print(
+            " ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()
+            ),
+            flush=True,
+        )
+    table_out = pd.DataFrame(rows)
+    table_out["random"] = np.nan
+    table_out["loops"] = np.nan
+    ok = table_out[table_out["bleed"] <= args.max_bleed]
     top_points = ok.sort_values(["bidirectional", "alpha"], ascending=[False, True]).head(args.top)
     everyone = np.arange(len(table))
     for i, point in top_points.iterrows():
-        ds = sets[point["site"]]
-        layer, alpha = int(point["layer"]), float(point["alpha"])
+        ds = sets[point["site"], point["method"]]
+        layers = tuple(int(x) for x in str(point["layer"]).split("+"))
+        alpha = float(point["alpha"])
         rates = []
         for rnd in ds.random_like(args.n_random, seed=int(cfg["seed"])):
-            edit = (LayerEdit(layer, rnd.vectors[layer], rnd.center(layer)),)
-            steering = Steering(edit, mode, alpha, point["positions"])
+            steering = Steering(edits_of(rnd, layers), mode, alpha, point["positions"])
             swapped, top = steered_rows(lm, table, everyone, steering, spans, words)
             got = summarize(cond, right, base_top, swapped, top, words)
             rates.append((got["swap_green"] + got["swap_red"]) / 2)
-        edit = (LayerEdit(layer, ds.vectors[layer], ds.center(layer)),)
-        steering = Steering(edit, mode, alpha, point["positions"])
-        sweep.loc[i, "random"] = float(np.mean(rates))
-        sweep.loc[i, "loops"] = loop_rate(lm, fit, steering, args.loop_prompts)
-        print(sweep.loc[i].to_dict(), flush=True)
-    good = sweep[
-        (sweep["bleed"] <= args.max_bleed) & (sweep["random"] <= 0.10) & (sweep["loops"] < 0.05)
-    ]
+        steering = Steering(edits_of(ds, layers), mode, alpha, point["positions"])
+        table_out.loc[i, "random"] = float(np.mean(rates))
+        table_out.loc[i, "loops"] = loop_rate(lm, fit, steering, args.loop_prompts)
+        print(table_out.loc[i].to_dict(), flush=True)
+    t = table_out
+    good = t[(t["bleed"] <= args.max_bleed) & (t["random"] <= 0.10) & (t["loops"] < 0.05)]
     best = good.sort_values(["bidirectional", "alpha"], ascending=[False, True]).head(1)
-    sweep["chosen"] = sweep.index.isin(best.index)
+    table_out["chosen"] = table_out.index.isin(best.index)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    sweep.to_csv(args.out, index=False, float_format="%.4g")
+    table_out.to_csv(args.out, index=False, float_format="%.4g")
     print(f"chosen: {best.to_dict('records')}; {time.perf_counter() - start:.0f} s; {args.out}")
     return 0
 
