@@ -280,6 +280,20 @@ def fingerprint(cfg: dict) -> dict:
     return out
 
 
+def prompts_config(cfg: dict, tokenizer) -> dict:
+    """``cfg["prompts"]`` with the model's prompt format applied (a base model says plain:
+    it has no chat template); chat on a tokenizer without a template is refused."""
+    prompts_cfg = dict(cfg["prompts"])
+    if cfg["model"].get("prompt_format"):
+        prompts_cfg["format"] = cfg["model"]["prompt_format"]
+    if prompts_cfg["format"] == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"model {cfg['model']['name']!r} has no chat template (a base model?); use "
+            "prompts.format=plain or model.prompt_format=plain"
+        )
+    return prompts_cfg
+
+
 def run(cfg: dict, inputs: dict, out: Path) -> dict:
     """Stage entry: reads concept, prompts, model (tokenizer), seed."""
     concept = dict(cfg["concept"])
@@ -287,15 +301,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     path = paths[0]
     concept["dataset"] = str(path)
     tokenizer = load_model(cfg["model"]).tokenizer
-    prompts_cfg = dict(cfg["prompts"])
-    if cfg["model"].get("prompt_format"):  # a base model says plain: it has no chat template
-        prompts_cfg["format"] = cfg["model"]["prompt_format"]
-    if prompts_cfg["format"] == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"model {cfg['model']['name']!r} has no chat template (a base model?); use "
-            "prompts.format=plain or model.prompt_format=plain"
-        )
-    table = build_prompts(df, concept, prompts_cfg, tokenizer, int(cfg["seed"]))
+    table = build_prompts(df, concept, prompts_config(cfg, tokenizer), tokenizer, int(cfg["seed"]))
     table.to_parquet(out / "prompts.parquet", index=False)
     counts = table["condition"].value_counts().sort_index().to_dict()
     left_out = sorted(set(df["condition"]) - set(table["condition"]))

@@ -187,3 +187,42 @@ def plot_patching(patching: pd.DataFrame, title: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_sweep_frontier(table: pd.DataFrame, path: Path, max_bleed: float = 0.10) -> Path:
+    """The steering sweep's frontier: cross-validated bidirectional swap rate against control
+    bleed (every point, by site/method) and against the loop rate (the points checked for
+    loops); the chosen point ringed, the goal's bounds dotted."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    groups = table.groupby(["site", "method", "positions"], sort=True)
+    for (site, method, positions), group in groups:
+        label = f"{method} at {site}, steered at {positions}"
+        ax1.plot(group["bleed"], group["bidirectional"], "o", alpha=0.7, label=label)
+        checked = group.dropna(subset=["loops"])
+        ax2.plot(checked["loops"], checked["bidirectional"], "o", alpha=0.7, label=label)
+    chosen = table[table["chosen"].astype(bool)] if "chosen" in table else table.iloc[:0]
+    for ax, x in ((ax1, "bleed"), (ax2, "loops")):
+        if len(chosen):
+            ax.plot(
+                chosen[x],
+                chosen["bidirectional"],
+                "o",
+                ms=14,
+                mfc="none",
+                mec="black",
+                label="chosen",
+            )
+        ax.axhline(0.8, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(-0.02, 1.02)
+    ax1.axvline(max_bleed, color="grey", lw=0.8, ls=":")
+    ax2.axvline(0.05, color="grey", lw=0.8, ls=":")
+    ax1.set_xlabel("control bleed (train controls whose top token became a swap word)")
+    ax2.set_xlabel("loop rate of open-ended steered answers (train)")
+    ax1.set_ylabel("bidirectional swap, cross-validated on train")
+    ax1.set_title("every grid point")
+    ax2.set_title("points checked for random directions and loops")
+    ax2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

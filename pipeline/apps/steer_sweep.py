@@ -22,7 +22,10 @@ recorded sweep scored the train questions with the direction fitted on them; its
 81% in-sample and 36% held out: see docs/notes/color_swap.md.)
 
 Selection: the highest bidirectional rate with bleed <= ``--max-bleed``, random <= 0.10 and
-loop rate < 0.05; ties go to the smaller alpha.
+loop rate < 0.05; ties go to the smaller alpha. Random directions and loops are costly, so
+they are checked in rank order (by bidirectional rate, among points within the bleed bound)
+until the first point that passes, and at least ``--top`` points; ``--grid-from`` reuses a
+recorded sweep's rows and its checks.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ from mlx_interp.engine.schema import STEER_POSITIONS as POSITIONS
 from mlx_interp.errors import ConfigError, MlxInterpError, UntrustedResultError, report_error
 from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.steering import LayerEdit, make_mode
-from mlx_interp.io.prompts import render
 from mlx_interp.models.loading import load_model
 from mlx_interp.resources import CONF_DIR
 from mlx_interp.stages.direction_sites import SITES, site_activations
-from mlx_interp.stages.prompts import build_prompts, read_datasets
+from mlx_interp.stages.prompts import build_prompts, prompts_config, read_datasets
+from mlx_interp.stages.report_plots import plot_sweep_frontier
+from mlx_interp.stages.steer import fluency_prompts, fluency_spec
 
 # Grid rows "site/method/positions/layers/alphas": layers is a comma list, and a point that
 # edits several layers at once joins them with "+" (23+24+25). Methods: mean_diff, pca,
@@ -76,11 +80,11 @@ GRIDS = {
         "answer/mean_diff/last/24,26/2,3;"
         "last/mean_diff/last/23+24+25/2,3"
     ),
-    "gemma3_270m": (
-        "object/mean_diff/object/2,4,6,8,10/2,3,5;"
-        "last/mean_diff/last/9,11,12,13,14,15,16/2,3,5;"
-        "last/pca/last/12,14/2,3;"
-        "last/unembed/last/12,14,16/2,3,5"
+    "gemma3_270m": (  # patching: the colour leaves the object's tokens at layer 12
+        "object/mean_diff/object/3,7,11/2,3,5;"
+        "last/mean_diff/last/12,13,14,16/2,3,5;"
+        "last/pca/last/12,14/3;"
+        "last/unembed/last/12,14,16/3,5"
     ),
 }
 METHODS = ("mean_diff", "pca", "logistic", "unembed")
@@ -200,16 +204,16 @@ def cv_point(lm, table, fold, fold_sets, point, spans, words, mode):
     return swapped, top
 
 
-def loop_rate(lm, table, steering, n: int = 6) -> float:
-    """Share of open-ended steered answers (n train questions) that end in a loop."""
-    picks = np.unique(np.linspace(0, len(table) - 1, n).round().astype(int))
-    sample = table.iloc[picks]
-    texts = [f"{t} Describe it in two or three sentences." for t in sample["text"]]
-    tokens = [render(lm.tokenizer, t, "chat", None, [])[1] for t in texts]
+def loop_rate(lm, table, steering, score: dict, n: int) -> float:
+    """Share of open-ended steered answers (n train questions, evenly spaced) that end in a
+    loop: the steer stage's own prompts (model's prompt format), length and loop test."""
+    score = {**score, "fluency": {**score["fluency"], "n_prompts": n}}
+    sample = fluency_prompts(table, score, lm.tokenizer, lm.prompt_format)
+    tokens = [list(map(int, t)) for t in sample["tokens"]]
     spans = None
     if steering.positions == "object":
         spans = object_spans(lm.tokenizer, tokens, sample["meta"].tolist())
-    rows = GenerateScorer(32)(
+    rows = GenerateScorer(int(score["fluency"]["max_tokens"]))(
         lm,
         tokens,
         ["green"] * len(tokens),
@@ -219,14 +223,23 @@ def loop_rate(lm, table, steering, n: int = 6) -> float:
         lm.pad_id,
         spans=spans,
     )
-    return float(np.mean([fluency(r["token_ids"]).loop for r in rows]))
+    spec = fluency_spec(score)
+    return float(np.mean([fluency(r["token_ids"], spec).loop for r in rows]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/notes/color_swap_sweep.csv")
     parser.add_argument("--max-bleed", type=float, default=0.10)
-    parser.add_argument("--top", type=int, default=6, help="points checked for random/loops")
+    parser.add_argument(
+        "--top", type=int, default=6, help="points checked for random/loops at least"
+    )
+    parser.add_argument(
+        "--max-checks",
+        type=int,
+        default=20,
+        help="points checked at most, in rank order, until one passes every rule",
+    )
     parser.add_argument("--n-random", type=int, default=3)
     parser.add_argument("--loop-prompts", type=int, default=20, help="open-ended train answers")
     parser.add_argument("--grid-from", help="a sweep CSV whose grid rows are reused (no rescoring)")
@@ -260,7 +273,8 @@ def sweep(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     lm = load_model(cfg["model"])
     df, _ = read_datasets(cfg["concept"])
-    prompts = build_prompts(df, cfg["concept"], cfg["prompts"], lm.tokenizer, int(cfg["seed"]))
+    prompts_cfg = prompts_config(cfg, lm.tokenizer)
+    prompts = build_prompts(df, cfg["concept"], prompts_cfg, lm.tokenizer, int(cfg["seed"]))
     train = prompts[prompts["split"] == "train"].reset_index(drop=True)
     words = ["green", "red"]
     fit = train[train["condition"].isin(words)].reset_index(drop=True)
@@ -314,7 +328,8 @@ def sweep(args: argparse.Namespace) -> int:
         rows = pd.read_csv(args.grid_from, dtype={"layer": str})
         if "method" not in rows:  # sweeps recorded before the method axis: mean differences
             rows.insert(1, "method", "mean_diff")
-        rows = rows[[*KEYS, "swap_green", "swap_red", "bidirectional", "bleed", "seconds"]]
+        kept = [*KEYS, "swap_green", "swap_red", "bidirectional", "bleed", "seconds"]
+        rows = rows[kept + [c for c in ("random", "loops") if c in rows]]  # checks reused
         rows = rows.to_dict("records")
     for point in grid:
         t = time.perf_counter()
@@ -340,31 +355,43 @@ def sweep(args: argparse.Namespace) -> int:
             flush=True,
         )
     table_out = pd.DataFrame(rows)
-    table_out["random"] = np.nan
-    table_out["loops"] = np.nan
+    for column in ("random", "loops"):
+        if column not in table_out:
+            table_out[column] = np.nan
     ok = table_out[table_out["bleed"] <= args.max_bleed]
-    top_points = ok.sort_values(["bidirectional", "alpha"], ascending=[False, True]).head(args.top)
+    ranked = ok.sort_values(["bidirectional", "alpha"], ascending=[False, True])
     everyone = np.arange(len(table))
-    for i, point in top_points.iterrows():
-        ds = sets[point["site"], point["method"]]
-        layers = tuple(int(x) for x in str(point["layer"]).split("+"))
-        alpha = float(point["alpha"])
-        rates = []
-        for rnd in ds.random_like(args.n_random, seed=int(cfg["seed"])):
-            steering = Steering(edits_of(rnd, layers), mode, alpha, point["positions"])
-            swapped, top = steered_rows(lm, table, everyone, steering, spans, words)
-            got = summarize(cond, right, base_top, swapped, top, words)
-            rates.append((got["swap_green"] + got["swap_red"]) / 2)
-        steering = Steering(edits_of(ds, layers), mode, alpha, point["positions"])
-        table_out.loc[i, "random"] = float(np.mean(rates))
-        table_out.loc[i, "loops"] = loop_rate(lm, fit, steering, args.loop_prompts)
-        print(table_out.loc[i].to_dict(), flush=True)
+    for checked, (i, point) in enumerate(ranked.iterrows()):
+        # Check in rank order until the first point passing every rule (the best one that
+        # does) and at least --top points, at most --max-checks; recorded checks are reused.
+        if checked >= args.max_checks:
+            break
+        if np.isnan(point["random"]) or np.isnan(point["loops"]):
+            ds = sets[point["site"], point["method"]]
+            layers = tuple(int(x) for x in str(point["layer"]).split("+"))
+            alpha = float(point["alpha"])
+            rates = []
+            for rnd in ds.random_like(args.n_random, seed=int(cfg["seed"])):
+                steering = Steering(edits_of(rnd, layers), mode, alpha, point["positions"])
+                swapped, top = steered_rows(lm, table, everyone, steering, spans, words)
+                got = summarize(cond, right, base_top, swapped, top, words)
+                rates.append((got["swap_green"] + got["swap_red"]) / 2)
+            steering = Steering(edits_of(ds, layers), mode, alpha, point["positions"])
+            table_out.loc[i, "random"] = float(np.mean(rates))
+            table_out.loc[i, "loops"] = loop_rate(
+                lm, fit, steering, cfg["score"], args.loop_prompts
+            )
+            print(table_out.loc[i].to_dict(), flush=True)
+        passes = table_out.loc[i, "random"] <= 0.10 and table_out.loc[i, "loops"] < 0.05
+        if passes and checked + 1 >= args.top:
+            break
     t = table_out
     good = t[(t["bleed"] <= args.max_bleed) & (t["random"] <= 0.10) & (t["loops"] < 0.05)]
     best = good.sort_values(["bidirectional", "alpha"], ascending=[False, True]).head(1)
     table_out["chosen"] = table_out.index.isin(best.index)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table_out.to_csv(args.out, index=False, float_format="%.4g")
+    plot_sweep_frontier(table_out, Path(args.out).with_suffix(".png"), args.max_bleed)
     print(f"chosen: {best.to_dict('records')}; {time.perf_counter() - start:.0f} s; {args.out}")
     return 0
 
