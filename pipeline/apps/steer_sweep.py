@@ -187,6 +187,22 @@ def fit_set(lm, acts, is_pos, is_neg, method: str) -> DirectionSet:
     return DirectionSet(vectors, ds.pos_means, ds.neg_means, "unembed", ds.contrast)
 
 
+def own_side_shares(acts, is_pos, fit_fold, right, fold_sets, site, method) -> pd.DataFrame:
+    """Per layer, the share of the right-answered questions whose projection on the direction
+    fitted without their fold lies on their own class's side of its center: a question on the
+    wrong side is pushed further into its own class by a reflection, so this share bounds the
+    swap rate a reflection of that direction can reach."""
+    out = []
+    for layer in sorted(acts):
+        own = np.zeros(len(is_pos), bool)
+        for f, sets in enumerate(fold_sets):
+            ds, rows = sets[site, method], fit_fold == f
+            side = (acts[layer][rows] - ds.center(layer)) @ ds.vectors[layer] > 0
+            own[rows] = side == is_pos[rows]
+        out.append({"site": site, "method": method, "layer": layer, "own_side": own[right].mean()})
+    return pd.DataFrame(out)
+
+
 def edits_of(ds: DirectionSet, layers: tuple[int, ...]) -> tuple[LayerEdit, ...]:
     return tuple(LayerEdit(layer, ds.vectors[layer], ds.center(layer)) for layer in layers)
 
@@ -310,7 +326,7 @@ def sweep(args: argparse.Namespace) -> int:
     fold = fold_of(cond, FOLDS, int(cfg["seed"]))
     is_fit = np.isin(cond, words)
     grid = parse_grid(args.grid or default_grid(cfg["model"]["name"]))
-    sets, fold_sets = {}, [{} for _ in range(FOLDS)]
+    sets, fold_sets, sides = {}, [{} for _ in range(FOLDS)], []
     for site in sorted({p[0] for p in grid}):
         acts, is_pos, is_neg = site_activations(lm, fit, site, "red", "green")
         per_row = len(is_pos) // len(fit)  # 2 rows per question for the answer contrast
@@ -321,6 +337,13 @@ def sweep(args: argparse.Namespace) -> int:
                 keep = fit_fold != f
                 sub = {k: v[keep] for k, v in acts.items()}
                 fold_sets[f][site, method] = fit_set(lm, sub, is_pos[keep], is_neg[keep], method)
+            if per_row == 1:  # the answer contrast has two rows per question: no bound
+                sides.append(
+                    own_side_shares(acts, is_pos, fit_fold, right[is_fit], fold_sets, site, method)
+                )
+    sides_path = Path(args.out).with_name(Path(args.out).stem + "_sides.csv")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(sides).to_csv(sides_path, index=False, float_format="%.4g")
     mode = make_mode("reflect")
     rows = []
     if args.grid_from:

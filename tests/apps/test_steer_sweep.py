@@ -84,6 +84,9 @@ def test_sweep_runs_end_to_end_on_smollm2(tmp_path, capsys):
     rates = table[["swap_green", "swap_red", "bidirectional", "bleed"]].to_numpy()
     assert np.nanmin(rates) >= 0 and np.nanmax(rates) <= 1
     assert (table["bidirectional"] == table[["swap_green", "swap_red"]].min(axis=1)).all()
+    sides = pd.read_csv(tmp_path / "sweep_sides.csv")  # the bound on a reflection's swap rate
+    assert set(sides["method"]) == {"mean_diff", "unembed", "pca"}  # not the answer site
+    assert sides["own_side"].between(0, 1).all() and len(sides) == 3 * 30
     checked = table["random"].notna()
     assert checked.sum() >= 2 and (checked == table["loops"].notna()).all()
     assert not checked[table["bleed"] > 0.10].any()  # only points within the bleed bound
