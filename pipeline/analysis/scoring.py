@@ -28,7 +28,12 @@ from mlx_interp.interventions.positions import (
     PositionGate,
     position_mask,
 )
-from mlx_interp.interventions.prefix import batched_last_logits, greedy_generate, shared_prefix
+from mlx_interp.interventions.prefix import (
+    batchable,
+    batched_last_logits,
+    greedy_generate,
+    shared_prefix,
+)
 from mlx_interp.interventions.steering import LayerEdit, make_mode, steer
 
 
@@ -93,14 +98,17 @@ def _run_per_row(lm, tokens, steering: Steering, spans, batch_size: int, fn) -> 
         raise ScoringError("steer.positions=object needs each prompt's object span")
     gate = PositionGate(generated=steering.positions == "last")
     mode = GatedMode(make_mode(steering.mode or "add"), gate)
-    prefix = shared_prefix(lm.model, tokens) if len(tokens) > 1 else (0, None)
+    together = batchable(lm.model)  # else each prompt decodes alone: a mask of one row each
+    if not together:
+        batch_size = 1
+    prefix = shared_prefix(lm.model, tokens) if len(tokens) > 1 and together else (0, None)
     order = [int(i) for i in np.argsort([len(t) for t in tokens], kind="stable")]
     out: list[dict | None] = [None] * len(tokens)
     with steer(lm.model, list(steering.edits), mode, steering.alpha):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            if len(rows) == 1:  # a lone prompt would take mlx-lm's loop, which splits the
-                rows = rows * 2  # prompt forward in two: run it twice in one batch instead
+            if len(rows) == 1 and together:  # run a lone prompt twice in one batch, so it
+                rows = rows * 2  # takes the batched path like the others
             lengths = [len(tokens[i]) for i in rows]
             row_spans = None if spans is None else [spans[i] for i in rows]
             gate.set(position_mask(steering.positions, lengths, prefix[0], row_spans))

@@ -169,17 +169,28 @@ def eos_ids(tokenizer: Any) -> set[int]:
 
 
 def _greedy_one(model, seq, max_tokens, eos, p, cache0) -> list[int]:
-    """mlx-lm's own generate loop (argmax sampler) for one prompt."""
-    from mlx_lm.generate import generate_step
-
-    cache = expand_cache(cache0, 1) if cache0 is not None else None
-    prompt = mx.array(list(seq[p:]), dtype=mx.int32)
+    """Greedy answer for one prompt: the prompt (after the prefix in ``cache0``) in one
+    forward, then one token per step, in the model's own cache (sliding-window caches too).
+    The same tokens as mlx-lm's ``generate_step`` with an argmax sampler (tested), which
+    instead splits the prompt forward in two: a per-row position mask needs it whole."""
+    cache = expand_cache(cache0, 1) if cache0 is not None else make_prompt_cache(model)
+    logits = model(mx.array([list(seq[p:])], dtype=mx.int32), cache=cache)[:, -1]
     ids: list[int] = []
-    for token, _ in generate_step(prompt, model, max_tokens=max_tokens, prompt_cache=cache):
-        if int(token) in eos:
+    for step in range(max_tokens):
+        token = int(mx.argmax(logits, axis=-1).item())
+        if token in eos:
             break
-        ids.append(int(token))
+        ids.append(token)
+        if step == max_tokens - 1:
+            break
+        logits = model(mx.array([[token]], dtype=mx.int32), cache=cache)[:, -1]
     return ids
+
+
+def batchable(model: Any) -> bool:
+    """Whether prompts of ``model`` decode together (every layer's cache a plain KVCache);
+    otherwise each prompt decodes alone (e.g. Gemma 3's sliding-window layers)."""
+    return _plain_cache(model) is not None
 
 
 def _decode_cache(cache: list, lengths: list[int], width: int) -> list[BatchKVCache]:

@@ -184,3 +184,53 @@ def test_smollm2_batched_greedy_equals_per_prompt_greedy():
     one = greedy_generate(lm.model, lm.tokenizer, seqs, max_tokens=10, batch_size=1)
     many = greedy_generate(lm.model, lm.tokenizer, seqs, max_tokens=10, batch_size=4)
     assert [ids for _, ids in many] == [ids for _, ids in one]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_one_prompt_greedy_equals_mlx_lm_generate_step(arch):
+    """The one-prompt loop (whole prompt in one forward; the path of models whose caches do
+    not batch, e.g. Gemma 3's sliding window) gives mlx-lm's own greedy tokens."""
+    from mlx_lm.generate import generate_step
+
+    from mlx_interp.interventions.prefix import batchable
+
+    model = tiny_model(arch, seed=6)
+    assert batchable(model) == (arch == "llama")
+    for seq in RAGGED[:4]:
+        want = [int(t) for t, _ in generate_step(mx.array(seq), model, max_tokens=9)]
+        got = greedy_generate(model, _EosTok(-1), [seq], max_tokens=9, prefix=False)
+        assert got[0][1] == want
+
+
+@pytest.mark.parametrize("positions", ["last", "object"])
+def test_per_row_positions_on_a_model_whose_cache_does_not_batch(positions):
+    """Steering at per-row positions on tiny Gemma 3 (sliding-window caches: each prompt
+    decodes alone): generation runs, moves the answers, and its first token is the argmax
+    of the logit scorer's steered logits (two code paths: batched forward vs decode loop)."""
+    from mlx_interp.analysis.scoring import GenerateScorer, LogitScorer, Steering
+
+    model = tiny_model("gemma3_text", seed=7)
+
+    class _LM:  # the scorers' view of a loaded model
+        pass
+
+    class _WordTok(_EosTok):
+        def encode(self, text, add_special_tokens=False):
+            return [len(text.strip())]  # any word -> one id
+
+    lm = _LM()
+    lm.model, lm.tokenizer, lm.pad_id = model, _WordTok(-1), 0
+    d = model.args.hidden_size
+    rng = np.random.default_rng(5)
+    edit = LayerEdit(0, 6 * rng.standard_normal(d).astype(np.float32), np.zeros(d, np.float32))
+    steering = Steering((edit,), "add", 1.0, positions)
+    seqs = RAGGED[:4]
+    spans = [(1, 3)] * len(seqs)
+    words = ["a", "b"]
+    args = (lm, seqs, ["a"] * 4, ["b"] * 4, words, steering, 0)
+    gen = GenerateScorer(max_tokens=4)(*args, spans=spans)
+    plain = GenerateScorer(max_tokens=4)(*args[:5], Steering((), None, 0.0), 0)
+    assert [g["token_ids"] for g in gen] != [p["token_ids"] for p in plain]
+    assert len({g["token_ids"][0] for g in gen}) > 1  # not one saturated token
+    tops = [row["top_token"] for row in LogitScorer()(*args, spans=spans)]  # decode: "id"
+    assert [str(g["token_ids"][0]) for g in gen] == tops

@@ -247,10 +247,11 @@ def test_huge_alpha_changes_generation_through_the_class_swap(core_model):
     _, plain = generate_steered(model, StubTokenizer(), PROMPT, [], "add", 0.0, N_GEN)
     _, steered = generate_steered(model, StubTokenizer(), PROMPT, edits, SpyAdd(), 50.0, N_GEN)
     assert steered != plain
-    # prefill of the prompt minus its last token, then one-token steps through the KV cache
-    assert calls[0] == (1, len(PROMPT) - 1, _d(model))
+    # the whole prompt in one forward (a per-row position mask needs it whole), then
+    # one-token steps through the KV cache: N_GEN tokens take N_GEN forwards
+    assert calls[0] == (1, len(PROMPT), _d(model))
     assert all(shape == (1, 1, _d(model)) for shape in calls[1:])
-    assert len(calls) >= N_GEN + 1
+    assert len(calls) == N_GEN
 
 
 def test_generation_stops_at_eos(core_model):
