@@ -189,7 +189,9 @@ def plot_patching(patching: pd.DataFrame, title: str, path: Path) -> Path:
     return path
 
 
-def plot_sweep_frontier(table: pd.DataFrame, path: Path, max_bleed: float = 0.10) -> Path:
+def plot_sweep_frontier(
+    table: pd.DataFrame, path: Path, max_bleed: float = 0.10, max_loops: float = 0.05
+) -> Path:
     """The steering sweep's frontier: cross-validated bidirectional swap rate against control
     bleed (every point, by site/method) and against the loop rate (the points checked for
     loops); the chosen point ringed, the goal's bounds dotted."""
@@ -215,7 +217,7 @@ def plot_sweep_frontier(table: pd.DataFrame, path: Path, max_bleed: float = 0.10
         ax.axhline(0.8, color="grey", lw=0.8, ls=":")
         ax.set_ylim(-0.02, 1.02)
     ax1.axvline(max_bleed, color="grey", lw=0.8, ls=":")
-    ax2.axvline(0.05, color="grey", lw=0.8, ls=":")
+    ax2.axvline(max_loops, color="grey", lw=0.8, ls=":")
     ax1.set_xlabel("control bleed (train controls whose top token became a swap word)")
     ax2.set_xlabel("loop rate of open-ended steered answers (train)")
     ax1.set_ylabel("bidirectional swap, cross-validated on train")
