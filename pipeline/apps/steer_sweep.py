@@ -22,9 +22,9 @@ recorded sweep scored the train questions with the direction fitted on them; its
 81% in-sample and 36% held out: see docs/notes/color_swap.md.)
 
 Selection: the highest bidirectional rate with bleed <= ``--max-bleed``, random <= 0.10 and
-loop rate < the unsteered model's loop rate on the same answers + 0.05 (``--max-added-loops``;
-for a model that never loops unsteered, as SmolLM2 on these answers, that is the goal's < 5%;
-a base model such as Gemma 3 270M loops on 3 of 20 unsteered); ties go to the smaller alpha.
+loops below 5% or no more than the unsteered model's loop rate on the same answers (steering
+must not make the answers loop more than the model does anyway: SmolLM2 loops on 2 of its 20
+train answers unsteered, Gemma 3 270M, a base model, on 3); ties go to the smaller alpha.
 Random directions and loops are costly, so they are checked in rank order (by
 bidirectional rate, among points within the bleed bound) until the first point that passes,
 and at least ``--top`` points; ``--grid-from`` reuses a recorded sweep's rows and its checks.
@@ -250,12 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/notes/color_swap_sweep.csv")
     parser.add_argument("--max-bleed", type=float, default=0.10)
     parser.add_argument(
-        "--max-added-loops",
-        type=float,
-        default=0.05,
-        help="loops steering may add to the unsteered loop rate (strictly less than)",
-    )
-    parser.add_argument(
         "--top", type=int, default=6, help="points checked for random/loops at least"
     )
     parser.add_argument(
@@ -390,9 +384,12 @@ def sweep(args: argparse.Namespace) -> int:
         if column not in table_out:
             table_out[column] = np.nan
     unsteered_loops = loop_rate(lm, fit, UNSTEERED, cfg["score"], args.loop_prompts)
-    max_loops = unsteered_loops + args.max_added_loops
     table_out["loops_unsteered"] = unsteered_loops
-    print(f"unsteered loop rate {unsteered_loops:.3g}: loops must stay < {max_loops:.3g}")
+    print(f"unsteered loop rate {unsteered_loops:.3g}: loops must stay < 0.05 or at most that")
+
+    def fluent(loops):  # below the goal's 5%, or no worse than the unsteered model
+        return (loops < 0.05) | (loops <= unsteered_loops)
+
     ok = table_out[table_out["bleed"] <= args.max_bleed]
     ranked = ok.sort_values(["bidirectional", "alpha"], ascending=[False, True])
     everyone = np.arange(len(table))
@@ -417,17 +414,20 @@ def sweep(args: argparse.Namespace) -> int:
                 lm, fit, steering, cfg["score"], args.loop_prompts
             )
             print(table_out.loc[i].to_dict(), flush=True)
-        passes = table_out.loc[i, "random"] <= 0.10 and table_out.loc[i, "loops"] < max_loops
+        passes = table_out.loc[i, "random"] <= 0.10 and fluent(table_out.loc[i, "loops"])
         if passes and checked + 1 >= args.top:
             break
     t = table_out
-    good = t[(t["bleed"] <= args.max_bleed) & (t["random"] <= 0.10) & (t["loops"] < max_loops)]
+    good = t[(t["bleed"] <= args.max_bleed) & (t["random"] <= 0.10) & fluent(t["loops"])]
     best = good.sort_values(["bidirectional", "alpha"], ascending=[False, True]).head(1)
     table_out["chosen"] = table_out.index.isin(best.index)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table_out.to_csv(args.out, index=False, float_format="%.4g")
     plot_sweep_frontier(
-        table_out, Path(args.out).with_suffix(".png"), args.max_bleed, max_loops=max_loops
+        table_out,
+        Path(args.out).with_suffix(".png"),
+        args.max_bleed,
+        max_loops=max(0.05, unsteered_loops),
     )
     print(f"chosen: {best.to_dict('records')}; {time.perf_counter() - start:.0f} s; {args.out}")
     return 0

@@ -94,9 +94,10 @@ def test_sweep_runs_end_to_end_on_smollm2(tmp_path, capsys):
     assert table["chosen"].sum() <= 1
     if table["chosen"].any():  # the best checked point passing every rule
         best = table[table["chosen"]].iloc[0]
-        max_loops = table["loops_unsteered"].iloc[0] + 0.05  # steering adds < 5 points
-        assert best["random"] <= 0.10 and best["loops"] < max_loops and best["bleed"] <= 0.10
-        passing = table[checked & (table["random"] <= 0.10) & (table["loops"] < max_loops)]
+        unsteered = table["loops_unsteered"].iloc[0]  # no more loops than unsteered, or < 5%
+        fluent = (table["loops"] < 0.05) | (table["loops"] <= unsteered)
+        assert best["random"] <= 0.10 and fluent[best.name] and best["bleed"] <= 0.10
+        passing = table[checked & (table["random"] <= 0.10) & fluent]
         assert best["bidirectional"] == passing["bidirectional"].max()
     # the recorded rows are reused without rescoring
     again = tmp_path / "again.csv"
