@@ -7,9 +7,11 @@ difference own colour minus the other colour read through the final norm and une
 
 patching (reads model, score, localize; needs prompts): clean questions (``localize.clean``)
 paired with corrupted ones (``localize.corrupt``) of the same template (the text with the
-object replaced) and token count; per (layer, role) the share of the clean-minus-corrupted
-logit difference recovered by patching the clean residual in (pipeline/patching.py). Writes
-patching.parquet (layer, role, recovery) and pairs.json.
+object replaced) and token count; per (site, layer, role) the share of the
+clean-minus-corrupted logit difference recovered by patching the clean output in
+(interventions/patching.py): sites ``localize.kinds`` of resid (the residual after a layer),
+attn and mlp (the block outputs). Writes patching.parquet (site, layer, role, recovery) and
+pairs.json.
 
 localization_report (reads model, report; needs logit_lens, patching, steer, report):
 localization.md/json and the two heatmaps, with the patching ceiling at the steered site
@@ -28,7 +30,7 @@ from mlx_interp.analysis.lens import lens_logit_diff
 from mlx_interp.analysis.scoring import word_token_ids
 from mlx_interp.engine.dag import ConfigError
 from mlx_interp.interventions.capture import resolve_layers
-from mlx_interp.interventions.patching import patching_recovery
+from mlx_interp.interventions.patching import PATCH_KINDS, patching_recovery
 from mlx_interp.interventions.positions import ROLES, object_spans
 from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.report_plots import plot_lens, plot_patching
@@ -132,6 +134,12 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
     words_c = word_token_ids(lm.tokenizer, score["swap"].get(loc["corrupt"], loc["clean"]))
     words_x = word_token_ids(lm.tokenizer, score["swap"].get(loc["clean"], loc["corrupt"]))
     layers = resolve_layers(loc.get("layers"), lm.n_layers)
+    kinds = list(dict.fromkeys(loc.get("kinds") or ["resid"]))
+    if set(kinds) - set(PATCH_KINDS):
+        raise ConfigError(
+            f"localize.kinds {kinds}: each one of {list(PATCH_KINDS)} (the residual after a "
+            "layer, the attention output, the MLP output), e.g. localize.kinds=[resid,attn,mlp]"
+        )
     res = patching_recovery(
         lm.model,
         [clean[i] for i in keep],
@@ -142,14 +150,19 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
         layers,
         lm.pad_id,
         ROLES,  # `all` recovers 1 by construction (tested); not worth its forwards here
+        kinds,
     )
-    rec = res["recovery"]
-    table = pd.DataFrame(
-        {
-            "layer": np.repeat(res["layers"], len(res["roles"])),
-            "role": np.tile(res["roles"], len(res["layers"])),
-            "recovery": rec.reshape(-1),
-        }
+    rec = res["by_kind"][kinds[0]]
+    table = pd.concat(
+        pd.DataFrame(
+            {
+                "site": kind,
+                "layer": np.repeat(res["layers"], len(res["roles"])),
+                "role": np.tile(res["roles"], len(res["layers"])),
+                "recovery": values.reshape(-1),
+            }
+        )
+        for kind, values in res["by_kind"].items()
     )
     table.to_parquet(out / "patching.parquet", index=False)
     info = {
@@ -171,6 +184,7 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
             "role": res["roles"][best[1]],
             "recovery": float(rec[best]),
         },
+        "kinds": kinds,
     }
 
 
@@ -189,6 +203,19 @@ def localization(lens: pd.DataFrame, patching: pd.DataFrame, pairs: dict, steer_
             "max_mean": float(series.max()),
             "first_positive_layer": int(positive.index[0]) if len(positive) else None,
         }
+    if "site" not in patching:  # artifacts from before site patching: residual only
+        patching = patching.assign(site="resid")
+    kinds = {}
+    for kind, rows in patching[patching["role"] != "all"].groupby("site", sort=False):
+        rows = rows.dropna(subset=["recovery"])
+        if len(rows):
+            top = rows.loc[rows["recovery"].idxmax()]
+            kinds[kind] = {
+                "layer": int(top["layer"]),
+                "role": top["role"],
+                "recovery": float(top["recovery"]),
+            }
+    patching = patching[patching["site"] == "resid"]
     single = patching[patching["role"] != "all"].dropna(subset=["recovery"])
     best = single.loc[single["recovery"].idxmax()] if len(single) else None
     role = ROLE_OF_POSITIONS.get(steer_info.get("positions", "all"), "all")
@@ -211,6 +238,7 @@ def localization(lens: pd.DataFrame, patching: pd.DataFrame, pairs: dict, steer_
                 "role": role,
                 "recovery": float(at["recovery"].max()) if len(at) else None,
             },
+            "best_by_site": kinds,
         },
     }
 
@@ -235,6 +263,11 @@ def run_report(cfg: dict, inputs: dict, out: Path) -> dict:
             plot_lens(lens, out / "logit_lens.png").name,
             plot_patching(patching, title, out / "patching.png").name,
         ]
+        if "site" in patching:
+            for kind in [k for k in dict.fromkeys(patching["site"]) if k != "resid"]:
+                rows = patching[patching["site"] == kind]
+                path = out / f"patching_{kind}.png"
+                result["plots"].append(plot_patching(rows, f"{title}: {kind} output", path).name)
     (out / "localization.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / "localization.md").write_text(render_localization(result), encoding="utf-8")
     return {"best_site": result["localization"]["patching"]["best_site"]}

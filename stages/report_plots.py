@@ -174,6 +174,8 @@ def plot_lens(lens: pd.DataFrame, path: Path) -> Path:
 
 def plot_patching(patching: pd.DataFrame, title: str, path: Path) -> Path:
     """Activation patching heatmap: share of the logit difference recovered per layer x role."""
+    if "site" in patching and patching["site"].nunique() > 1:
+        patching = patching[patching["site"] == "resid"]
     roles = list(dict.fromkeys(patching["role"]))
     mean = patching.pivot(index="layer", columns="role", values="recovery")[roles]
     fig, ax = plt.subplots(figsize=(5, 6))

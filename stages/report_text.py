@@ -226,6 +226,13 @@ def render_localization(r: dict) -> str:
         f"| steering there (bidirectional swap, split `{r['evaluated_on']}`) | "
         f"{_num(r['bidirectional_swap'], True)} |"
     )
+    names = {"attn": "attention output", "mlp": "MLP output"}
+    for kind, top in p.get("best_by_site", {}).items():
+        if kind != "resid":
+            lines.append(
+                f"| best {names.get(kind, kind)} (clean output of one block at one role): "
+                f"layer {top['layer']}, {top['role']} | {_num(top['recovery'], True)} |"
+            )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r.get("plots", [])] + [""]
     return "\n".join(lines)
 

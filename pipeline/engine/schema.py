@@ -152,6 +152,7 @@ class LocalizeConfig:
     corrupt: str = "red"  # condition of the corrupted prompts, same template as a clean one
     max_pairs: int = 24  # clean/corrupted pairs patched (one batch); lens: all questions
     layers: list[int] | None = None  # layers patched (negative ok); null: every layer
+    kinds: list[str] = field(default_factory=lambda: ["resid"])  # sites patched: resid, attn, mlp
 
 
 @dataclass

@@ -1,13 +1,15 @@
 """Activation patching: how much of a clean-vs-corrupted logit difference one site carries.
 
 A clean prompt (e.g. a green object) and a corrupted one (a red object, same template and
-token count) are run; then the corrupted prompt again with the residual after one decoder
-layer, at the positions of one role (``ROLES`` of :mod:`mlx_interp.interventions.positions`,
-or ``all``), replaced by the clean run's. With LD = logit(clean word) - logit(corrupted
-word) at the last token, the share recovered is ``(mean LD_patched - mean LD_corrupted) /
-(mean LD_clean - mean LD_corrupted)`` over the pairs: 1 = the site carries the whole
-difference, 0 = none of it. The patch is a class swap on the decoder layer (no hooks),
-restored on exit.
+token count) are run; then the corrupted prompt again with one site's output, at the
+positions of one role (``ROLES`` of :mod:`mlx_interp.interventions.positions`, or ``all``),
+replaced by the clean run's. Sites (``kinds``): ``resid``, the residual after a decoder
+layer; ``attn``, the attention block's output; ``mlp``, the MLP's output (the same modules
+as :mod:`mlx_interp.interventions.sites`), each before it is added to the residual.
+With LD = logit(clean word) - logit(corrupted word) at the last token, the share
+recovered is ``(mean LD_patched - mean LD_corrupted) / (mean LD_clean - mean LD_corrupted)``
+over the pairs: 1 = the site carries the whole difference, 0 = none of it. The patch is a
+class swap on the site's module (no hooks), restored on exit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.interventions.capture import (
-    capture_layers,
     decoder_layers,
     padded_batch,
     subclass_with_call,
@@ -33,6 +34,7 @@ from mlx_interp.interventions.prefix import (
     last_logits,
     shared_prefix,
 )
+from mlx_interp.interventions.sites import Site, capture_sites, site_module
 
 PATCH_ROLES = (*ROLES, "all")
 
@@ -41,12 +43,17 @@ class PatchingError(SteeringError):
     """Pairs that cannot be patched position by position (different lengths or spans)."""
 
 
+PATCH_KINDS = ("resid", "attn", "mlp")
+
+
 @contextmanager
-def patch_residual(model: Any, layer: int, mask: mx.array, values: mx.array) -> Iterator[None]:
-    """Inside, decoder ``layer``'s output ``[batch, seq, d_model]`` takes ``values`` where
-    ``mask`` [batch, seq] is true (forwards of another shape are left alone)."""
-    block = decoder_layers(model)[layer]
-    original = type(block)
+def patch_site(model: Any, site: Site, mask: mx.array, values: mx.array) -> Iterator[None]:
+    """Inside, ``site``'s output ``[batch, seq, d_model]`` takes ``values`` where ``mask``
+    [batch, seq] is true (forwards of another shape are left alone)."""
+    if site.kind not in PATCH_KINDS:
+        raise PatchingError(f"cannot patch site kind {site.kind!r}; use one of {PATCH_KINDS}")
+    module = site_module(model, site)
+    original = type(module)
     original_call = original.__call__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -56,11 +63,16 @@ def patch_residual(model: Any, layer: int, mask: mx.array, values: mx.array) -> 
             h = mx.where(mask[..., None], values.astype(h.dtype), h)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    block.__class__ = subclass_with_call(original, "Patching", __call__)
+    module.__class__ = subclass_with_call(original, "Patching", __call__)
     try:
         yield
     finally:
-        block.__class__ = original
+        module.__class__ = original
+
+
+def patch_residual(model: Any, layer: int, mask: mx.array, values: mx.array):
+    """:func:`patch_site` at the residual after decoder ``layer``."""
+    return patch_site(model, Site(layer, "resid"), mask, values)
 
 
 def _ld(logits: np.ndarray, plus: Sequence[Sequence[int]], minus) -> np.ndarray:
@@ -82,11 +94,17 @@ def patching_recovery(
     layers: Sequence[int] | None = None,
     pad_id: int = 0,
     roles: Sequence[str] = PATCH_ROLES,
+    kinds: Sequence[str] = ("resid",),
 ) -> dict[str, Any]:
     """Share recovered per (layer, role): ``recovery`` float ``[len(layers), len(PATCH_ROLES)]``,
     plus ``ld_clean``/``ld_corrupt`` per pair [n]. ``spans`` is the object span of each pair
     (the same in both prompts); ``plus_ids``/``minus_ids`` the clean/corrupted word's ids;
-    ``roles`` a subset of :data:`PATCH_ROLES` (``all`` recovers 1 by construction: a check)."""
+    ``roles`` a subset of :data:`PATCH_ROLES` (``all`` recovers 1 by construction: a check);
+    ``kinds`` the sites patched (:data:`PATCH_KINDS`): ``by_kind`` holds each one's array, and
+    ``recovery`` the first kind's."""
+    bad_kinds = [k for k in kinds if k not in PATCH_KINDS]
+    if bad_kinds or not kinds:
+        raise PatchingError(f"patching kinds must be a non-empty subset of {PATCH_KINDS}")
     unknown = [r for r in roles if r not in PATCH_ROLES]
     if unknown:
         raise PatchingError(f"unknown patching role(s) {unknown}; use {PATCH_ROLES}")
@@ -120,24 +138,30 @@ def patching_recovery(
                 idx = [j - p for j in role_positions(spans[i], n + p)[role]]
                 m[i, idx] = True
         masks[role] = mx.array(m)
-    with capture_layers(model, layers) as rec:
-        model(
-            clean_tokens, **({} if cache0 is None else {"cache": expand_cache(cache0, len(clean))})
-        )
-    clean_h = {layer: rec.outputs[layer] for layer in layers}
+    cache = expand_cache(cache0, len(clean)) if cache0 is not None else None
+    sites = [Site(layer, kind) for kind in kinds for layer in layers]
+    with capture_sites(model, sites) as rec:
+        model(clean_tokens, **({} if cache is None else {"cache": cache}))
+        mx.eval(list(rec.outputs.values()))
+    clean_out = dict(rec.outputs)
     last = [n - 1 for n in lengths]
-    recovery = np.full((len(layers), len(roles)), np.nan)
-    for a, layer in enumerate(layers):
-        for k, role in enumerate(roles):
-            cache = expand_cache(cache0, len(corrupt)) if cache0 is not None else None
-            with patch_residual(model, layer, masks[role], clean_h[layer]):
-                logits = last_logits(model, tokens, last, cache)
-            ld = _ld(np.array(logits.astype(mx.float32)), plus_ids, minus_ids)
-            recovery[a, k] = (ld.mean() - ld_corrupt.mean()) / gap if gap else np.nan
+    by_kind = {}
+    for kind in kinds:
+        recovery = np.full((len(layers), len(roles)), np.nan)
+        for a, layer in enumerate(layers):
+            site = Site(layer, kind)
+            for k, role in enumerate(roles):
+                cache = expand_cache(cache0, len(corrupt)) if cache0 is not None else None
+                with patch_site(model, site, masks[role], clean_out[site.name]):
+                    logits = last_logits(model, tokens, last, cache)
+                ld = _ld(np.array(logits.astype(mx.float32)), plus_ids, minus_ids)
+                recovery[a, k] = (ld.mean() - ld_corrupt.mean()) / gap if gap else np.nan
+        by_kind[kind] = recovery
     return {
         "layers": layers,
         "roles": list(roles),
-        "recovery": recovery,
+        "recovery": by_kind[kinds[0]],
+        "by_kind": by_kind,
         "ld_clean": ld_clean,
         "ld_corrupt": ld_corrupt,
     }

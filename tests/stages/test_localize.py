@@ -188,6 +188,7 @@ def test_localization_report_end_to_end_on_the_tiny_model(tmp_path):
             "steer.n_random=2",
             "steer.confirm_n=2",
             "pipeline.stages=[localization_report]",
+            "localize.kinds=[resid,attn,mlp]",
         ]
     )
     results = run_experiment(cfg, tmp_path / "run")
@@ -198,5 +199,56 @@ def test_localization_report_end_to_end_on_the_tiny_model(tmp_path):
     assert "Where the colour is decided" in (tmp_path / "run" / "localization.md").read_text()
     patching = pd.read_parquet(Path(results["patching"]["path"]) / "patching.parquet")
     np.testing.assert_allclose(patching[patching["role"] == "all"]["recovery"], 1.0, atol=1e-3)
+    assert set(patching["site"]) == {"resid", "attn", "mlp"}
+    assert (tmp_path / "run" / "patching_mlp.png").stat().st_size > 1000
+    assert set(loc["localization"]["patching"]["best_by_site"]) == {"resid", "attn", "mlp"}
+    assert "best MLP output" in (tmp_path / "run" / "localization.md").read_text()
     meta = json.loads((Path(results["directions"]["path"]) / "directions.json").read_text())
     assert meta["site"] == "object" and "object's tokens" in meta["measured_at"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "phi3"])
+def test_patching_attention_and_mlp_outputs(arch):
+    """Sites inside a layer: the residual's numbers do not change when more kinds are asked;
+    an attention or MLP output at the object's tokens of the last layer cannot reach the last
+    token (recovers 0, like the residual there); at the last token they do move it."""
+    model = tiny_model(arch, seed=5)
+    clean = [PREFIX + [50, 51, 52, 3], PREFIX + [60, 61, 62, 4]]
+    corrupt = [PREFIX + [90, 91, 52, 3], PREFIX + [95, 96, 62, 4]]
+    spans = [(10, 12), (10, 12)]
+    args = (model, clean, corrupt, spans, [[1]] * 2, [[2]] * 2)
+    only = patching_recovery(*args)
+    res = patching_recovery(*args, kinds=("resid", "attn", "mlp"))
+    np.testing.assert_allclose(res["by_kind"]["resid"], only["recovery"], atol=1e-6)
+    obj, last = PATCH_ROLES.index("object"), PATCH_ROLES.index("last")
+    for kind in ("attn", "mlp"):
+        rec = res["by_kind"][kind]
+        assert rec.shape == (len(model.layers), len(PATCH_ROLES))
+        assert rec[-1, obj] == pytest.approx(0.0, abs=1e-4)
+        assert abs(rec[-1, last]) > 1e-3
+    with pytest.raises(PatchingError, match="kinds"):
+        patching_recovery(*args, kinds=("heads",))
+
+
+def test_patch_site_writes_the_values_where_the_mask_is_and_nothing_else():
+    from mlx_interp.interventions.patching import patch_site
+    from mlx_interp.interventions.sites import Site, capture_sites
+
+    model = tiny_model("llama", seed=8)
+    tokens = mx.array([SEQS[0][:12], SEQS[1][:12]])
+    site = Site(1, "mlp")
+    with capture_sites(model, [site]) as rec:
+        plain_logits = model(tokens)
+        own = rec.outputs[site.name]
+    mask = np.zeros((2, 12), bool)
+    mask[0, 3:5] = mask[1, 11] = True
+    values = mx.array(np.random.default_rng(0).normal(size=own.shape).astype(np.float32))
+    with patch_site(model, site, mx.array(mask), own):  # its own values: nothing changes
+        np.testing.assert_allclose(np.array(model(tokens)), np.array(plain_logits), atol=1e-6)
+    with patch_site(model, site, mx.array(mask), values):
+        with capture_sites(model, [site]) as rec:
+            model(tokens)
+            got = np.array(rec.outputs[site.name])
+    np.testing.assert_allclose(got[mask], np.array(values)[mask], atol=1e-6)
+    np.testing.assert_allclose(got[~mask], np.array(own)[~mask], atol=1e-6)
+    assert type(model.layers[1].mlp).__name__ == "MLP"  # restored
