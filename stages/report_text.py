@@ -62,6 +62,14 @@ def render_markdown(r: dict) -> str:
         f"| bidirectional swap (the lower of the two class rates) | "
         f"{100 * r['bidirectional_swap']:.1f}% | |"
     )
+    per_layer = r.get("direction", {}).get("per_layer", {})
+    separable = [per_layer[str(k)]["cv_accuracy"] for k in st["layers"] if str(k) in per_layer]
+    if separable and "Reflect" in str(st.get("mode", "")):
+        lines.append(
+            "| fitted questions on their own side of the direction at the steered layer (5-fold "
+            "CV accuracy along it; a reflection pushes the others further into their own colour, "
+            f"so this bounds the swap) | {100 * max(separable):.1f}% | |"
+        )
     t = rb["answered_right"]
     if t["random_rates"]:
         lines.append(

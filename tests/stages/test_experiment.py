@@ -47,7 +47,11 @@ def test_report_stage_end_to_end_and_alpha_change_recomputes_only_steer(tmp_path
     assert report["swap"]["all"]["n"] == 12
     assert len(report["random_baseline"]["all"]["random_rates"]) == 3
     assert report["controls"]["n"] == 6
-    assert (tmp_path / "r1" / "report.md").read_text().startswith("# Colour swap")
+    md = (tmp_path / "r1" / "report.md").read_text()
+    assert md.startswith("# Colour swap")
+    # reflect (the default mode): the bound on its swap, the direction's CV accuracy at layer 2
+    acc = report["direction"]["per_layer"]["2"]["cv_accuracy"]
+    assert f"so this bounds the swap) | {100 * acc:.1f}% |" in md
     assert (tmp_path / "r1" / "layers.png").stat().st_size > 1000
     gens = pd.read_parquet(Path(first["steer"]["path"]) / "generations.parquet")
     assert set(gens["direction"]) == {"main", "random-00", "random-01", "random-02"}
