@@ -70,11 +70,6 @@ def patch_site(model: Any, site: Site, mask: mx.array, values: mx.array) -> Iter
         module.__class__ = original
 
 
-def patch_residual(model: Any, layer: int, mask: mx.array, values: mx.array):
-    """:func:`patch_site` at the residual after decoder ``layer``."""
-    return patch_site(model, Site(layer, "resid"), mask, values)
-
-
 def _ld(logits: np.ndarray, plus: Sequence[Sequence[int]], minus) -> np.ndarray:
     return np.array(
         [
