@@ -30,7 +30,7 @@ from mlx_interp.analysis.lens import lens_logit_diff
 from mlx_interp.analysis.scoring import word_token_ids
 from mlx_interp.engine.dag import ConfigError
 from mlx_interp.interventions.capture import resolve_layers
-from mlx_interp.interventions.patching import PATCH_KINDS, patching_recovery
+from mlx_interp.interventions.patching import patching_recovery
 from mlx_interp.interventions.positions import ROLES, object_spans
 from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.report_plots import plot_lens, plot_patching
@@ -134,12 +134,7 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
     words_c = word_token_ids(lm.tokenizer, score["swap"].get(loc["corrupt"], loc["clean"]))
     words_x = word_token_ids(lm.tokenizer, score["swap"].get(loc["clean"], loc["corrupt"]))
     layers = resolve_layers(loc.get("layers"), lm.n_layers)
-    kinds = list(dict.fromkeys(loc.get("kinds") or ["resid"]))
-    if set(kinds) - set(PATCH_KINDS):
-        raise ConfigError(
-            f"localize.kinds {kinds}: each one of {list(PATCH_KINDS)} (the residual after a "
-            "layer, the attention output, the MLP output), e.g. localize.kinds=[resid,attn,mlp]"
-        )
+    kinds = list(dict.fromkeys(loc["kinds"]))  # checked by engine.validate
     res = patching_recovery(
         lm.model,
         [clean[i] for i in keep],

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")  # where model weights come from
 STEER_POSITIONS = ("all", "suffix", "last", "object")  # where a steering edit applies
 DIRECTION_SITES = ("last", "object", "answer")  # where a direction's activations are read
+PATCH_KINDS = ("resid", "attn", "mlp")  # sites activation patching replaces (localize.kinds)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mlx_interp.engine.schema import DIRECTION_SITES, SOURCES, STEER_POSITIONS
+from mlx_interp.engine.schema import DIRECTION_SITES, PATCH_KINDS, SOURCES, STEER_POSITIONS
 from mlx_interp.errors import ConfigError
 
 Check = Callable[[Any], bool]
@@ -124,6 +124,12 @@ RULES: dict[str, tuple[Check, str, str]] = {
         one_of(*DIRECTION_SITES),
         f"one of {DIRECTION_SITES}",
         "directions.site=last",
+    ),
+    "localize.kinds": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(k in PATCH_KINDS for k in v),
+        f"a non-empty list of {PATCH_KINDS} (the residual after a layer, the attention output, "
+        "the MLP output)",
+        "localize.kinds=[resid,attn,mlp]",
     ),
     "capture.batch_size": (at_least(1), "an int >= 1", "capture.batch_size=16"),
     "capture.max_tokens": (

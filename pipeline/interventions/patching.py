@@ -21,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.engine.schema import PATCH_KINDS
 from mlx_interp.interventions.capture import (
     decoder_layers,
     padded_batch,
@@ -41,9 +42,6 @@ PATCH_ROLES = (*ROLES, "all")
 
 class PatchingError(SteeringError):
     """Pairs that cannot be patched position by position (different lengths or spans)."""
-
-
-PATCH_KINDS = ("resid", "attn", "mlp")
 
 
 @contextmanager

@@ -39,6 +39,8 @@ def test_gguf_model_with_a_path_passes():
         ("steer.alpha=-2000", "steer.alpha must be a finite number"),
         ("score.fluency.instruction='{txt}'", "score.fluency.instruction must be a template"),
         ("concept.conditions=[red,red]", "concept.conditions must be null (all) or"),
+        ("localize.kinds=[resid,heads]", "localize.kinds must be a non-empty list of"),
+        ("localize.kinds=[]", "localize.kinds must be a non-empty list of"),
     ],
 )
 def test_rules_name_key_value_and_example(override, words):
