@@ -196,6 +196,16 @@ def expand_variants(
     return pd.DataFrame(rows)
 
 
+def given_variants(df: pd.DataFrame) -> dict[str, list[str]]:
+    """``base_id`` and ``variant`` of each row: the dataset's own ``variant`` (e.g. the same
+    question in another wording) and ``base_id`` (the row it rewords) when a row names them,
+    else its own id and "" (an original row)."""
+    metas = [json.loads(m) if m else {} for m in df["meta"]]
+    variant = [str(m.get("variant") or "") for m in metas]
+    base = [str(m.get("base_id") or i) for m, i in zip(metas, df["id"], strict=True)]
+    return {"base_id": base, "variant": variant}
+
+
 def read_datasets(concept: dict) -> tuple[pd.DataFrame, list[Path]]:
     """Rows of the concept's dataset and extra datasets (ids unique across files)."""
     paths = [resolve_dataset_path(concept["dataset"])]
@@ -222,7 +232,7 @@ def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer,
     if concept.get("variants"):
         df = expand_variants(df, concept["variants"], conditions, tokenizer, seed)
     else:
-        df = df.assign(base_id=df["id"], variant="")
+        df = df.assign(**given_variants(df))
     label_of = {c: i for i, c in enumerate(conditions)}
     labels = df["label"].where(df["label"].notna(), df["condition"].map(label_of)).astype(int)
     user_texts = [concept["instruction"].format(text=t) for t in df["text"]]

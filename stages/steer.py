@@ -85,6 +85,8 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     out.insert(2, "direction", direction)
     out.insert(3, "scorer", kind)
     out.insert(4, "split", df["split"].to_numpy() if "split" in df else "train")
+    if "variant" in df and df["variant"].ne("").any():  # rows of a dataset's own variants
+        out.insert(5, "variant", df["variant"].to_numpy())  # (e.g. another wording)
     return out
 
 
@@ -111,6 +113,8 @@ def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat
             f"score.fluency.instruction {f['instruction']!r} has no {{text}}: it must place the "
             "question, e.g. '{text} Describe it in two or three sentences.'"
         )
+    if "variant" in swap:  # the dataset's original wording only
+        swap = swap[swap["variant"] == ""].reset_index(drop=True)
     if "split" in swap and (swap["split"] == "test").any():  # held out: loops on test rows
         swap = swap[swap["split"] == "test"].reset_index(drop=True)
     n = min(n, len(swap))
