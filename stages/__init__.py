@@ -14,6 +14,8 @@ from mlx_interp.stages import (
     prompts,
     report,
     steer,
+    sweep,
+    sweep_report,
 )
 
 STAGES: dict[str, Stage] = {
@@ -92,6 +94,22 @@ STAGES: dict[str, Stage] = {
         reads=("model", "report"),
         needs=("contamination",),
         version=probe_report.VERSION,
+    ),
+    "sweep": Stage(
+        name="sweep",
+        run=sweep.run,
+        reads=("model", "score", "sweep", "seed"),
+        needs=("prompts",),
+        version=sweep.VERSION,
+        fingerprint=sweep.fingerprint,
+        resumable=True,  # points of a killed run are kept (progress/) and reused
+    ),
+    "sweep_report": Stage(
+        name="sweep_report",
+        run=sweep_report.run,
+        reads=("model", "report"),
+        needs=("sweep",),
+        version=sweep_report.VERSION,
     ),
     "logit_lens": Stage(
         name="logit_lens",

@@ -15,7 +15,8 @@ import pandas as pd
 from mlx_interp.analysis.directions import DirectionError
 from mlx_interp.engine.schema import DIRECTION_SITES
 from mlx_interp.interventions.positions import object_spans
-from mlx_interp.interventions.readout import answer_sequences, residuals_at
+from mlx_interp.interventions.readout import answer_sequences, residuals_at, site_values_at
+from mlx_interp.interventions.sites import Site
 
 SITES = DIRECTION_SITES  # last | object | answer (one list, in the schema)
 SITE_NOTES = {
@@ -33,21 +34,40 @@ def check_site(site: str) -> str:
 
 
 def site_activations(
-    lm, prompts: pd.DataFrame, site: str, pos: str, neg: str, layers=None
+    lm, prompts: pd.DataFrame, site: str, pos: str, neg: str, layers=None, kind: str = "resid"
 ) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
-    """(layer -> [rows, d_model], is_pos [rows], is_neg [rows]) for ``prompts`` (pos and neg
-    conditions only) measured at ``site``, read from the model."""
+    """(layer -> [rows, width], is_pos [rows], is_neg [rows]) for ``prompts`` (pos and neg
+    conditions only) measured at token role ``site``, read from the model: the residual after
+    each layer (``kind`` resid), or a site inside the layers (``kind`` attn, heads, ...: the
+    kinds of :class:`mlx_interp.interventions.sites.Site`; ``layers`` needed)."""
     check_site(site)
     tokens = [list(map(int, t)) for t in prompts["tokens"]]
     cond = prompts["condition"].to_numpy()
     if site == "answer":
         seqs, spans, words = answer_sequences(lm.tokenizer, tokens, [pos, neg])
         words = np.asarray(words)
-        acts = residuals_at(lm.model, seqs, spans, layers, lm.pad_id)
-        return acts, words == pos, words == neg
-    if site == "object":
-        spans = object_spans(lm.tokenizer, tokens, prompts["meta"].tolist())
-    else:
-        spans = [(len(t) - 1, len(t)) for t in tokens]
-    acts = residuals_at(lm.model, tokens, spans, layers, lm.pad_id)
-    return acts, cond == pos, cond == neg
+        return read_at(lm, seqs, spans, layers, kind), words == pos, words == neg
+    return (
+        read_at(lm, tokens, role_spans(lm, prompts, site), layers, kind),
+        cond == pos,
+        cond == neg,
+    )
+
+
+def role_spans(lm, prompts: pd.DataFrame, role: str) -> list[tuple[int, int]]:
+    """``[start, end)`` per prompt: the object's tokens, or the last token."""
+    tokens = [list(map(int, t)) for t in prompts["tokens"]]
+    if role == "object":
+        return object_spans(lm.tokenizer, tokens, prompts["meta"].tolist())
+    return [(len(t) - 1, len(t)) for t in tokens]
+
+
+def read_at(lm, seqs, spans, layers, kind: str = "resid") -> dict[int, np.ndarray]:
+    """layer -> [rows, width]: the value at ``kind`` averaged over each span."""
+    if kind == "resid":
+        return residuals_at(lm.model, seqs, spans, layers, lm.pad_id)
+    if not layers:
+        raise DirectionError(f"reading the {kind} site needs the layers listed")
+    names = {Site(int(layer), kind).name: int(layer) for layer in layers}
+    got = site_values_at(lm.model, seqs, spans, list(names), lm.pad_id)
+    return {names[name]: value for name, value in got.items()}

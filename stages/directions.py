@@ -24,9 +24,19 @@ from mlx_interp.analysis.directions import (
     extract,
     make_method,
 )
+from mlx_interp.analysis.settings import head_effects, keep_heads, top_heads
+from mlx_interp.analysis.sides import SideProbe, side_labels
+from mlx_interp.analysis.sweep import SITE_KIND, fold_of
+from mlx_interp.interventions.sites import head_shape
 from mlx_interp.io.activations import activation_matrix, read_activations
 from mlx_interp.models.loading import load_model, model_fingerprint
-from mlx_interp.stages.direction_sites import SITE_NOTES, check_site, site_activations
+from mlx_interp.stages.direction_sites import (
+    SITE_NOTES,
+    check_site,
+    read_at,
+    role_spans,
+    site_activations,
+)
 
 VERSION = "2"  # 2: directions.site (last | object | answer)
 
@@ -54,9 +64,72 @@ def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int)
 
 def fingerprint(cfg: dict) -> dict:
     """The model matters when the activations are read from it (sites other than last)."""
-    if cfg["directions"].get("site", "last") == "last":
+    d = cfg["directions"]
+    if d.get("site", "last") == "last" and d.get("kind", "resid") == "resid" and not d.get("gate"):
         return {}
     return {"model": model_fingerprint(cfg["model"])}
+
+
+def check_kind(kind: str) -> str:
+    if kind not in SITE_KIND:
+        raise DirectionError(f"directions.kind must be one of {tuple(SITE_KIND)}, not {kind!r}")
+    return kind
+
+
+def lm_of(cfg: dict):
+    return load_model(cfg["model"])
+
+
+def restricted(lm, ds: DirectionSet, kind: str, heads) -> tuple[DirectionSet, dict]:
+    """``ds`` (read at site ``kind``) restricted to some heads (``directions.heads``: k per
+    layer by their share of the class difference, or a list); its metadata."""
+    extra = {"kind": kind}
+    if kind != "heads" or heads is None:
+        return ds, extra
+    vectors, chosen = {}, {}
+    for layer in ds.layers:
+        n_heads = head_shape(lm.model, layer)[0]
+        if isinstance(heads, int):
+            keep = top_heads(head_effects(lm.model, layer, ds.vectors[layer]), heads)
+        else:
+            keep = tuple(int(h) for h in heads)
+        one = DirectionSet(
+            {layer: ds.vectors[layer]},
+            {layer: ds.pos_means[layer]},
+            {layer: ds.neg_means[layer]},
+            ds.method,
+            ds.contrast,
+        )
+        vectors[layer] = keep_heads(one, keep, n_heads).vectors[layer]
+        chosen[layer] = list(keep)
+    extra["heads"] = chosen
+    out = DirectionSet(vectors, ds.pos_means, ds.neg_means, ds.method, ds.contrast, dict(ds.meta))
+    return out, extra
+
+
+def fit_gate(lm, prompts: pd.DataFrame, gate: dict, contrast, out: Path) -> dict:
+    """The side probe of ``directions.gate`` fitted on ``prompts`` (every condition of the
+    fitting split: rows of neither class are ``other``), written as gate.safetensors; its
+    5-fold cross-validated accuracy on the two classes' rows, for the record."""
+    measured, layer, c = str(gate.get("measured", "object")), int(gate["layer"]), gate.get("C")
+    tokens = [list(map(int, t)) for t in prompts["tokens"]]
+    x = read_at(lm, tokens, role_spans(lm, prompts, measured), [layer])[layer]
+    labels = side_labels(prompts["condition"].to_numpy(), *contrast)
+    probe = SideProbe(C=float(c if c is not None else 1.0))
+    folds = fold_of(labels, 5, 0)
+    predicted = np.empty(len(labels), object)
+    for f in range(5):
+        predicted[folds == f] = (
+            SideProbe(C=probe.C).fit(x[folds != f], labels[folds != f]).predict(x[folds == f])
+        )
+    probe.fit(x, labels).save(out / "gate.safetensors")
+    two = labels != "other"
+    return {
+        "measured": measured,
+        "layer": layer,
+        "C": probe.C,
+        "cv_accuracy": float((predicted == labels)[two].mean()),
+    }
 
 
 def run(cfg: dict, inputs: dict, out: Path) -> dict:
@@ -66,6 +139,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
     if dcfg["fit_split"] != "all":
         prompts = prompts[prompts["split"] == dcfg["fit_split"]]
+    fit_prompts = prompts.reset_index(drop=True)  # every condition: a gate also reads others
     prompts = prompts[prompts["condition"].isin([pos_name, neg_name])]
     for name in (pos_name, neg_name):
         if not (prompts["condition"] == name).any():
@@ -74,14 +148,18 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                 "directions.contrast or the dataset"
             )
     site = check_site(dcfg.get("site", "last"))
-    if site == "last":
+    kind = dcfg.get("kind", "resid")
+    if site == "last" and kind == "resid":
         ids = prompts["prompt_id"].tolist()
         acts = activation_matrix(read_activations(inputs["capture"]), ids)
         is_pos = (prompts["condition"] == pos_name).to_numpy()
         is_neg = (prompts["condition"] == neg_name).to_numpy()
     else:
         lm = load_model(cfg["model"])  # every layer, read here (the capture is not used)
-        acts, is_pos, is_neg = site_activations(lm, prompts, site, pos_name, neg_name, None)
+        layers = None if kind == "resid" else list(range(lm.n_layers))
+        acts, is_pos, is_neg = site_activations(
+            lm, prompts, site, pos_name, neg_name, layers, SITE_KIND[check_kind(kind)]
+        )
     contrast = (pos_name, neg_name)
     main = extract(acts, is_pos, is_neg, make_method(dcfg["method"]), contrast)
     main.meta.update(
@@ -92,6 +170,12 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
             "measured_at": SITE_NOTES[site],
         }
     )
+    extra = {}  # what only a non-default setting writes (the default's files stay as they were)
+    if kind != "resid":
+        main, extra = restricted(lm, main, kind, dcfg.get("heads"))
+    if dcfg.get("gate"):
+        extra["gate"] = fit_gate(lm_of(cfg), fit_prompts, dcfg["gate"], contrast, out)
+    main.meta.update(extra)
     main.save(out / "directions.safetensors")
     others: dict[str, DirectionSet] = {}
     if dcfg.get("compare_methods", True):
@@ -118,6 +202,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "site": site,
         "measured_at": SITE_NOTES[site],
         "fit_split": dcfg["fit_split"],
+        **extra,
     }
     (out / "directions.json").write_text(
         json.dumps({**summary, "per_layer": per_layer}, indent=2), encoding="utf-8"

@@ -17,6 +17,13 @@ import pandas as pd
 
 from mlx_interp.analysis.stats import SwapStats, binomial_test, mean_sd
 from mlx_interp.stages.report_plots import plot_layers, plot_random_baseline
+from mlx_interp.stages.report_sections import (
+    gate_accuracy,
+    greedy_swap,
+    main_rows,
+    variant_names,
+    variant_rows,
+)
 from mlx_interp.stages.report_text import render_markdown
 
 VERSION = "4"  # 4: held-out split beside in-sample
@@ -55,6 +62,18 @@ def compute_report(baseline, generations, directions_info, steer_info, cfg) -> d
     """All report numbers (pure: tested on small DataFrames). With a held-out split (rows of
     split ``test``), the headline counts the test questions and ``in_sample`` holds the same
     numbers on the train questions (those the direction was fitted on) beside it."""
+    variants = variant_names(generations)
+    if variants:  # the original questions make the headline; each variant its own column
+        report = compute_report(
+            main_rows(baseline), main_rows(generations), directions_info, steer_info, cfg
+        )
+        report["variants"] = {}
+        for name in variants:
+            b, g = variant_rows(baseline, name), variant_rows(generations, name)
+            if "split" in g and (g["split"] == "test").any():
+                b, g = b[b["split"] == "test"], g[g["split"] == "test"]
+            report["variants"][name] = _compute(b, g, directions_info, steer_info, cfg)
+        return report
     held_out = "split" in generations and (generations["split"] == "test").any()
     if not held_out:
         return {
@@ -79,6 +98,9 @@ def compute_report(baseline, generations, directions_info, steer_info, cfg) -> d
         "controls": train["controls"],
         "loop": train["fluency"].get("long", {}).get("steered", {}).get("loop"),
     }
+    for key in ("greedy", "gate"):  # only runs that have them (greedy on every question, a gate)
+        if key in train:
+            test["in_sample"][key] = train[key]
     return test
 
 
@@ -139,7 +161,15 @@ def _compute(baseline, generations, directions_info, steer_info, cfg) -> dict:
     confirm = _confirm(generations, swap)
     fluency = fluency_report(baseline, generations, swap)
     class_rates = [c["swap_answered_right"]["rate"] for c in per_class.values()]
+    extra = {}  # only in runs that have them: greedy answers to every question, a gate probe
+    greedy = greedy_swap(right, generations, swap)
+    if greedy is not None:
+        extra["greedy"] = greedy
+    gate = gate_accuracy(right, generations, directions_info["contrast"])
+    if gate is not None:
+        extra["gate"] = gate
     return {
+        **extra,
         "bidirectional_swap": float(min(class_rates)) if class_rates else float("nan"),
         "model": cfg["model_name"],
         "steer": steer_info,

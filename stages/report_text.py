@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mlx_interp.stages.report_sections import headline_lines, setting_lines
+
 
 def _pct(s: dict) -> str:
     if not s.get("n"):
@@ -23,6 +25,8 @@ def render_markdown(r: dict) -> str:
         f"Steering: mode {st['mode']}, layer(s) {st['layers']}, alpha {st['alpha']}, "
         f"positions {st.get('positions', 'all')}, "
         f"scorer `{st['scorer']}`, {st['n_random']} random directions of equal norm.",
+        *setting_lines(st),
+        *headline_lines(r),
         "",
         "## Unsteered baseline",
         "",

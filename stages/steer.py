@@ -27,7 +27,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mlx_interp.analysis.directions import DirectionSet
-from mlx_interp.analysis.fluency import FluencyError, FluencySpec, fluency
 from mlx_interp.analysis.scoring import (
     UNSTEERED,
     GenerateScorer,
@@ -36,12 +35,19 @@ from mlx_interp.analysis.scoring import (
     Steering,
     make_scorer,
 )
+from mlx_interp.analysis.settings import edits_for, keep_heads
+from mlx_interp.analysis.sides import SideProbe
+from mlx_interp.analysis.sweep import SITE_KIND
 from mlx_interp.interventions.capture import resolve_layers
 from mlx_interp.interventions.modes import mode_name
 from mlx_interp.interventions.positions import object_spans
-from mlx_interp.interventions.steering import LayerEdit, SteeringError, make_mode
-from mlx_interp.io.prompts import render
+from mlx_interp.interventions.sites import head_shape
+from mlx_interp.interventions.steering import SteeringError, make_mode
 from mlx_interp.models.loading import load_model, model_fingerprint
+from mlx_interp.stages.direction_sites import read_at, role_spans
+from mlx_interp.stages.steer_rows import add_fluency, fluency_prompts, fluency_spec
+
+__all__ = ["add_fluency", "fluency_prompts", "fluency_spec", "run_baseline", "run_steer"]
 
 log = logging.getLogger(__name__)
 
@@ -90,61 +96,13 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     return out
 
 
-def fluency_spec(score: dict) -> FluencySpec:
-    """The fluency metrics' parameters from ``score.fluency``."""
-    f = score["fluency"]
-    try:
-        return FluencySpec(int(f["ngram"]), int(f["max_period"]), int(f["min_repeats"]))
-    except FluencyError as err:
-        raise ScoringError(f"score.fluency: {err}") from err
-
-
-def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat") -> pd.DataFrame:
-    """``score.fluency.n_prompts`` swap questions, evenly spaced over the table (so every swap
-    class is covered, without a seed), as open-ended zero-shot prompts (``tokens``) in the
-    model's prompt format (chat; plain text for a base model); only test questions when the
-    table has a test split (the loop rate is a held-out number)."""
-    f = score["fluency"]
-    n = int(f["n_prompts"])
-    if n < 0:
-        raise ScoringError(f"score.fluency.n_prompts must be >= 0 (0 = off), not {n}")
-    if "{text}" not in f["instruction"]:
-        raise ScoringError(
-            f"score.fluency.instruction {f['instruction']!r} has no {{text}}: it must place the "
-            "question, e.g. '{text} Describe it in two or three sentences.'"
-        )
-    if "variant" in swap:  # the dataset's original wording only
-        swap = swap[swap["variant"] == ""].reset_index(drop=True)
-    if "split" in swap and (swap["split"] == "test").any():  # held out: loops on test rows
-        swap = swap[swap["split"] == "test"].reset_index(drop=True)
-    n = min(n, len(swap))
-    picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
-    sample = swap.iloc[picks].reset_index(drop=True)
-    texts = [f["instruction"].format(text=t) for t in sample["text"]]
-    sample["tokens"] = [render(tokenizer, t, fmt, None, [])[1] for t in texts]
-    return sample
-
-
-def add_fluency(table: pd.DataFrame, spec: FluencySpec) -> pd.DataFrame:
-    """The fluency metrics of every row that holds generated ``token_ids`` (others: NaN)."""
-    if "token_ids" not in table:
-        return table
-    metrics = [
-        fluency(list(ids), spec).as_dict() if isinstance(ids, (list, np.ndarray)) else {}
-        for ids in table["token_ids"]
-    ]
-    extra = pd.DataFrame(metrics, index=table.index)
-    if "loop" in extra:
-        extra["loop"] = extra["loop"].astype("boolean")
-    return pd.concat([table, extra], axis=1)
-
-
-def _fluency_rows(lm, swap, score, steering, direction) -> list[pd.DataFrame]:
+def _fluency_rows(lm, swap, score, steer_of, direction, sides=None) -> list[pd.DataFrame]:
+    """Open-ended answers; ``steer_of(side) -> Steering`` (side None when not gated)."""
     sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
     if sample.empty:
         return []
     gen = GenerateScorer(max_tokens=int(score["fluency"]["max_tokens"]))
-    answers = _score(gen, lm, sample, score, steering, lm.pad_id)
+    answers = _score_sided(gen, lm, sample, score, steer_of, sides, lm.pad_id)
     return [_rows(sample, answers, direction, "fluency")]
 
 
@@ -172,15 +130,11 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
         frames.append(_rows(both, answers, "none", "generate"))
         bar.update()
         bar.set_postfix_str("long answers (fluency)")
-        frames += _fluency_rows(lm, swap, score, UNSTEERED, "none")
+        frames += _fluency_rows(lm, swap, score, lambda side: UNSTEERED, "none")
         bar.update()
     table = add_fluency(pd.concat(frames, ignore_index=True), fluency_spec(score))
     table.to_parquet(out / "baseline.parquet", index=False)
     return {"n_questions": len(swap), "n_controls": len(controls)}
-
-
-def _edits(ds: DirectionSet, layers: list[int]) -> tuple[LayerEdit, ...]:
-    return tuple(LayerEdit(layer, ds.vectors[layer], ds.center(layer)) for layer in layers)
 
 
 def steer_layers(steer: dict, ds: DirectionSet, n_layers: int) -> list[int]:
@@ -212,27 +166,39 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
     scorer = make_scorer(score["scorer"])
     pad = lm.pad_id
     positions = steer.get("positions", "all")
-    main = Steering(_edits(ds, layers), mode, alpha, positions)
-    frames = [_rows(swap, _score(scorer, lm, swap, score, main, pad), "main", scorer.kind)]
+    kind = SITE_KIND[ds.meta.get("kind", "resid")]  # edited where the direction was read
+    sides, gate_info = read_sides(lm, inputs["directions"], pd.concat([swap, controls]))
+
+    def setting(d: DirectionSet):  # side -> Steering (side None: no gate)
+        return lambda side: Steering(edits_for(d, layers, kind, side), mode, alpha, positions)
+
+    main = setting(ds)
+
+    def scored(scorer, df, steer_of):
+        return _score_sided(scorer, lm, df, score, steer_of, sides, pad)
+
+    frames = [_rows(swap, scored(scorer, swap, main), "main", scorer.kind)]
     if len(controls):
-        ctrl = _score(scorer, lm, controls, score, main, pad)
-        frames.append(_rows(controls, ctrl, "main", scorer.kind))
-    randoms = ds.random_like(int(steer["n_random"]), seed=int(cfg["seed"]))
+        frames.append(_rows(controls, scored(scorer, controls, main), "main", scorer.kind))
+    randoms = [
+        same_heads(r, ds, lm) for r in ds.random_like(int(steer["n_random"]), int(cfg["seed"]))
+    ]
     for i, rnd in enumerate(tqdm(randoms, desc="random directions", leave=False)):
-        steering = Steering(_edits(rnd, layers), mode, alpha, positions)
-        res = _score(scorer, lm, swap, score, steering, pad)
-        frames.append(_rows(swap, res, f"random-{i:02d}", scorer.kind))
+        frames.append(
+            _rows(swap, scored(scorer, swap, setting(rnd)), f"random-{i:02d}", scorer.kind)
+        )
     confirm_n = min(int(steer["confirm_n"]), len(swap))
     if confirm_n and scorer.kind != "generate":
         rng = np.random.default_rng(int(cfg["seed"]))
         sample = swap.iloc[np.sort(rng.choice(len(swap), confirm_n, replace=False))]
         sample = pd.concat([sample, controls], ignore_index=True)
         gen = GenerateScorer(max_tokens=score["max_tokens"])
-        answers = _score(gen, lm, sample, score, main, pad)
-        frames.append(_rows(sample, answers, "main", "generate"))
-    frames += _fluency_rows(lm, swap, score, main, "main")
+        frames.append(_rows(sample, scored(gen, sample, main), "main", "generate"))
+    frames += _fluency_rows(lm, swap, score, main, "main", sides)
     table = add_fluency(pd.concat(frames, ignore_index=True), spec)
     table["swapped"] = _swapped(table, score)
+    if sides is not None:
+        table["side"] = table["prompt_id"].map(sides)
     table.to_parquet(out / "generations.parquet", index=False)
     info = {
         "layers": layers,
@@ -243,8 +209,57 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
         "scorer": scorer.kind,
         "fluency": dict(score["fluency"]),
     }
+    if kind != "resid":
+        info["site"] = ds.meta["kind"]
+        if "heads" in ds.meta:
+            info["heads"] = {str(layer): ds.meta["heads"][str(layer)] for layer in layers}
+    if gate_info:
+        info["gate"] = gate_info
     (out / "steer.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return info
+
+
+def read_sides(lm, directions: Path, df: pd.DataFrame) -> tuple[dict | None, dict]:
+    """prompt_id -> side (pos / neg / other) read by the directions' gate probe, if it has one
+    (its settings from directions.json); (None, {}) otherwise."""
+    path = directions / "gate.safetensors"
+    if not path.is_file():
+        return None, {}
+    gate = json.loads((directions / "directions.json").read_text())["gate"]
+    tokens = [list(map(int, t)) for t in df["tokens"]]
+    spans = role_spans(lm, df, gate["measured"])
+    x = read_at(lm, tokens, spans, [int(gate["layer"])])[int(gate["layer"])]
+    return dict(zip(df["prompt_id"], SideProbe.load(path).predict(x), strict=True)), gate
+
+
+def same_heads(rnd: DirectionSet, ds: DirectionSet, lm) -> DirectionSet:
+    """A random set restricted to the heads its direction set keeps (if it keeps some)."""
+    heads = ds.meta.get("heads")
+    if not heads:
+        return rnd
+    n_heads = head_shape(lm.model, ds.layers[0])[0]
+    vectors = {
+        layer: keep_heads(rnd, heads[str(layer)], n_heads).vectors[layer] for layer in rnd.layers
+    }
+    return DirectionSet(vectors, rnd.pos_means, rnd.neg_means, rnd.method, rnd.contrast, rnd.meta)
+
+
+def _score_sided(scorer, lm, df, score, steer_of, sides, pad) -> list[dict]:
+    """``_score`` with each prompt steered by its side's setting (``steer_of(side)``); prompts
+    read as neither class are scored unsteered; ``sides`` None: one setting for all."""
+    if sides is None:
+        return _score(scorer, lm, df, score, steer_of(None), pad)
+    side = df["prompt_id"].map(sides).to_numpy()
+    results: list[dict | None] = [None] * len(df)
+    for name in ("pos", "neg", "other"):
+        idx = np.flatnonzero(side == name)
+        if not len(idx):
+            continue
+        steering = UNSTEERED if name == "other" else steer_of(name)
+        part = df.iloc[idx].reset_index(drop=True)
+        for i, result in zip(idx, _score(scorer, lm, part, score, steering, pad), strict=True):
+            results[i] = result
+    return results
 
 
 def _swapped(table: pd.DataFrame, score: dict) -> pd.Series:

@@ -38,6 +38,8 @@ STAGE_MODULES = {
     "prompts",
     "report",
     "steer",
+    "sweep",
+    "sweep_report",
 }
 
 

@@ -34,6 +34,7 @@ from mlx_interp.interventions.prefix import (
     greedy_generate,
     shared_prefix,
 )
+from mlx_interp.interventions.sites import SiteEdit, steer_sites
 from mlx_interp.interventions.steering import LayerEdit, make_mode, steer
 
 
@@ -71,7 +72,7 @@ class Steering:
     See :mod:`mlx_interp.interventions.positions`.
     """
 
-    edits: tuple[LayerEdit, ...]
+    edits: tuple[LayerEdit | SiteEdit, ...]
     mode: Any
     alpha: float
     positions: str = "all"
@@ -83,10 +84,18 @@ class Steering:
             )
 
 
+def steering_context(model: Any, edits: Sequence[Any], mode: Any, alpha: float):
+    """``steer`` for residual edits (:class:`LayerEdit`), ``steer_sites`` for edits at sites
+    inside the layers (:class:`~mlx_interp.interventions.sites.SiteEdit`)."""
+    if edits and all(isinstance(e, SiteEdit) for e in edits):
+        return steer_sites(model, list(edits), mode, alpha)
+    return steer(model, list(edits), mode, alpha)
+
+
 def _run_steered(lm: Any, tokens: list[list[int]], steering: Steering, fn):
     """Run ``fn(prefix)`` under the steering; the shared prefix is run steered or not."""
     prefix = shared_prefix(lm.model, tokens) if steering.positions == "suffix" else None
-    with steer(lm.model, list(steering.edits), steering.mode or "add", steering.alpha):
+    with steering_context(lm.model, steering.edits, steering.mode or "add", steering.alpha):
         return fn(prefix)
 
 
@@ -104,7 +113,7 @@ def _run_per_row(lm, tokens, steering: Steering, spans, batch_size: int, fn) -> 
     prefix = shared_prefix(lm.model, tokens) if len(tokens) > 1 and together else (0, None)
     order = [int(i) for i in np.argsort([len(t) for t in tokens], kind="stable")]
     out: list[dict | None] = [None] * len(tokens)
-    with steer(lm.model, list(steering.edits), mode, steering.alpha):
+    with steering_context(lm.model, steering.edits, mode, steering.alpha):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             if len(rows) == 1 and together:  # run a lone prompt twice in one batch, so it

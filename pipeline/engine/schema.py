@@ -85,6 +85,11 @@ class DirectionsConfig:
     fit_split: str = "all"  # all | train | test: which prompts the direction is fitted on
     compare_methods: bool = True  # also fit every method, for cosines in directions.json
     site: str = "last"  # last token | object (mean over its tokens) | answer (answer contrast)
+    kind: str = "resid"  # the site read, and edited by steer: resid | attn_out | heads | values
+    heads: Any = None  # kind heads: null (all) | k (per layer, the k heads writing most of
+    # the class difference) | [head indices]
+    gate: Any = None  # null | {measured: object|last, layer, C}: a probe fitted on the same
+    # split reads each prompt's class, and steer moves it toward the other class
 
 
 @dataclass
@@ -157,6 +162,35 @@ class LocalizeConfig:
 
 
 @dataclass
+class SweepRowConfig:
+    site: str = "resid"  # edited site kind: resid | attn_out | heads | values
+    measured: str = "last"  # token role the direction is read at: last | object | answer
+    method: str = "mean_diff"  # mean_diff | pca | logistic | unembed (answer words' axis)
+    mode: str = "reflect"  # a steering mode name (reflect, add, ...)
+    positions: str = "last"  # all | suffix | last | object
+    layers: list[Any] = field(default_factory=list)  # ints, or lists of ints edited at once
+    alphas: list[float] = field(default_factory=list)  # strengths
+    heads: Any = None  # site heads: null (all) | k (the k heads writing most of the difference)
+    gate: Any = None  # null | {measured: object|last, layer: int, C: 1.0}: a probe reads each
+    # prompt's class and the edit moves it toward the other class
+
+
+@dataclass
+class SweepConfig:
+    grid: list[SweepRowConfig] = field(default_factory=list)  # per model: conf/model_concept
+    split: str = "train"  # the only split read: settings are chosen here
+    contrast: Any = "${directions.contrast}"  # {pos, neg}: the two classes
+    folds: int = 3  # cross-validation inside the split
+    max_bleed: float = 0.10  # rule: controls whose top token becomes a swap word
+    max_random: float = 0.10  # rule: mean swap rate of random directions of equal norm
+    max_loops: float = 0.05  # rule: loops below this, or no more than unsteered
+    n_random: int = 3  # random directions per checked point
+    loop_prompts: int = 20  # open-ended answers per checked point
+    top: int = 6  # points checked for random and loops at least
+    max_checks: int = 20  # points checked at most, in rank order
+
+
+@dataclass
 class ReportConfig:
     plots: bool = True  # write PNG plots
     reference: dict[str, Any] = field(default_factory=dict)  # published figures shown beside ours
@@ -186,6 +220,7 @@ class RootConfig:
     probes: ProbesConfig = field(default_factory=ProbesConfig)  # probe cross-validation stage
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # rubric
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)  # logit lens, patching
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # steering sweep (train only)
     report: ReportConfig = MISSING  # report stage
     paths: PathsConfig = field(default_factory=PathsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -1,8 +1,10 @@
-"""Residual-stream readouts at chosen token spans: what a direction is measured on.
+"""Readouts at chosen token spans: what a direction is measured on.
 
 :func:`residuals_at` returns each decoder layer's output averaged over one span per prompt
 (the object's tokens, the last token, an appended answer word), running only the suffix after
 the prompts' shared prefix on copies of its KV cache (exact: causal attention).
+:func:`site_values_at` does the same at named sites inside the layers (attention output,
+per-head outputs, ...).
 :func:`answer_sequences` builds the answer contrast: each prompt followed by each answer word.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from mlx_interp.interventions.capture import capture_layers, padded_batch, resolve_layers
 from mlx_interp.interventions.prefix import expand_cache, shared_prefix
+from mlx_interp.interventions.sites import capture_sites
 
 
 def residuals_at(
@@ -62,6 +65,49 @@ def residuals_at(
             for r, i in enumerate(rows):
                 out[layer][i] = array[r]
     return {layer: np.stack(rows) for layer, rows in out.items()}
+
+
+def site_values_at(
+    model: Any,
+    seqs: Sequence[Sequence[int]],
+    spans: Sequence[tuple[int, int]],
+    sites: Sequence[Any],
+    pad_id: int = 0,
+    batch_size: int = 16,
+) -> dict[str, np.ndarray]:
+    """site name -> float32 ``[n, width]``: the value at each site (``layers.23.attn``,
+    ``layers.23.attn.heads`` flattened to ``n_heads * head_dim``, ...) averaged over
+    ``spans[i]``, as :func:`residuals_at` does for the residual stream."""
+    seqs = [[int(t) for t in s] for s in seqs]
+    if len(spans) != len(seqs):
+        raise ValueError(f"{len(seqs)} sequences but {len(spans)} spans: one span per sequence")
+    p, cache0 = shared_prefix(model, seqs)
+    if cache0 is not None and min(s for s, _ in spans) < p:
+        p, cache0 = 0, None
+    out: dict[str, list] = {}
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    for begin in range(0, len(order), batch_size):
+        rows = [int(i) for i in order[begin : begin + batch_size]]
+        tokens, _ = padded_batch([seqs[i][p:] for i in rows], pad_id)
+        cache = expand_cache(cache0, len(rows)) if cache0 is not None else None
+        weights = np.zeros((len(rows), tokens.shape[1]), np.float32)
+        for r, i in enumerate(rows):
+            start, end = spans[i]
+            weights[r, start - p : end - p] = 1.0 / (end - start)
+        w = mx.array(weights)[..., None]
+        with capture_sites(model, sites, stop_after_last=True) as rec:
+            rec.run(model, tokens, **({} if cache is None else {"cache": cache}))
+        reduced = {}
+        for name, value in rec.outputs.items():
+            flat = value.reshape(*value.shape[:2], -1).astype(mx.float32)  # heads: [b, s, h*d]
+            reduced[name] = (flat * w).sum(axis=1)
+        mx.eval(*reduced.values())
+        for name, value in reduced.items():
+            array = np.array(value)
+            slots = out.setdefault(name, [None] * len(seqs))
+            for r, i in enumerate(rows):
+                slots[i] = array[r]
+    return {name: np.stack(rows) for name, rows in out.items()}
 
 
 def answer_sequences(
