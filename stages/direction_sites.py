@@ -13,6 +13,9 @@ import numpy as np
 import pandas as pd
 
 from mlx_interp.analysis.directions import DirectionError
+from mlx_interp.analysis.lens import answer_direction
+from mlx_interp.analysis.scoring import word_token_ids
+from mlx_interp.analysis.sides import AxisSide, SideProbe
 from mlx_interp.engine.schema import DIRECTION_SITES
 from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.readout import answer_sequences, residuals_at, site_values_at
@@ -71,3 +74,12 @@ def read_at(lm, seqs, spans, layers, kind: str = "resid") -> dict[int, np.ndarra
     names = {Site(int(layer), kind).name: int(layer) for layer in layers}
     got = site_values_at(lm.model, seqs, spans, list(names), lm.pad_id)
     return {names[name]: value for name, value in got.items()}
+
+
+def side_reader(lm, method: str, C: float, contrast):
+    """An unfitted side reader of a gate: a logistic probe, or the answer words' axis (the
+    unembedding of the pos word minus the neg word through the final norm)."""
+    if method == "unembed":
+        pos_ids, neg_ids = (word_token_ids(lm.tokenizer, w) for w in contrast)
+        return AxisSide(answer_direction(lm.model, pos_ids, neg_ids))
+    return SideProbe(C=float(C))

@@ -25,7 +25,7 @@ from mlx_interp.analysis.directions import (
     make_method,
 )
 from mlx_interp.analysis.settings import head_effects, keep_heads, top_heads
-from mlx_interp.analysis.sides import SideProbe, side_labels
+from mlx_interp.analysis.sides import side_labels
 from mlx_interp.analysis.sweep import SITE_KIND, fold_of
 from mlx_interp.interventions.sites import head_shape
 from mlx_interp.io.activations import activation_matrix, read_activations
@@ -35,6 +35,7 @@ from mlx_interp.stages.direction_sites import (
     check_site,
     read_at,
     role_spans,
+    side_reader,
     site_activations,
 )
 
@@ -108,26 +109,27 @@ def restricted(lm, ds: DirectionSet, kind: str, heads) -> tuple[DirectionSet, di
 
 
 def fit_gate(lm, prompts: pd.DataFrame, gate: dict, contrast, out: Path) -> dict:
-    """The side probe of ``directions.gate`` fitted on ``prompts`` (every condition of the
-    fitting split: rows of neither class are ``other``), written as gate.safetensors; its
-    5-fold cross-validated accuracy on the two classes' rows, for the record."""
-    measured, layer, c = str(gate.get("measured", "object")), int(gate["layer"]), gate.get("C")
+    """The side reader of ``directions.gate`` (a logistic probe, or the answer words' axis)
+    fitted on ``prompts`` (every condition of the fitting split: rows of neither class are
+    ``other``), written as gate.safetensors; its 5-fold cross-validated accuracy on the two
+    classes' rows, for the record."""
+    measured, layer = str(gate.get("measured", "object")), int(gate["layer"])
+    method, c = str(gate.get("method", "probe")), float(gate.get("C") or 1.0)
     tokens = [list(map(int, t)) for t in prompts["tokens"]]
     x = read_at(lm, tokens, role_spans(lm, prompts, measured), [layer])[layer]
     labels = side_labels(prompts["condition"].to_numpy(), *contrast)
-    probe = SideProbe(C=float(c if c is not None else 1.0))
     folds = fold_of(labels, 5, 0)
     predicted = np.empty(len(labels), object)
     for f in range(5):
-        predicted[folds == f] = (
-            SideProbe(C=probe.C).fit(x[folds != f], labels[folds != f]).predict(x[folds == f])
-        )
-    probe.fit(x, labels).save(out / "gate.safetensors")
+        part = side_reader(lm, method, c, contrast).fit(x[folds != f], labels[folds != f])
+        predicted[folds == f] = part.predict(x[folds == f])
+    side_reader(lm, method, c, contrast).fit(x, labels).save(out / "gate.safetensors")
     two = labels != "other"
     return {
         "measured": measured,
         "layer": layer,
-        "C": probe.C,
+        "method": method,
+        "C": c,
         "cv_accuracy": float((predicted == labels)[two].mean()),
     }
 

@@ -108,8 +108,10 @@ def setting_lines(st: dict) -> list[str]:
         parts.append(f"heads kept per layer: {st['heads']}")
     if st.get("gate"):
         g = st["gate"]
+        reader = "a probe" if g.get("method", "probe") == "probe" else "the answer words' axis"
         parts.append(
-            f"two-way: a probe on the residual after layer {g['layer']} at the {g['measured']} "
+            f"two-way: {reader}"
+            f" on the residual after layer {g['layer']} at the {g['measured']} "
             f"tokens reads each prompt's class (cross-validated on the fitting split: "
             f"{100 * g['cv_accuracy']:.1f}%), and the edit moves it toward the other class; "
             "prompts it reads as neither class are left unsteered"

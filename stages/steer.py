@@ -36,8 +36,8 @@ from mlx_interp.analysis.scoring import (
     make_scorer,
 )
 from mlx_interp.analysis.settings import edits_for, keep_heads
-from mlx_interp.analysis.sides import SideProbe
-from mlx_interp.analysis.sweep import SITE_KIND
+from mlx_interp.analysis.sides import load_side
+from mlx_interp.analysis.sweep import SITE_KIND, Gate, check_gate_precedes
 from mlx_interp.interventions.capture import resolve_layers
 from mlx_interp.interventions.modes import mode_name
 from mlx_interp.interventions.positions import object_spans
@@ -168,6 +168,9 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
     positions = steer.get("positions", "all")
     kind = SITE_KIND[ds.meta.get("kind", "resid")]  # edited where the direction was read
     sides, gate_info = read_sides(lm, inputs["directions"], pd.concat([swap, controls]))
+    if gate_info:  # the gate reads what precedes the first edit (one forward could do both)
+        gate = Gate(gate_info["measured"], int(gate_info["layer"]))
+        check_gate_precedes(gate, kind, layers, positions, "directions.gate with steer.layer")
 
     def setting(d: DirectionSet):  # side -> Steering (side None: no gate)
         return lambda side: Steering(edits_for(d, layers, kind, side), mode, alpha, positions)
@@ -229,7 +232,7 @@ def read_sides(lm, directions: Path, df: pd.DataFrame) -> tuple[dict | None, dic
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = role_spans(lm, df, gate["measured"])
     x = read_at(lm, tokens, spans, [int(gate["layer"])])[int(gate["layer"])]
-    return dict(zip(df["prompt_id"], SideProbe.load(path).predict(x), strict=True)), gate
+    return dict(zip(df["prompt_id"], load_side(path).predict(x), strict=True)), gate
 
 
 def same_heads(rnd: DirectionSet, ds: DirectionSet, lm) -> DirectionSet:

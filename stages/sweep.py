@@ -32,14 +32,14 @@ from mlx_interp.analysis.directions import DirectionSet, extract, make_method
 from mlx_interp.analysis.lens import answer_direction
 from mlx_interp.analysis.scoring import UNSTEERED, word_token_ids
 from mlx_interp.analysis.settings import edits_for, head_effects, keep_heads, top_heads
-from mlx_interp.analysis.sides import SideProbe, side_labels
+from mlx_interp.analysis.sides import side_labels
 from mlx_interp.analysis.sweep import SITE_KIND, Rules, choose, expand_grid, fold_of, ranked
 from mlx_interp.analysis.sweep import summarize as summarize_point
 from mlx_interp.errors import ConfigError, UntrustedResultError
 from mlx_interp.interventions.modes import MODES, make_mode
 from mlx_interp.interventions.sites import head_shape
 from mlx_interp.models.loading import load_model, model_fingerprint
-from mlx_interp.stages.direction_sites import read_at, role_spans, site_activations
+from mlx_interp.stages.direction_sites import read_at, role_spans, side_reader, site_activations
 from mlx_interp.stages.sweep_scoring import (
     logit_rows,
     loop_rate,
@@ -82,20 +82,20 @@ class Fits:
     """Direction sets per (site, measured, method), fitted on every fold's complement and on
     the whole split, and the own-side share of each (the bound of a reflection)."""
 
-    def __init__(self, lm, fit: pd.DataFrame, fold: np.ndarray, right: np.ndarray, contrast):
+    def __init__(self, lm, fit: pd.DataFrame, fold, right, contrast, points=()):
         self.lm, self.fit, self.fold, self.right, self.contrast = lm, fit, fold, right, contrast
+        self.layers_of: dict[str, set[int]] = {}  # site kind -> every layer a point edits
+        for p in points:
+            self.layers_of.setdefault(p.site, set()).update(p.layers)
         self.folds = int(fold.max()) + 1
         self.sets: dict[tuple, list[DirectionSet]] = {}  # key -> [fold 0..k-1, whole]
+        self.acts: dict[tuple, tuple] = {}  # (site, measured) -> activations, is_pos, is_neg
         self.bounds: list[dict] = []
 
     def get(self, site, measured, method, layers) -> list[DirectionSet]:
         key = (site, measured, method)
         if key not in self.sets:
-            pos, neg = self.contrast
-            kind = SITE_KIND[site]
-            acts, is_pos, is_neg = site_activations(
-                self.lm, self.fit, measured, pos, neg, None if kind == "resid" else layers, kind
-            )
+            acts, is_pos, is_neg = self.read(site, measured, layers)
             per_row = len(is_pos) // len(self.fit)  # 2 rows per question: the answer contrast
             fit_fold = np.repeat(self.fold, per_row)
             sets = []
@@ -113,10 +113,20 @@ class Fits:
         missing = [layer for layer in layers if layer not in sets[-1].vectors]
         if missing:
             raise ConfigError(
-                f"sweep: site {site} was read at layers {sets[-1].layers}, not "
-                f"{missing}: list every layer of that site in one grid row"
+                f"sweep: site {site} was read at layers {sets[-1].layers}, not {missing}"
             )
         return sets
+
+    def read(self, site, measured, layers) -> tuple:
+        """The fitting rows' activations at a site kind and token role (read once; every
+        layer of the residual, the listed layers of other sites)."""
+        if (site, measured) not in self.acts:
+            kind = SITE_KIND[site]
+            wanted = None if kind == "resid" else sorted(self.layers_of.get(site, layers))
+            self.acts[site, measured] = site_activations(
+                self.lm, self.fit, measured, *self.contrast, wanted, kind
+            )
+        return self.acts[site, measured]
 
     def _own_side(self, key, acts, is_pos, sets) -> None:
         for layer in sorted(acts):
@@ -151,7 +161,7 @@ def gate_sides(lm, table, fold, gate, contrast, right, bounds) -> np.ndarray:
     sides = np.empty(len(table), object)
     for f in range(int(fold.max()) + 1):
         rows = fold == f
-        probe = SideProbe(C=gate.C).fit(acts[~rows], labels[~rows])
+        probe = side_reader(lm, gate.method, gate.C, contrast).fit(acts[~rows], labels[~rows])
         sides[rows] = probe.predict(acts[rows])
     swap_rows = labels != "other"
     accuracy = float((sides == labels)[swap_rows & right].mean())
@@ -160,7 +170,7 @@ def gate_sides(lm, table, fold, gate, contrast, right, bounds) -> np.ndarray:
             "kind": "gate",
             "site": "resid",
             "measured": gate.measured,
-            "method": "probe",
+            "method": gate.method,
             "layer": gate.layer,
             "share": accuracy,
             "share_all": float((sides == labels)[swap_rows].mean()),
@@ -195,7 +205,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
             )
     fold = fold_of(cond, int(sweep["folds"]), seed)
     is_fit = np.isin(cond, list(swap))
-    fits = Fits(lm, table[is_fit].reset_index(drop=True), fold[is_fit], right[is_fit], contrast)
+    fits = Fits(
+        lm, table[is_fit].reset_index(drop=True), fold[is_fit], right[is_fit], contrast, points
+    )
     spans = spans_of(lm, table) if any(p.positions == "object" for p in points) else None
     gates = {}
     for gate in sorted({p.gate for p in points if p.gate}, key=lambda g: g.label):

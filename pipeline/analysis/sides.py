@@ -111,6 +111,49 @@ class SideProbe:
         return probe
 
 
+@dataclass
+class AxisSide:
+    """A side read along a fixed axis (e.g. the answer words' unembedding, no weights fitted):
+    ``pos`` when ``x . axis`` exceeds the midpoint of the two classes' mean projections (the
+    one number fitted), else ``neg``; it never reads ``other``."""
+
+    axis: np.ndarray
+    threshold: float = 0.0
+    classes: list[str] = field(default_factory=lambda: ["neg", "pos"])
+
+    def fit(self, x: np.ndarray, sides: np.ndarray) -> AxisSide:
+        sides = np.asarray(sides).astype(str)
+        proj = np.asarray(x, np.float64) @ np.asarray(self.axis, np.float64)
+        for needed in ("pos", "neg"):
+            if (sides == needed).sum() < 1:
+                raise SideError(f"an axis side needs {needed!r} rows to place its threshold")
+        self.threshold = float((proj[sides == "pos"].mean() + proj[sides == "neg"].mean()) / 2)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.axis):
+            raise SideError(f"the axis has width {len(self.axis)}, got {x.shape}")
+        return np.where(x @ np.asarray(self.axis, np.float64) > self.threshold, "pos", "neg")
+
+    def save(self, path) -> None:
+        from safetensors.numpy import save_file
+
+        arrays = {"axis": np.ascontiguousarray(self.axis, np.float32)}
+        save_file(arrays, str(path), metadata={"kind": "axis", "threshold": repr(self.threshold)})
+
+
+def load_side(path) -> SideProbe | AxisSide:
+    """A saved :class:`SideProbe` or :class:`AxisSide`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+        if meta.get("kind") == "axis":
+            return AxisSide(np.asarray(f.get_tensor("axis")), float(meta["threshold"]))
+    return SideProbe.load(path)
+
+
 def side_labels(conditions: np.ndarray, pos: str, neg: str) -> np.ndarray:
     """``pos`` / ``neg`` / ``other`` per row from its condition."""
     conditions = np.asarray(conditions).astype(str)

@@ -28,17 +28,23 @@ METHODS = ("mean_diff", "pca", "logistic", "unembed")
 KEYS = ["site", "measured", "method", "mode", "positions", "layer", "alpha", "heads", "gate"]
 
 
+GATE_METHODS = ("probe", "unembed")  # a fitted logistic probe, or the answer words' axis
+
+
 @dataclass(frozen=True)
 class Gate:
-    """A side probe at the residual after ``layer``, read at token role ``measured``."""
+    """A side read at the residual after ``layer`` at token role ``measured``: by a fitted
+    probe (``probe``) or along the answer words' unembedding (``unembed``)."""
 
     measured: str
     layer: int
     C: float = 1.0
+    method: str = "probe"
 
     @property
     def label(self) -> str:
-        return f"{self.measured}@{self.layer}"
+        suffix = "" if self.method == "probe" else f" ({self.method})"
+        return f"{self.measured}@{self.layer}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,32 @@ def _gate(raw: Any, where: str) -> Gate | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping) or "layer" not in raw:
-        raise ConfigError(f"{where}: gate is null or {{measured: object, layer: 12, C: 1.0}}")
+        raise ConfigError(
+            f"{where}: gate is null or {{measured: object, layer: 12, C: 1.0, method: probe}}"
+        )
     measured = str(raw.get("measured", "object"))
     if measured not in ("last", "object"):
         raise ConfigError(f"{where}: gate.measured must be last or object, not {measured!r}")
-    return Gate(measured, int(raw["layer"]), float(raw.get("C", 1.0)))
+    method = str(raw.get("method", "probe"))
+    if method not in GATE_METHODS:
+        raise ConfigError(f"{where}: gate.method must be one of {GATE_METHODS}, not {method!r}")
+    return Gate(measured, int(raw["layer"]), float(raw.get("C", 1.0)), method)
+
+
+def check_gate_precedes(gate: Gate | None, site: str, layers, positions: str, where: str):
+    """A gate must read what the forward computes before the first edit, so that one forward
+    could both read it and steer: the object's tokens when they are not edited, or the last
+    token's residual after a layer below the first edited one (an edit at a site inside
+    layer L comes after the residual of layer L - 1)."""
+    if gate is None:
+        return
+    if gate.measured == "object" and positions in ("object", "all"):
+        raise ConfigError(f"{where}: a gate at the object's tokens needs them unedited")
+    if gate.measured == "last" and gate.layer >= min(layers):
+        raise ConfigError(
+            f"{where}: a gate at the last token must read a layer below the first edited one "
+            f"({min(layers)}), not {gate.layer}: it would read its own edit"
+        )
 
 
 def expand_grid(rows: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> list[SweepPoint]:
@@ -142,6 +169,7 @@ def expand_grid(rows: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> list
             raise ConfigError(f"{where}: alphas must be a non-empty list of numbers")
         gate = _gate(row.get("gate"), where)
         for layers in _layer_sets(row.get("layers"), where):
+            check_gate_precedes(gate, site, layers, str(row.get("positions", "last")), where)
             for alpha in alphas:
                 points.append(
                     SweepPoint(

@@ -7,7 +7,14 @@ import pytest
 
 from mlx_interp.analysis.directions import extract
 from mlx_interp.analysis.settings import edits_for, keep_heads, top_heads
-from mlx_interp.analysis.sides import SideError, SideProbe, side_labels, toward_other
+from mlx_interp.analysis.sides import (
+    AxisSide,
+    SideError,
+    SideProbe,
+    load_side,
+    side_labels,
+    toward_other,
+)
 from mlx_interp.interventions.modes import AddMode, ReflectMode
 from mlx_interp.interventions.sites import SiteEdit
 from mlx_interp.interventions.steering import LayerEdit
@@ -86,3 +93,23 @@ def test_edits_for_each_site_kind_and_heads():
     v = kept.vectors[2].reshape(4, 2)
     assert (v[[0, 2]] == 0).all() and np.allclose(v[[1, 3]], ds.vectors[2].reshape(4, 2)[[1, 3]])
     assert top_heads(np.array([0.1, 3.0, 0.2, 2.0]), 2) == (1, 3)
+
+
+def test_axis_side_reads_along_a_given_axis(tmp_path):
+    x, labels = _planted()
+    axis = np.eye(D)[0] * 2.0  # the planted class axis, not fitted
+    side = AxisSide(axis).fit(x + 1.0, labels)  # an offset: the threshold follows the classes
+    assert np.isclose(side.threshold, 2.0, atol=0.5)
+    test_x, test_labels = _planted(seed=1)
+    two = test_labels != "other"
+    assert (side.predict(test_x + 1.0)[two] == test_labels[two]).mean() > 0.95
+    side.save(tmp_path / "axis.safetensors")
+    again = load_side(tmp_path / "axis.safetensors")
+    assert isinstance(again, AxisSide) and again.threshold == side.threshold
+    assert isinstance(load_side(_saved_probe(tmp_path)), SideProbe)
+
+
+def _saved_probe(tmp_path):
+    x, labels = _planted()
+    SideProbe().fit(x, labels).save(tmp_path / "probe.safetensors")
+    return tmp_path / "probe.safetensors"

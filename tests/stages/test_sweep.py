@@ -111,6 +111,11 @@ def test_report_gives_the_frontier_of_each_intervention(swept):
         ({"site": "heads", "method": "unembed", "layers": [1], "alphas": [1]}, "unembed"),
         ({"heads": 2, "layers": [1], "alphas": [1]}, "heads is for site heads"),
         ({"gate": {"measured": "x", "layer": 1}, "layers": [1], "alphas": [1]}, "gate.measured"),
+        ({"gate": {"measured": "last", "layer": 2}, "layers": [2], "alphas": [1]}, "below"),
+        (
+            {"gate": {"layer": 2}, "positions": "object", "layers": [3], "alphas": [1]},
+            "unedited",
+        ),
     ],
 )
 def test_bad_grid_rows_are_named(row, match):
