@@ -53,14 +53,14 @@ def test_fingerprints_are_made_as_before():
     live = {}
     for name in stage_keys(STAGES, targets, plain):
         stage = STAGES[name]
-        live[name] = stage.fingerprint(_slice(plain, stage)) if stage.fingerprint else {}
+        live[name] = stage.fingerprint(_inputs(plain, stage)) if stage.fingerprint else {}
     want = json.loads(json.dumps(pin["fingerprints"]))
     dataset = resolve_dataset_path(plain["concept"]["dataset"])
     want["prompts"]["dataset_sha256"] = file_sha256(dataset)
     assert live == want
 
 
-def _slice(plain: dict, stage) -> object:
-    from mlx_interp.engine.dag import config_slice
+def _inputs(plain: dict, stage) -> object:
+    from mlx_interp.engine.dag import config_slice, stage_inputs
 
-    return config_slice(plain, stage)
+    return stage_inputs(stage, config_slice(plain, stage))
