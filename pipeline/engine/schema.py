@@ -127,6 +127,7 @@ class ModelConfig:
         None  # base models: plain; null: prompts.format
     )
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # only for source=tiny
+    anatomy: dict[str, Any] = field(default_factory=dict)  # role -> path (+model.anatomy.mlp=ffn)
 
 
 @dataclass
