@@ -19,6 +19,7 @@ from mlx.utils import tree_map
 from mlx_interp.engine.cache import hash_key
 from mlx_interp.engine.schema import SOURCES
 from mlx_interp.errors import MlxInterpError
+from mlx_interp.models.anatomy import anatomy_of
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def load_model(cfg: dict) -> LoadedModel:
         dequantized = before > 0
         log.info("model %s: dequantized %d quantized layers to float32 (CPU)", cfg["name"], before)
     model.eval()
-    layers = model.layers
+    layers = anatomy_of(model, cfg.get("anatomy")).layers  # model.anatomy: an unusual layout
     d_model = _d_model(model)
     fmt = cfg.get("prompt_format") or "chat"
     loaded = LoadedModel(model, tokenizer, cfg["name"], len(layers), d_model, dequantized, fmt)
@@ -230,11 +231,10 @@ def load_model(cfg: dict) -> LoadedModel:
 
 
 def _d_model(model: nn.Module) -> int:
-    args = getattr(model, "args", None)
-    for attr in ("hidden_size", "n_embd", "d_model", "dim"):
-        if args is not None and getattr(args, attr, None):
-            return int(getattr(args, attr))
-    raise ModelLoadError("cannot tell the model's hidden size (no args.hidden_size)")
+    width = anatomy_of(model).d_model
+    if width is None:
+        raise ModelLoadError("cannot tell the model's hidden size (no args.hidden_size)")
+    return width
 
 
 def model_fingerprint(cfg: dict) -> dict:
