@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from mlx_interp.engine.cache import file_sha256, hash_key
+from mlx_interp.engine.cache import hash_key
 from mlx_interp.engine.schema import SOURCES, ModelConfig
 from mlx_interp.errors import MlxInterpError
 from mlx_interp.models.anatomy import anatomy_of
@@ -246,20 +246,14 @@ def _d_model(model: nn.Module) -> int:
     return width
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
 def model_fingerprint(cfg: ModelConfig | Mapping) -> dict:
     """Content identity of the weights a model config names, for cache keys."""
     cfg = model_dict(cfg)
     source = cfg.get("source")
     if source in ("embedded", "gguf"):
-        path = _resolve_gguf_path(cfg)
-        stat = path.stat()
-        memo = (str(path), stat.st_size, stat.st_mtime_ns)
-        if memo not in _FINGERPRINTS:
-            _FINGERPRINTS[memo] = file_sha256(path)
-        return {"weights_sha256": _FINGERPRINTS[memo]}
+        from mlx_interp.models.gguf import gguf_sha256  # memoized: the load cache's key too
+
+        return {"weights_sha256": gguf_sha256(_resolve_gguf_path(cfg))}
     if source == "mlx_lm":
         local = Path(str(cfg.get("path", ""))).expanduser()
         if local.is_dir():
