@@ -143,4 +143,5 @@ STAGE = Stage(
     needs=("prompts", "capture"),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("directions.safetensors", "directions.json"),
 )

@@ -316,4 +316,5 @@ STAGE = Stage(
     inputs=PromptsInputs,
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("prompts.parquet",),
 )

@@ -279,6 +279,7 @@ BASELINE = Stage(
     needs=("prompts",),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("baseline.parquet",),
 )
 STAGE = Stage(
     name="steer",
@@ -287,4 +288,5 @@ STAGE = Stage(
     needs=("prompts", "directions"),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("generations.parquet", "steer.json"),
 )
