@@ -144,8 +144,10 @@ def run_patches(
     patches: Sequence[Patch],
     metric: Callable[[mx.array], mx.array],
     max_row_tokens: int = MAX_ROW_TOKENS,
+    skip_unchanged: bool = True,
 ) -> np.ndarray:
-    """float64 ``[len(patches)]``: ``metric`` (mean over pairs) of each patched run."""
+    """float64 ``[len(patches)]``: ``metric`` (mean over pairs) of each patched run.
+    ``skip_unchanged=False`` runs even the patches that cannot change anything."""
     n_pairs, width = runs.clean.tokens.shape
     n_layers = n_layers_of(model)
     out = np.full(len(patches), np.nan)

@@ -220,6 +220,7 @@ def patching_heatmaps(
     metric: Callable[[mx.array], mx.array] | None = None,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
+    skip_unchanged: bool = True,
 ) -> dict[str, PatchingResult]:
     """Patch each kind at every layer x position (x head for ``z``); one result per kind.
 
@@ -227,7 +228,9 @@ def patching_heatmaps(
     ``mlx_interp.Model``; every prompt of the same length. ``answers=(plus, minus)`` sets the
     default metric :func:`logit_diff` (ids or single-token strings); or pass ``metric``, a
     function of the last position's logits ``[n_pairs, vocab]`` -> ``[n_pairs]`` or a scalar
-    (averaged). ``layers``/``positions``: subsets (negative ok); default all."""
+    (averaged). ``layers``/``positions``: subsets (negative ok); default all. Positions before
+    the first token where a pair differs cannot change anything (causal attention): they get
+    the corrupted metric without a forward unless ``skip_unchanged=False``."""
     pairs = prepare_pairs(model, clean, corrupted, answers, metric)
     module, metric = pairs.module, pairs.metric
     kinds = [kind_name(k) for k in kinds]
@@ -249,7 +252,7 @@ def patching_heatmaps(
                 mask = np.zeros((n_pairs, width), bool)
                 mask[:, p] = True
                 patches += [Patch(kind, layer, mask, h) for h in heads]
-    values = run_patches(module, runs, patches, metric)
+    values = run_patches(module, runs, patches, metric, skip_unchanged=skip_unchanged)
     results, done = {}, 0
     for kind, shape in shapes.items():
         part = values[done : done + int(np.prod(shape))].reshape(shape)
