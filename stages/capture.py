@@ -30,6 +30,7 @@ from mlx_interp.interventions.capture import POSITIONS, capture_batch, resolve_l
 from mlx_interp.interventions.prefix import shared_prefix
 from mlx_interp.interventions.sites import capture_sites_batch, resolve_sites
 from mlx_interp.io.activations import batch_table, site_table, write_part
+from mlx_interp.models.anatomy import anatomy_of
 from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     site_dir = out / "sites"
     if site_names:
         site_dir.mkdir(exist_ok=True)
-    n_heads = int(getattr(getattr(lm.model, "args", None), "num_attention_heads", 1) or 1)
+    n_heads = anatomy_of(lm.model).n_heads or 1  # the one head count (sites.head_shape's too)
     budget = attention_budget_bytes()
     longest = int(prompts["n_tokens"].max())
     if not _scores_fit(1, longest, n_heads, budget):

@@ -36,6 +36,7 @@ class ModelConfig:
     embedded: str = "smollm2_135m"  # source=embedded: smollm2_135m | gemma3_270m (PyPI GGUFs)
     prompt_format: str | None = None  # chat | plain (base models: Q:/A: text); null: prompts.format
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # only for source=tiny
+    anatomy: dict[str, Any] = field(default_factory=dict)  # role -> path (+model.anatomy.mlp=ffn)
 
 
 @dataclass
