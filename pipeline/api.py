@@ -38,6 +38,7 @@ from mlx_interp.interventions.sites import (
 from mlx_interp.interventions.steering import LayerEdit, steer
 from mlx_interp.io.control_vectors import export_control_vector, import_control_vector
 from mlx_interp.io.prompts import render
+from mlx_interp.models.anatomy import Anatomy, anatomy_of
 from mlx_interp.models.loading import LoadedModel, load_model, model_config
 
 __all__ = ["ActivationCache", "Direction", "Model", "load"]
@@ -59,6 +60,12 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    @property
+    def anatomy(self) -> Anatomy:
+        """Where the model's parts are: layers, attention, MLP, norms, head
+        (:class:`~mlx_interp.models.anatomy.Anatomy`; ``anatomy.layer(8).o_proj``...)."""
+        return anatomy_of(self.model)
 
     def tokens(self, text: str, chat: bool | None = False) -> list[int]:
         """Token ids of ``text``; with ``chat`` inside the model's chat template (a user turn).
@@ -132,15 +139,20 @@ class Model:
         )
 
 
-def load(model: str | Path, dequantize: str | bool = "auto") -> Model:
+def load(
+    model: str | Path, dequantize: str | bool = "auto", anatomy: Mapping[str, Any] | None = None
+) -> Model:
     """Load a model: a config name under conf/model (``smollm2_135m``, ``tiny_random``...),
     a ``.gguf`` file, a folder saved by mlx-lm, or a Hugging Face id (mlx-lm, needs the hub).
 
     ``dequantize``: ``auto`` gives float32 weights on the CPU and keeps quantized weights on
-    Metal/CUDA; True or False forces it.
+    Metal/CUDA; True or False forces it. ``anatomy``: role -> attribute path for a layout
+    the library does not know (the config key ``model.anatomy``), e.g. ``{"mlp": "ffn"}``.
     """
     cfg = model_config(model)
     cfg["dequantize"] = dequantize
+    if anatomy is not None:
+        cfg["anatomy"] = dict(anatomy)
     return Model(load_model(cfg))  # a missing file or bad model is a named ModelLoadError
 
 

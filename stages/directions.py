@@ -12,6 +12,7 @@ cross-validated threshold accuracy), and the cosines between the three methods.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,14 @@ from mlx_interp.analysis.directions import (
 from mlx_interp.analysis.settings import head_effects, keep_heads, top_heads
 from mlx_interp.analysis.sides import side_labels
 from mlx_interp.analysis.sweep import SITE_KIND, fold_of
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.inputs import typed
+from mlx_interp.engine.schema import DirectionsConfig, GateConfig, ModelConfig
 from mlx_interp.interventions.sites import head_shape
 from mlx_interp.io.activations import activation_matrix, read_activations
 from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.direction_sites import (
     SITE_NOTES,
-    check_site,
     read_at,
     role_spans,
     side_reader,
@@ -40,6 +43,13 @@ from mlx_interp.stages.direction_sites import (
 )
 
 VERSION = "2"  # 2: directions.site (last | object | answer)
+
+
+@dataclass(frozen=True)
+class DirectionsInputs:
+    directions: DirectionsConfig
+    seed: int
+    model: ModelConfig  # read when the site is not the captured last token
 
 
 def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int) -> dict:
@@ -63,28 +73,18 @@ def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int)
     return {"d_prime": d_prime, "cv_accuracy": correct / len(x)}
 
 
-def fingerprint(cfg: dict) -> dict:
+def fingerprint(inputs: DirectionsInputs) -> dict:
     """The model matters when the activations are read from it (sites other than last)."""
-    d = cfg["directions"]
-    if d.get("site", "last") == "last" and d.get("kind", "resid") == "resid" and not d.get("gate"):
+    d = inputs.directions
+    if d.site == "last" and d.kind == "resid" and d.gate is None:
         return {}
-    return {"model": model_fingerprint(cfg["model"])}
-
-
-def check_kind(kind: str) -> str:
-    if kind not in SITE_KIND:
-        raise DirectionError(f"directions.kind must be one of {tuple(SITE_KIND)}, not {kind!r}")
-    return kind
-
-
-def lm_of(cfg: dict):
-    return load_model(cfg["model"])
+    return {"model": model_fingerprint(inputs.model)}
 
 
 def restricted(lm, ds: DirectionSet, kind: str, heads) -> tuple[DirectionSet, dict]:
     """``ds`` (read at site ``kind``) restricted to some heads (``directions.heads``: k per
     layer by their share of the class difference, or a list); its metadata."""
-    extra = {"kind": kind}
+    extra = {"kind": str(kind)}
     if kind != "heads" or heads is None:
         return ds, extra
     vectors, chosen = {}, {}
@@ -108,79 +108,77 @@ def restricted(lm, ds: DirectionSet, kind: str, heads) -> tuple[DirectionSet, di
     return out, extra
 
 
-def fit_gate(lm, prompts: pd.DataFrame, gate: dict, contrast, out: Path) -> dict:
+def fit_gate(lm, prompts: pd.DataFrame, gate, contrast, out: Path) -> dict:
     """The side reader of ``directions.gate`` (a logistic probe, or the answer words' axis)
     fitted on ``prompts`` (every condition of the fitting split: rows of neither class are
     ``other``), written as gate.safetensors; its 5-fold cross-validated accuracy on the two
     classes' rows, for the record."""
-    measured, layer = str(gate.get("measured", "object")), int(gate["layer"])
-    method, c = str(gate.get("method", "probe")), float(gate.get("C") or 1.0)
     tokens = [list(map(int, t)) for t in prompts["tokens"]]
-    x = read_at(lm, tokens, role_spans(lm, prompts, measured), [layer])[layer]
+    x = read_at(lm, tokens, role_spans(lm, prompts, gate.measured), [gate.layer])[gate.layer]
     labels = side_labels(prompts["condition"].to_numpy(), *contrast)
     folds = fold_of(labels, 5, 0)
     predicted = np.empty(len(labels), object)
     for f in range(5):
-        part = side_reader(lm, method, c, contrast).fit(x[folds != f], labels[folds != f])
-        predicted[folds == f] = part.predict(x[folds == f])
-    side_reader(lm, method, c, contrast).fit(x, labels).save(out / "gate.safetensors")
+        part = side_reader(lm, gate.method, gate.C, contrast)
+        predicted[folds == f] = part.fit(x[folds != f], labels[folds != f]).predict(x[folds == f])
+    side_reader(lm, gate.method, gate.C, contrast).fit(x, labels).save(out / "gate.safetensors")
     two = labels != "other"
     return {
-        "measured": measured,
-        "layer": layer,
-        "method": method,
-        "C": c,
+        "measured": str(gate.measured),
+        "layer": int(gate.layer),
+        "method": str(gate.method),
+        "C": float(gate.C),
         "cv_accuracy": float((predicted == labels)[two].mean()),
     }
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads directions, seed, model; needs prompts and capture."""
-    dcfg = cfg["directions"]
-    pos_name, neg_name = dcfg["contrast"]["pos"], dcfg["contrast"]["neg"]
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
-    if dcfg["fit_split"] != "all":
-        prompts = prompts[prompts["split"] == dcfg["fit_split"]]
+def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: a direction per layer; needs prompts and capture."""
+    dcfg = inputs.directions
+    pos_name, neg_name = dcfg.contrast["pos"], dcfg.contrast["neg"]
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
+    if dcfg.fit_split != "all":
+        prompts = prompts[prompts["split"] == dcfg.fit_split]
     fit_prompts = prompts.reset_index(drop=True)  # every condition: a gate also reads others
     prompts = prompts[prompts["condition"].isin([pos_name, neg_name])]
     for name in (pos_name, neg_name):
         if not (prompts["condition"] == name).any():
             raise DirectionError(
-                f"condition {name!r} has no prompts (split {dcfg['fit_split']!r}); fix "
+                f"condition {name!r} has no prompts (split {dcfg.fit_split!r}); fix "
                 "directions.contrast or the dataset"
             )
-    site = check_site(dcfg.get("site", "last"))
-    kind = dcfg.get("kind", "resid")
+    site, kind = dcfg.site, dcfg.kind
     if site == "last" and kind == "resid":
         ids = prompts["prompt_id"].tolist()
-        acts = activation_matrix(read_activations(inputs["capture"]), ids)
+        acts = activation_matrix(read_activations(upstream["capture"]), ids)
         is_pos = (prompts["condition"] == pos_name).to_numpy()
         is_neg = (prompts["condition"] == neg_name).to_numpy()
     else:
-        lm = load_model(cfg["model"])  # every layer, read here (the capture is not used)
+        lm = load_model(inputs.model)  # every layer, read here (the capture is not used)
         layers = None if kind == "resid" else list(range(lm.n_layers))
         acts, is_pos, is_neg = site_activations(
-            lm, prompts, site, pos_name, neg_name, layers, SITE_KIND[check_kind(kind)]
+            lm, prompts, site, pos_name, neg_name, layers, SITE_KIND[str(kind)]
         )
     contrast = (pos_name, neg_name)
-    main = extract(acts, is_pos, is_neg, make_method(dcfg["method"]), contrast)
+    main = extract(acts, is_pos, is_neg, make_method(dcfg.method), contrast)
     main.meta.update(
         {
             "prompt_ids": len(prompts),
-            "fit_split": dcfg["fit_split"],
+            "fit_split": dcfg.fit_split,
             "site": site,
             "measured_at": SITE_NOTES[site],
         }
     )
     extra = {}  # what only a non-default setting writes (the default's files stay as they were)
     if kind != "resid":
-        main, extra = restricted(lm, main, kind, dcfg.get("heads"))
-    if dcfg.get("gate"):
-        extra["gate"] = fit_gate(lm_of(cfg), fit_prompts, dcfg["gate"], contrast, out)
+        main, extra = restricted(lm, main, kind, dcfg.heads)
+    if dcfg.gate is not None:
+        gate = typed(GateConfig, dcfg.gate, "directions.gate.")
+        extra["gate"] = fit_gate(load_model(inputs.model), fit_prompts, gate, contrast, out)
     main.meta.update(extra)
     main.save(out / "directions.safetensors")
     others: dict[str, DirectionSet] = {}
-    if dcfg.get("compare_methods", True):
+    if dcfg.compare_methods:
         others = {name: extract(acts, is_pos, is_neg, name, contrast) for name in METHODS}
     per_layer = {}
     for layer in main.layers:
@@ -190,7 +188,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                 acts[layer][is_pos | is_neg],
                 is_pos[is_pos | is_neg],
                 main.unit(layer),
-                int(cfg["seed"]),
+                inputs.seed,
             )
         )
         entry["cosine_to"] = {n: main.cosine(s, layer) for n, s in others.items()}
@@ -203,7 +201,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "layers": main.layers,
         "site": site,
         "measured_at": SITE_NOTES[site],
-        "fit_split": dcfg["fit_split"],
+        "fit_split": dcfg.fit_split,
         **extra,
     }
     (out / "directions.json").write_text(
@@ -211,3 +209,14 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     )
     best = max(per_layer, key=lambda k: per_layer[k]["d_prime"])
     return {**summary, "best_separated_layer": best}
+
+
+STAGE = Stage(
+    name="directions",
+    run=run,
+    inputs=DirectionsInputs,
+    needs=("prompts", "capture"),
+    version=VERSION,
+    fingerprint=fingerprint,
+    writes=("directions.safetensors", "directions.json"),
+)

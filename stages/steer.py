@@ -18,8 +18,10 @@ per sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,8 @@ from mlx_interp.analysis.scoring import (
 from mlx_interp.analysis.settings import edits_for, keep_heads
 from mlx_interp.analysis.sides import load_side
 from mlx_interp.analysis.sweep import SITE_KIND, Gate, check_gate_precedes
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import ModelConfig, ScoreConfig, SteerConfig
 from mlx_interp.interventions.capture import resolve_layers
 from mlx_interp.interventions.modes import mode_name
 from mlx_interp.interventions.positions import object_spans
@@ -47,36 +51,52 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.direction_sites import read_at, role_spans
 from mlx_interp.stages.steer_rows import add_fluency, fluency_prompts, fluency_spec
 
-__all__ = ["add_fluency", "fluency_prompts", "fluency_spec", "run_baseline", "run_steer"]
-
 log = logging.getLogger(__name__)
+
+__all__ = ["add_fluency", "fluency_prompts", "fluency_spec", "run_baseline", "run_steer"]
 
 VERSION = "4"  # 4: positions last/object, split column
 
 
-def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+@dataclass(frozen=True)
+class BaselineInputs:
+    model: ModelConfig
+    score: ScoreConfig
+
+
+@dataclass(frozen=True)
+class SteerInputs:
+    model: ModelConfig
+    score: ScoreConfig
+    steer: SteerConfig
+    seed: int
+
+
+def eval_prompts(prompts: pd.DataFrame, score: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(swap questions, control questions) of the evaluation split."""
-    if score["eval_split"] != "all":
-        prompts = prompts[prompts["split"] == score["eval_split"]]
-    swap = prompts[prompts["condition"].isin(list(score["swap"]))].reset_index(drop=True)
-    controls = prompts[prompts["condition"].isin(score["controls"])].reset_index(drop=True)
+    if score.eval_split != "all":
+        prompts = prompts[prompts["split"] == score.eval_split]
+    swap = prompts[prompts["condition"].isin(list(score.swap))].reset_index(drop=True)
+    controls = prompts[prompts["condition"].isin(score.controls)].reset_index(drop=True)
     if swap.empty:
         raise ScoringError(
-            f"no prompts of the swap conditions {list(score['swap'])} in split "
-            f"{score['eval_split']!r}; fix score.swap or score.eval_split"
+            f"no prompts of the swap conditions {list(score.swap)} in split "
+            f"{score.eval_split!r}; fix score.swap or score.eval_split"
         )
     return swap, controls
 
 
-def words_of(score: dict) -> list[str]:
+def words_of(score: ScoreConfig) -> list[str]:
     """The target words the scorers look for (the swap conditions' words)."""
-    return sorted(set(score["swap"]) | set(score["swap"].values()))
+    return sorted(set(score.swap) | set(score.swap.values()))
 
 
-def _score(scorer, lm, df: pd.DataFrame, score: dict, steering: Steering, pad: int) -> list[dict]:
+def _score(
+    scorer, lm, df: pd.DataFrame, score: ScoreConfig, steering: Steering, pad: int
+) -> list[dict]:
     # controls have no own swap word: they get placeholder words, and their margin is unused
-    original = [c if c in score["swap"] else words_of(score)[0] for c in df["condition"]]
-    target = [score["swap"].get(c, words_of(score)[-1]) for c in df["condition"]]
+    original = [c if c in score.swap else words_of(score)[0] for c in df["condition"]]
+    target = [score.swap.get(c, words_of(score)[-1]) for c in df["condition"]]
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = None
     if steering.edits and steering.positions == "object":
@@ -101,24 +121,24 @@ def _fluency_rows(lm, swap, score, steer_of, direction, sides=None) -> list[pd.D
     sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
     if sample.empty:
         return []
-    gen = GenerateScorer(max_tokens=int(score["fluency"]["max_tokens"]))
+    gen = GenerateScorer(max_tokens=score.fluency.max_tokens)
     answers = _score_sided(gen, lm, sample, score, steer_of, sides, lm.pad_id)
     return [_rows(sample, answers, direction, "fluency")]
 
 
-def fingerprint(cfg: dict) -> dict:
-    return {"model": model_fingerprint(cfg["model"])}
+def fingerprint(inputs: BaselineInputs | SteerInputs) -> dict:
+    return {"model": model_fingerprint(inputs.model)}
 
 
-def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
+def run_baseline(inputs: BaselineInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage `baseline`: unsteered logit scores, greedy answers, long answers for fluency."""
-    score = cfg["score"]
-    lm = load_model(cfg["model"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    score = inputs.score
+    lm = load_model(inputs.model)
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     swap, controls = eval_prompts(prompts, score)
     both = pd.concat([swap, controls], ignore_index=True)
-    logit = LogitScorer(batch_size=score["batch_size"])
-    gen = GenerateScorer(max_tokens=score["max_tokens"])
+    logit = LogitScorer(batch_size=score.batch_size)
+    gen = GenerateScorer(max_tokens=score.max_tokens)
     with tqdm(total=3, desc="baseline", unit="step", leave=False) as bar:
         bar.set_postfix_str("logit scores")
         frames = [
@@ -137,9 +157,9 @@ def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
     return {"n_questions": len(swap), "n_controls": len(controls)}
 
 
-def steer_layers(steer: dict, ds: DirectionSet, n_layers: int) -> list[int]:
+def steer_layers(steer: SteerConfig, ds: DirectionSet, n_layers: int) -> list[int]:
     """The steered layers (int or list in config), checked against the direction set."""
-    raw = steer["layer"]
+    raw = steer.layer
     layers = resolve_layers([raw] if isinstance(raw, int) else list(raw), n_layers)
     missing = [layer for layer in layers if layer not in ds.vectors]
     if missing:
@@ -150,24 +170,22 @@ def steer_layers(steer: dict, ds: DirectionSet, n_layers: int) -> list[int]:
     return layers
 
 
-def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
+def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage `steer`: main + random directions on the questions, controls, confirmation."""
-    score, steer = cfg["score"], cfg["steer"]
+    score, steer = inputs.score, inputs.steer
     spec = fluency_spec(score)  # bad fluency settings fail before the model loads
-    alpha = float(steer["alpha"])
-    if not np.isfinite(alpha):
-        raise SteeringError(f"steer.alpha must be a finite number, not {alpha}")
-    lm = load_model(cfg["model"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    alpha = float(steer.alpha)
+    lm = load_model(inputs.model)
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     swap, controls = eval_prompts(prompts, score)
-    ds = DirectionSet.load(inputs["directions"] / "directions.safetensors")
+    ds = DirectionSet.load(upstream["directions"] / "directions.safetensors")
     layers = steer_layers(steer, ds, lm.n_layers)
-    mode = make_mode(steer["mode"])
-    scorer = make_scorer(score["scorer"])
+    mode = make_mode(steer.mode)
+    scorer = make_scorer(score.scorer)
     pad = lm.pad_id
-    positions = steer.get("positions", "all")
+    positions = steer.positions
     kind = SITE_KIND[ds.meta.get("kind", "resid")]  # edited where the direction was read
-    sides, gate_info = read_sides(lm, inputs["directions"], pd.concat([swap, controls]))
+    sides, gate_info = read_sides(lm, upstream["directions"], pd.concat([swap, controls]))
     if gate_info:  # the gate reads what precedes the first edit (one forward could do both)
         gate = Gate(gate_info["measured"], int(gate_info["layer"]))
         check_gate_precedes(gate, kind, layers, positions, "directions.gate with steer.layer")
@@ -183,19 +201,16 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
     frames = [_rows(swap, scored(scorer, swap, main), "main", scorer.kind)]
     if len(controls):
         frames.append(_rows(controls, scored(scorer, controls, main), "main", scorer.kind))
-    randoms = [
-        same_heads(r, ds, lm) for r in ds.random_like(int(steer["n_random"]), int(cfg["seed"]))
-    ]
+    randoms = [same_heads(r, ds, lm) for r in ds.random_like(steer.n_random, seed=inputs.seed)]
     for i, rnd in enumerate(tqdm(randoms, desc="random directions", leave=False)):
-        frames.append(
-            _rows(swap, scored(scorer, swap, setting(rnd)), f"random-{i:02d}", scorer.kind)
-        )
-    confirm_n = min(int(steer["confirm_n"]), len(swap))
+        res = scored(scorer, swap, setting(rnd))
+        frames.append(_rows(swap, res, f"random-{i:02d}", scorer.kind))
+    confirm_n = min(steer.confirm_n, len(swap))
     if confirm_n and scorer.kind != "generate":
-        rng = np.random.default_rng(int(cfg["seed"]))
+        rng = np.random.default_rng(inputs.seed)
         sample = swap.iloc[np.sort(rng.choice(len(swap), confirm_n, replace=False))]
         sample = pd.concat([sample, controls], ignore_index=True)
-        gen = GenerateScorer(max_tokens=score["max_tokens"])
+        gen = GenerateScorer(max_tokens=score.max_tokens)
         frames.append(_rows(sample, scored(gen, sample, main), "main", "generate"))
     frames += _fluency_rows(lm, swap, score, main, "main", sides)
     table = add_fluency(pd.concat(frames, ignore_index=True), spec)
@@ -210,7 +225,7 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
         "positions": positions,
         "n_random": len(randoms),
         "scorer": scorer.kind,
-        "fluency": dict(score["fluency"]),
+        "fluency": dataclasses.asdict(score.fluency),
     }
     if kind != "resid":
         info["site"] = ds.meta["kind"]
@@ -223,8 +238,8 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
 
 
 def read_sides(lm, directions: Path, df: pd.DataFrame) -> tuple[dict | None, dict]:
-    """prompt_id -> side (pos / neg / other) read by the directions' gate probe, if it has one
-    (its settings from directions.json); (None, {}) otherwise."""
+    """prompt_id -> side (pos / neg / other) read by the directions' gate, if it has one (its
+    settings from directions.json); (None, {}) otherwise."""
     path = directions / "gate.safetensors"
     if not path.is_file():
         return None, {}
@@ -265,10 +280,30 @@ def _score_sided(scorer, lm, df, score, steer_of, sides, pad) -> list[dict]:
     return results
 
 
-def _swapped(table: pd.DataFrame, score: dict) -> pd.Series:
+def _swapped(table: pd.DataFrame, score: ScoreConfig) -> pd.Series:
     """Swap verdict per row: logit margin > 0, or the answer names the target word."""
-    target = table["condition"].map(score["swap"])
+    target = table["condition"].map(score.swap)
     by_logit = table["margin"].gt(0) if "margin" in table else False
     by_name = table["named"].eq(target) if "named" in table else False
     verdict = np.where(table["scorer"] == "logit", by_logit, by_name)
     return pd.Series(verdict, index=table.index).where(target.notna(), False).astype(bool)
+
+
+BASELINE = Stage(
+    name="baseline",
+    run=run_baseline,
+    inputs=BaselineInputs,
+    needs=("prompts",),
+    version=VERSION,
+    fingerprint=fingerprint,
+    writes=("baseline.parquet",),
+)
+STAGE = Stage(
+    name="steer",
+    run=run_steer,
+    inputs=SteerInputs,
+    needs=("prompts", "directions"),
+    version=VERSION,
+    fingerprint=fingerprint,
+    writes=("generations.parquet", "steer.json"),
+)

@@ -8,30 +8,33 @@ import pandas as pd
 
 from mlx_interp.analysis.fluency import FluencyError, FluencySpec, fluency
 from mlx_interp.analysis.scoring import ScoringError
+from mlx_interp.engine.schema import ScoreConfig
 from mlx_interp.io.prompts import render
 
 
-def fluency_spec(score: dict) -> FluencySpec:
+def fluency_spec(score: ScoreConfig) -> FluencySpec:
     """The fluency metrics' parameters from ``score.fluency``."""
-    f = score["fluency"]
+    f = score.fluency
     try:
-        return FluencySpec(int(f["ngram"]), int(f["max_period"]), int(f["min_repeats"]))
+        return FluencySpec(f.ngram, f.max_period, f.min_repeats)
     except FluencyError as err:
         raise ScoringError(f"score.fluency: {err}") from err
 
 
-def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat") -> pd.DataFrame:
+def fluency_prompts(
+    swap: pd.DataFrame, score: ScoreConfig, tokenizer, fmt: str = "chat"
+) -> pd.DataFrame:
     """``score.fluency.n_prompts`` swap questions, evenly spaced over the table (so every swap
     class is covered, without a seed), as open-ended zero-shot prompts (``tokens``) in the
     model's prompt format (chat; plain text for a base model); only test questions when the
     table has a test split (the loop rate is a held-out number)."""
-    f = score["fluency"]
-    n = int(f["n_prompts"])
+    f = score.fluency
+    n = f.n_prompts
     if n < 0:
         raise ScoringError(f"score.fluency.n_prompts must be >= 0 (0 = off), not {n}")
-    if "{text}" not in f["instruction"]:
+    if "{text}" not in f.instruction:
         raise ScoringError(
-            f"score.fluency.instruction {f['instruction']!r} has no {{text}}: it must place the "
+            f"score.fluency.instruction {f.instruction!r} has no {{text}}: it must place the "
             "question, e.g. '{text} Describe it in two or three sentences.'"
         )
     if "variant" in swap:  # the dataset's original wording only
@@ -41,7 +44,7 @@ def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat
     n = min(n, len(swap))
     picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
     sample = swap.iloc[picks].reset_index(drop=True)
-    texts = [f["instruction"].format(text=t) for t in sample["text"]]
+    texts = [f.instruction.format(text=t) for t in sample["text"]]
     sample["tokens"] = [render(tokenizer, t, fmt, None, [])[1] for t in texts]
     return sample
 

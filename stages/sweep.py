@@ -19,9 +19,11 @@ accuracies), sweep.json (counts, the unsteered loop rate, the rules, the chosen 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from mlx_interp.analysis.settings import edits_for, head_effects, keep_heads, to
 from mlx_interp.analysis.sides import side_labels
 from mlx_interp.analysis.sweep import SITE_KIND, Rules, choose, expand_grid, fold_of, ranked
 from mlx_interp.analysis.sweep import summarize as summarize_point
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import ModelConfig, ScoreConfig, SweepConfig
 from mlx_interp.errors import ConfigError, UntrustedResultError
 from mlx_interp.interventions.modes import MODES, make_mode
 from mlx_interp.interventions.sites import head_shape
@@ -52,8 +56,16 @@ log = logging.getLogger(__name__)
 VERSION = "1"
 
 
-def fingerprint(cfg: dict) -> dict:
-    return {"model": model_fingerprint(cfg["model"])}
+@dataclass(frozen=True)
+class SweepInputs:
+    model: ModelConfig
+    score: ScoreConfig  # the swap words, the controls, the loop test
+    sweep: SweepConfig
+    seed: int
+
+
+def fingerprint(inputs: SweepInputs) -> dict:
+    return {"model": model_fingerprint(inputs.model)}
 
 
 LOGISTIC = {"_target_": "mlx_interp.analysis.directions.LogisticDirection", "C": 0.1}
@@ -179,19 +191,19 @@ def gate_sides(lm, table, fold, gate, contrast, right, bounds) -> np.ndarray:
     return sides
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads model, score, sweep, seed; needs prompts."""
-    score, sweep, seed = cfg["score"], cfg["sweep"], int(cfg["seed"])
-    points = expand_grid(sweep["grid"], tuple(MODES))
-    rules = Rules(float(sweep["max_bleed"]), float(sweep["max_random"]), float(sweep["max_loops"]))
-    contrast = (str(sweep["contrast"]["pos"]), str(sweep["contrast"]["neg"]))
-    swap = dict(score["swap"])
+def run(inputs: SweepInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: the sweep on the split ``sweep.split``; needs prompts."""
+    score, sweep, seed = inputs.score, inputs.sweep, inputs.seed
+    points = expand_grid([dataclasses.asdict(row) for row in sweep.grid], tuple(MODES))
+    rules = Rules(sweep.max_bleed, sweep.max_random, sweep.max_loops)
+    contrast = (str(sweep.contrast["pos"]), str(sweep.contrast["neg"]))
+    swap = dict(score.swap)
     if set(contrast) != set(swap):
         raise ConfigError(f"sweep.contrast {contrast} must be the two swap conditions {list(swap)}")
-    lm = load_model(cfg["model"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
-    prompts = prompts[prompts["split"] == sweep["split"]]
-    table = prompts[prompts["condition"].isin([*swap, *score["controls"]])].reset_index(drop=True)
+    lm = load_model(inputs.model)
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
+    prompts = prompts[prompts["split"] == sweep.split]
+    table = prompts[prompts["condition"].isin([*swap, *score.controls])].reset_index(drop=True)
     cond = table["condition"].to_numpy()
     base = logit_rows(lm, table, np.arange(len(table)), UNSTEERED, None, swap)
     # right: the unsteered model prefers its own word (the target's margin is negative)
@@ -199,11 +211,11 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     for c in swap:
         if not (right & (cond == c)).any():
             raise UntrustedResultError(
-                f"the unsteered {cfg['model']['name']} answers none of the {sweep['split']} {c} "
+                f"the unsteered {inputs.model.name} answers none of the {sweep.split} {c} "
                 "questions right, so no swap of that class can be measured: use a model that "
                 "knows them, or more questions"
             )
-    fold = fold_of(cond, int(sweep["folds"]), seed)
+    fold = fold_of(cond, sweep.folds, seed)
     is_fit = np.isin(cond, list(swap))
     fits = Fits(
         lm, table[is_fit].reset_index(drop=True), fold[is_fit], right[is_fit], contrast, points
@@ -229,7 +241,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         rows.append(row)
         log.info("sweep %d/%d %s", i + 1, len(points), row)
     table_out = pd.DataFrame(rows).assign(random=np.nan, loops=np.nan)
-    unsteered = loop_rate(lm, table[is_fit], int(sweep["loop_prompts"]), score, None, None, None)
+    unsteered = loop_rate(lm, table[is_fit], sweep.loop_prompts, score, None, None, None)
     check(
         lm,
         table,
@@ -253,12 +265,12 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     pd.DataFrame(fits.bounds).to_parquet(out / "bounds.parquet", index=False)
     chosen = table_out[table_out["chosen"]].to_dict("records")
     summary = {
-        "model": cfg["model"]["name"],
-        "split": sweep["split"],
+        "model": inputs.model.name,
+        "split": str(sweep.split),
         "n_questions": {c: int((cond == c).sum()) for c in swap},
         "n_right": {c: int((right & (cond == c)).sum()) for c in swap},
         "n_controls": int((~is_fit).sum()),
-        "folds": int(sweep["folds"]),
+        "folds": sweep.folds,
         "loops_unsteered": unsteered,
         "rules": {
             "max_bleed": rules.max_bleed,
@@ -351,7 +363,7 @@ def check(
     cond = table["condition"].to_numpy()
     is_fit = np.isin(cond, list(swap))
     for checked, i in enumerate(ranked(table_out, rules).index):
-        if checked >= int(sweep["max_checks"]):
+        if checked >= sweep.max_checks:
             break
         point = points[int(i)]
         kind = SITE_KIND[point.site]
@@ -360,7 +372,7 @@ def check(
         sides = gates.get(point.gate) if point.gate else None
         everyone = np.arange(len(table))
         rates = []
-        for rnd in ds.random_like(int(sweep["n_random"]), seed=seed):
+        for rnd in ds.random_like(sweep.n_random, seed=seed):
             if point.site == "heads" and "heads" in ds.meta:
                 rnd = keep_heads(rnd, ds.meta["heads"], head_shape(lm.model, point.layers[-1])[0])
             edits = partial(edits_for, rnd, point.layers, kind)
@@ -371,9 +383,21 @@ def check(
         edits = partial(edits_for, ds, point.layers, kind)
         fit_sides = None if sides is None else sides[is_fit]
         table_out.loc[i, "loops"] = loop_rate(
-            lm, table[is_fit], int(sweep["loop_prompts"]), score, edits, fit_sides, make
+            lm, table[is_fit], sweep.loop_prompts, score, edits, fit_sides, make
         )
         log.info("sweep check %s", table_out.loc[i].to_dict())
         passes = rules.passing(table_out.loc[[i]], unsteered).iloc[0]
-        if passes and checked + 1 >= int(sweep["top"]):
+        if passes and checked + 1 >= sweep.top:
             break
+
+
+STAGE = Stage(
+    name="sweep",
+    run=run,
+    inputs=SweepInputs,
+    needs=("prompts",),
+    version=VERSION,
+    fingerprint=fingerprint,
+    resumable=True,  # points of a killed run are kept (progress/) and reused
+    writes=("sweep.parquet", "bounds.parquet", "sweep.json"),
+)

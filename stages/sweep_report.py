@@ -11,6 +11,7 @@ point and the bounds per layer. Every rate is cross-validated on the sweep's spl
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +22,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mlx_interp.analysis.sweep import Rules, frontier  # noqa: E402
+from mlx_interp.engine.dag import Stage, summary_headline  # noqa: E402
+from mlx_interp.engine.schema import ReportConfig  # noqa: E402
 
 VERSION = "1"
 SETTING = ["site", "measured", "method", "mode", "positions", "layer", "alpha", "heads", "gate"]
@@ -179,16 +182,33 @@ def plot_frontier(table: pd.DataFrame, path: Path, rules: Rules, unsteered: floa
     return path
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads model, report, sweep; needs sweep."""
-    table = pd.read_parquet(inputs["sweep"] / "sweep.parquet")
-    bounds = pd.read_parquet(inputs["sweep"] / "bounds.parquet")
-    info = json.loads((inputs["sweep"] / "sweep.json").read_text())
+@dataclass(frozen=True)
+class SweepReportInputs:
+    report: ReportConfig  # plots or not
+
+
+def run(inputs: SweepReportInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: sweep.md and frontier.png; needs sweep."""
+    table = pd.read_parquet(upstream["sweep"] / "sweep.parquet")
+    bounds = pd.read_parquet(upstream["sweep"] / "bounds.parquet")
+    info = json.loads((upstream["sweep"] / "sweep.json").read_text())
     classes = sorted(info["n_questions"])
     (out / "sweep.md").write_text(render(table, bounds, info, classes), encoding="utf-8")
-    if cfg["report"]["plots"]:
+    if inputs.report.plots:
         rules = Rules(**info["rules"])
         plot_frontier(table, out / "frontier.png", rules, float(info["loops_unsteered"]))
     chosen = info.get("chosen")
     value = float(chosen["bidirectional"]) if chosen else float(np.nan)
     return {"headline": {"name": "chosen bidirectional swap (cross-validated)", "value": value}}
+
+
+STAGE = Stage(
+    name="sweep_report",
+    run=run,
+    inputs=SweepReportInputs,
+    needs=("sweep",),
+    version=VERSION,
+    writes=("sweep.md",),
+    report=("sweep.md", "*.png"),
+    headline=summary_headline,
+)

@@ -10,6 +10,7 @@ used (did it become a swap word?).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -86,11 +87,11 @@ def loop_rate(lm, table, n, score, edits_for: EditsFor | None, sides, make) -> f
     """Share of ``n`` open-ended answers (questions of ``table``, evenly spaced; the steer
     stage's prompts and loop test) that end in a loop, each steered by its side's edits
     (``edits_for`` None: unsteered)."""
-    score = {**score, "fluency": {**score["fluency"], "n_prompts": n}}
+    score = replace(score, fluency=replace(score.fluency, n_prompts=n))
     table = table.assign(_side=list(sides) if sides is not None else None)
     sample = fluency_prompts(table, score, lm.tokenizer, lm.prompt_format)
     spec = fluency_spec(score)
-    gen = GenerateScorer(int(score["fluency"]["max_tokens"]))
+    gen = GenerateScorer(score.fluency.max_tokens)
     loops = []
     groups = [None] if sides is None or edits_for is None else ["pos", "neg", "other"]
     for side in groups:

@@ -166,3 +166,118 @@ def embed_and_run_layers(model: nn.Module, arch: str, tokens: Any, upto: int) ->
     for layer, mask in zip(layers[: upto + 1], masks[: upto + 1], strict=True):
         h = layer(h, mask, None)
     return h
+
+
+# --- a model whose names mlx-lm never uses: described by ``model.anatomy`` ---------------------
+
+
+class _OddAttention(nn.Module):
+    """llama attention under other names (query/key/value/out, rotary), no head count."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.scale = self.hd**-0.5
+        self.query, self.key, self.value, self.out = (nn.Linear(d, d, bias=False) for _ in "qkvo")
+        self.rotary = nn.RoPE(self.hd)
+
+    def __call__(self, x, mask=None, cache=None):
+        from mlx_lm.models.base import scaled_dot_product_attention
+
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
+            for p in (self.query, self.key, self.value)
+        )
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rotary(q, offset=offset), self.rotary(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        z = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.out(z.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+
+class _OddFFN(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w_gate, self.w_in = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d, bias=False)
+
+    def __call__(self, x):
+        return self.w_out(nn.silu(self.w_gate(x)) * self.w_in(x))
+
+
+class _OddBlock(nn.Module):
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.mixer, self.ffn = _OddAttention(d, heads), _OddFFN(d, hidden)
+
+    def __call__(self, x, mask=None, cache=None):
+        h = x + self.mixer(self.norm1(x), mask, cache)
+        return h + self.ffn(self.norm2(h))
+
+
+class _OddBody(nn.Module):
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, d)
+        self.blocks = [_OddBlock(d, heads, hidden) for _ in range(N_LAYERS)]
+        self.final = nn.RMSNorm(d)
+
+    def __call__(self, tokens, cache=None):
+        h = self.tok(tokens)
+        cache = cache or [None] * len(self.blocks)
+        mask = create_attention_mask(h, cache[0])
+        for block, c in zip(self.blocks, cache, strict=True):
+            h = block(h, mask, c)
+        return self.final(h)
+
+
+class OddModel(nn.Module):
+    """A llama-like model whose parts have names mlx-lm never uses (no ``layers`` at all)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, hidden: int = 48):
+        super().__init__()
+        self.backbone = _OddBody(d, heads, hidden)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+
+    def __call__(self, tokens, cache=None):
+        return self.head(self.backbone(tokens, cache))
+
+    def make_cache(self):
+        from mlx_lm.models.cache import KVCache
+
+        return [KVCache() for _ in self.backbone.blocks]
+
+
+ODD_ANATOMY = {  # what a user writes under model.anatomy for OddModel
+    "body": "backbone",
+    "layers": "backbone.blocks",
+    "embed": "backbone.tok",
+    "final_norm": "backbone.final",
+    "lm_head": "head",
+    "attn": "mixer",
+    "q_proj": "mixer.query",
+    "k_proj": "mixer.key",
+    "v_proj": "mixer.value",
+    "o_proj": "mixer.out",
+    "rope": "mixer.rotary",
+    "mlp": "ffn",
+    "gate_proj": "ffn.w_gate",
+    "up_proj": "ffn.w_in",
+    "down_proj": "ffn.w_out",
+    "input_norm": "norm1",
+    "pre_mlp_norm": "norm2",
+    "n_heads": 4,
+    "activation": "silu",
+}
+
+
+def odd_model(seed: int = 0) -> OddModel:
+    """The :class:`OddModel`, random weights, eval mode."""
+    mx.random.seed(seed)
+    model = OddModel()
+    mx.eval(model.parameters())
+    model.eval()
+    return model

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.errors import MlxInterpError
+from mlx_interp.models.anatomy import anatomy_of
 
 __all__ = [
     "LayerIndexError",
@@ -53,16 +54,10 @@ class Recorder:
 
 
 def decoder_layers(model: Any) -> list:
-    """Return ``model.layers``, the decoder blocks of an mlx-lm model, as a list."""
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, (list, tuple)):
-        raise TypeError(
-            f"{type(model).__name__} has no `layers` list of decoder blocks; activation capture "
-            "needs an mlx-lm model exposing them as `model.layers` (e.g. from mlx_lm.load)"
-        )
-    if not layers:
-        raise TypeError(f"{type(model).__name__}.layers is empty: there is nothing to capture")
-    return list(layers)
+    """The decoder blocks of ``model``, as its anatomy names them (``model.layers`` in
+    mlx-lm). Raises :class:`~mlx_interp.models.anatomy.NoLayersError` (a ``TypeError``)
+    naming the config key ``model.anatomy`` when there are none."""
+    return anatomy_of(model).layers
 
 
 def resolve_layers(layers: Sequence[int] | int | None, n_layers: int) -> list[int]:
@@ -92,13 +87,8 @@ def resolve_layers(layers: Sequence[int] | int | None, n_layers: int) -> list[in
 
 
 def model_width(model: Any) -> int | None:
-    """``d_model`` declared by the model's args, if any (``hidden_size``, ``n_embd``...)."""
-    args = getattr(model, "args", None)
-    for name in ("hidden_size", "n_embd", "d_model", "dim"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    """``d_model`` of the model's residual stream (its args, else its embedding), if known."""
+    return anatomy_of(model).d_model
 
 
 def subclass_with_call(original: type, prefix: str, call: Callable[..., Any]) -> type:

@@ -1,7 +1,9 @@
 """Steering modes: what an edit does to the hidden state ``h`` of one layer.
 
-A mode maps ``(h [batch, seq, d_model], vector [d_model], center [d_model] | None, alpha)``
-to ``h'`` of the same shape and dtype. Modes are small classes chosen by name
+A mode maps ``(h [batch, seq, d_model], vector, center | None, alpha)`` to ``h'`` of the same
+shape and dtype. ``vector`` and ``center`` are ``[d_model]`` (one for every row) or
+``[batch, 1, d_model]`` (one per row of the forward, e.g. several steering settings batched);
+norms and projections act along the last axis only. Modes are small classes chosen by name
 (:data:`MODES`) or by Hydra ``_target_`` (:func:`make_mode`). Two optional hooks let
 :func:`mlx_interp.interventions.steering.steer` place them:
 
@@ -43,8 +45,19 @@ class SteeringError(ConfigError):
 
 
 def _unit(vector: mx.array) -> mx.array:
-    """``vector / |vector|`` in the vector's dtype."""
-    return vector / mx.linalg.norm(vector)
+    """``vector / |vector|`` in the vector's dtype, along the last axis (``[d]`` or
+    ``[batch, 1, d]``: one unit vector per row)."""
+    if vector.ndim == 1:
+        return vector / mx.linalg.norm(vector)
+    return vector / mx.linalg.norm(vector, axis=-1, keepdims=True)
+
+
+def _along(x: mx.array, u: mx.array) -> mx.array:
+    """``x . u`` along the last axis: ``[batch, seq]`` for ``x [batch, seq, d]`` and ``u``
+    ``[d]`` or ``[batch, 1, d]`` (one direction per row)."""
+    if u.ndim == 1:
+        return x @ u
+    return (x @ mx.swapaxes(u, -1, -2))[..., 0]
 
 
 class AddMode:
@@ -88,7 +101,7 @@ class ReflectMode:
                 "pass LayerEdit(..., center=...)"
             )
         u = _unit(vector)
-        coefficient = (2 * alpha) * ((h - center) @ u)  # [batch, seq]
+        coefficient = (2 * alpha) * _along(h - center, u)  # [batch, seq]
         return h - coefficient[..., None] * u
 
 
@@ -101,7 +114,7 @@ class AblateMode:
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
     ) -> mx.array:
         u = _unit(vector)
-        coefficient = alpha * (h @ u)  # [batch, seq]
+        coefficient = alpha * _along(h, u)  # [batch, seq]
         return h - coefficient[..., None] * u
 
 

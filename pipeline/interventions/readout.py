@@ -16,7 +16,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_interp.interventions.capture import capture_layers, padded_batch, resolve_layers
+from mlx_interp.interventions.capture import (
+    capture_layers,
+    decoder_layers,
+    padded_batch,
+    resolve_layers,
+)
 from mlx_interp.interventions.prefix import expand_cache, shared_prefix
 from mlx_interp.interventions.sites import capture_sites
 
@@ -41,7 +46,7 @@ def residuals_at(
     p, cache0 = shared_prefix(model, seqs)
     if cache0 is not None and min(s for s, _ in spans) < p:
         p, cache0 = 0, None  # a span inside the shared prefix: run every token
-    n_layers = len(model.layers)
+    n_layers = len(decoder_layers(model))
     wanted = resolve_layers(layers, n_layers)
     out: dict[int, list[np.ndarray]] = {layer: [None] * len(seqs) for layer in wanted}
     order = np.argsort([len(s) for s in seqs], kind="stable")

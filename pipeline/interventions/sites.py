@@ -46,6 +46,7 @@ from mlx_interp.interventions.classswap import (
     swapped,
 )
 from mlx_interp.interventions.steering import SteeringError, make_mode
+from mlx_interp.models.anatomy import AnatomyError, anatomy_of
 
 __all__ = [
     "SHORTHAND",
@@ -67,10 +68,7 @@ __all__ = [
 SITE_KINDS = ("resid", "attn", "mlp", "heads")
 _SUFFIX = {"resid": "", "attn": ".attn", "mlp": ".mlp", "heads": ".attn.heads"}
 _PATTERN = re.compile(r"^(?:model\.)?layers\.(-?\d+)(?:\.(self_attn|attn|mlp)(\.heads)?)?$")
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward")
-_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "wo")
-_HEAD_COUNT_NAMES = ("n_heads", "n_head", "num_heads", "num_attention_heads")
+_WHAT = {"attn": "attention", "mlp": "MLP", "o_proj": "output projection"}
 _TL_PATTERN = re.compile(
     r"^blocks\.(-?\d+)\.(hook_resid_post|hook_attn_out|hook_mlp_out|attn\.hook_z)$"
 )
@@ -141,55 +139,32 @@ def parse_site(name: str | Site | tuple[str, int]) -> Site:
     return Site(int(layer), kind)
 
 
-def _child(parent: Any, names: Sequence[str], what: str, where: str) -> Any:
-    """The first submodule of ``parent`` among ``names``; a :class:`SiteError` naming the rest."""
-    for name in names:
-        child = getattr(parent, name, None) if name in parent else None
-        if child is not None:
-            return child
-    present = ", ".join(sorted(parent)) or "none"
-    raise SiteError(
-        f"{where} ({type(parent).__module__}.{type(parent).__name__}) has no {what} submodule "
-        f"named {' or '.join(names)}; its children are: {present}. Capture the residual stream "
-        "(layers.{i}) instead, or add the name to mlx_interp.interventions.sites"
-    )
-
-
 def site_module(model: Any, site: Site) -> Any:
     """The module instance whose class is swapped for ``site`` (layer index already resolved)."""
-    layer = decoder_layers(model)[site.layer]
+    anatomy = anatomy_of(model)
     if site.kind == "resid":
-        return layer
-    where = f"layer {site.layer}"
-    if site.kind == "mlp":
-        return _child(layer, _MLP_NAMES, "MLP", where)
-    attention = _child(layer, _ATTN_NAMES, "attention", where)
-    if site.kind == "attn":
-        return attention
-    return _child(attention, _PROJ_NAMES, "output projection", f"{where}'s attention")
-
-
-def _in_features(proj: Any) -> int:
-    """Input width of a ``Linear`` or ``QuantizedLinear`` (weight ``[out, in]``, maybe packed)."""
-    in_dims = proj["weight"].shape[1]
-    bits = getattr(proj, "bits", None)
-    return in_dims * 32 // bits if bits else in_dims
+        return anatomy.layers[site.layer]
+    parts = anatomy.layer(site.layer)
+    role = {"mlp": "mlp", "attn": "attn", "heads": "o_proj"}[site.kind]
+    try:
+        if site.kind == "heads":
+            anatomy.require(parts.attn, "attn", "attention", site.layer)
+        return anatomy.require(getattr(parts, role), role, _WHAT[role], site.layer)
+    except AnatomyError as err:
+        raise SiteError(str(err)) from err
 
 
 def head_shape(model: Any, layer: int) -> tuple[int, int]:
-    """``(n_heads, head_dim)`` of the attention at (resolved) ``layer``."""
-    attention = site_module(model, Site(layer, "attn"))
-    n_heads = next((getattr(attention, n) for n in _HEAD_COUNT_NAMES if hasattr(attention, n)), 0)
-    if not isinstance(n_heads, int) or n_heads < 1:
+    """``(n_heads, head_dim)`` of the attention at (resolved) ``layer``, from the anatomy."""
+    site_module(model, Site(layer, "heads"))  # a SiteError naming what exists
+    parts = anatomy_of(model).layer(layer)
+    if not parts.n_heads or not parts.head_dim:
         raise SiteError(
-            f"layer {layer}'s attention ({type(attention).__name__}) declares no head count "
-            f"({' / '.join(_HEAD_COUNT_NAMES)}), so its heads cannot be split; use layers.{layer}"
-            ".attn instead"
+            f"layer {layer}'s attention ({type(parts.attn).__name__}) declares no head count "
+            f"(n_heads), so its heads cannot be split; use layers.{layer}.attn instead, or "
+            "give it with the config key model.anatomy (e.g. model.anatomy={n_heads: 8})"
         )
-    width = _in_features(site_module(model, Site(layer, "heads")))
-    if width % n_heads:
-        raise SiteError(f"layer {layer}: o_proj input {width} is not divisible by {n_heads} heads")
-    return n_heads, width // n_heads
+    return parts.n_heads, parts.head_dim
 
 
 def site_width(model: Any, site: Site) -> int | None:

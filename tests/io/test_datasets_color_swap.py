@@ -8,6 +8,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
+from mlx_interp.engine.schema import ConceptConfig, PromptsConfig
 from mlx_interp.io.datasets import PROJECT_ROOT, read_jsonl
 from mlx_interp.stages.prompts import build_prompts, given_variants
 
@@ -106,8 +107,8 @@ def test_prompts_carry_the_variant_and_its_base(v2, wordings):
     assert {got["variant"][i] for i in df.index[is_variant]} == {"wording"}
     assert {got["variant"][i] for i in df.index[~is_variant]} == {""}
     assert got["base_id"][int(df.index[is_variant][0])] == df["id"][is_variant].iloc[0][:-8]
-    concept = {"dataset": "x.jsonl", "conditions": ["green", "red", "control"]}
-    concept |= {"instruction": "{text}", "fewshot": []}
-    table = build_prompts(df, concept, {"format": "plain", "test_fraction": 0.5}, _Words(), 42)
+    concept = ConceptConfig(name="x", dataset="x.jsonl", conditions=["green", "red", "control"])
+    prompts = PromptsConfig(format="plain", test_fraction=0.5)
+    table = build_prompts(df, concept, prompts, _Words(), 42)
     assert (table.loc[is_variant.to_numpy(), "variant"] == "wording").all()
     assert (table["split"] == df["split"]).all()  # given splits are kept
