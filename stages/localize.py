@@ -3,7 +3,7 @@
 logit_lens (reads model, score, localize; needs prompts): for every swap question, per layer
 and position role (the object's last token, the tokens after it, the last token), the logit
 difference own colour minus the other colour read through the final norm and unembedding
-(pipeline/lens.py). Writes lens.parquet (prompt_id, condition, layer, role, logit_diff).
+(mlx_interp.analysis.lens). Writes lens.parquet (prompt_id, condition, layer, role, logit_diff).
 
 patching (reads model, score, localize; needs prompts): clean questions (``localize.clean``)
 paired with corrupted ones (``localize.corrupt``) of the same template (the text with the
