@@ -177,27 +177,33 @@ def run_rows(
 
 
 def _greedy(model, caches, logits, max_tokens, eos, edits) -> list[list[int]]:
-    """Greedy tokens of every row from ``logits``; a row leaves the batch at an EOS."""
+    """Greedy tokens of every row from ``logits``; a row leaves the batch at an EOS. The
+    next step is queued before this step's tokens are read (as mlx-lm's generate loop
+    does), so rows that just ended run one step more, whose output is dropped."""
     n = logits.shape[0]
     ids: list[list[int]] = [[] for _ in range(n)]
     active = list(range(n))
     token = mx.argmax(logits, axis=-1)
+    mx.async_eval(token)
     for step in range(max_tokens):
+        ahead = None
+        if step < max_tokens - 1:
+            ahead = mx.argmax(model(token[:, None], cache=caches)[:, -1], axis=-1)
+            caches[0].context.advance(1)
+            mx.async_eval(ahead)
         keep = []
         for row, tok in enumerate(token.tolist()):
             if tok in eos:
                 continue
             ids[active[row]].append(tok)
             keep.append(row)
-        if step == max_tokens - 1 or not keep:
+        if ahead is None or not keep:
             break
         if len(keep) < len(active):
             keep_rows(caches, keep)
             if edits is not None:
                 edits.keep(keep)
-            token = token[mx.array(keep, dtype=mx.int32)]
+            ahead = ahead[mx.array(keep, dtype=mx.int32)]
             active = [active[row] for row in keep]
-        step_logits = model(token[:, None], cache=caches)[:, -1]
-        caches[0].context.advance(1)
-        token = mx.argmax(step_logits, axis=-1)
+        token = ahead
     return ids

@@ -115,9 +115,26 @@ class StateStore:
             return
         self.entries[key] = state
         self.nbytes += state.nbytes
-        while self.nbytes > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.nbytes -= old.nbytes
+        while self.nbytes > self.budget and self._evict_one():
+            pass
+
+    def _evict_one(self) -> bool:
+        """Drop the least recently used prompt state, and its prefix once no stored prompt
+        continues it (a prefix is held while its prompts are); False if none is left."""
+        oldest = next((k for k in self.entries if k[1] == "prompt"), None)
+        if oldest is None:
+            oldest = next(iter(self.entries), None)
+            if oldest is None:
+                return False
+        state = self.entries.pop(oldest)
+        self.nbytes -= state.nbytes
+        prefix = getattr(state, "prefix", None)
+        if prefix is not None and prefix.tokens:
+            users = any(getattr(s, "prefix", None) is prefix for s in self.entries.values())
+            key = (oldest[0], "prefix", prefix.tokens)
+            if not users and self.entries.get(key) is prefix:
+                self.nbytes -= self.entries.pop(key).nbytes
+        return True
 
     def drop_model(self, model_id: int) -> None:
         for key in [k for k in self.entries if k[0] == model_id]:
