@@ -683,7 +683,7 @@ def main() -> None:
             ("experiment", lambda: section_experiment(tmp, args.full)),
             ("memory", lambda: section_memory(tmp)),
             ("patching", patching_bench.section),
-            ("stages", lambda: stages.section_stages(tmp, mlx_interp)),
+            ("stages", lambda: stages.section_stages(tmp, run_cli)),
             ("load", lambda: stages.section_load(tmp, run_worker)),
         ]
         for name, step in steps:

@@ -33,22 +33,22 @@ def _run_dir(stdout: str) -> Path:
     return Path(found.group(1))
 
 
-def section_stages(tmp: Path, mlx_interp: Callable[..., tuple[float, str]]) -> dict:
+def section_stages(tmp: Path, run_cli: Callable[..., tuple[float, str]]) -> dict:
     """The default experiment in a fresh store (every stage computed), a 3-alpha sweep after
     it (2 new points), and the same two with ``steer.positions=all``; wall times and stage
     times."""
     out = tmp / "stages"
     base = [f"paths.outputs={out}"]
     result: dict = {}
-    wall, stdout = mlx_interp(base)
+    wall, stdout = run_cli(base)
     result["default"] = {"wall_s": wall, "stages": stage_seconds(_run_dir(stdout))}
     start = time.perf_counter()
-    mlx_interp(["-m", *base, f"steer.alpha={SWEEP_ALPHAS}"])
+    run_cli(["-m", *base, f"steer.alpha={SWEEP_ALPHAS}"])
     result["sweep"] = {"wall_s": time.perf_counter() - start, "alphas": SWEEP_ALPHAS}
-    wall, stdout = mlx_interp([*base, "steer.positions=all"])
+    wall, stdout = run_cli([*base, "steer.positions=all"])
     result["all"] = {"wall_s": wall, "stages": stage_seconds(_run_dir(stdout))}
     start = time.perf_counter()
-    mlx_interp(["-m", *base, "steer.positions=all", f"steer.alpha={SWEEP_ALPHAS}"])
+    run_cli(["-m", *base, "steer.positions=all", f"steer.alpha={SWEEP_ALPHAS}"])
     result["all_sweep"] = {"wall_s": time.perf_counter() - start, "alphas": SWEEP_ALPHAS}
     return result
 
