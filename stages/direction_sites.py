@@ -46,7 +46,9 @@ def site_activations(
         acts = residuals_at(lm.model, seqs, spans, layers, lm.pad_id)
         return acts, words == pos, words == neg
     if site == "object":
-        spans = object_spans(lm.tokenizer, tokens, prompts["meta"].tolist())
+        spans = object_spans(
+            lm.tokenizer, tokens, prompts["meta"].tolist(), prompts["prompt_id"].tolist()
+        )
     else:
         spans = [(len(t) - 1, len(t)) for t in tokens]
     acts = residuals_at(lm.model, tokens, spans, layers, lm.pad_id)

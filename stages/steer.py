@@ -68,6 +68,14 @@ class SteerInputs:
 
 def eval_prompts(prompts: pd.DataFrame, score: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(swap questions, control questions) of the evaluation split."""
+    known = sorted(set(prompts["condition"]))
+    unknown = [c for c in score.controls if c not in known]
+    if unknown:  # else the controls would be silently unchecked ({'n': 0} in the report)
+        raise ScoringError(
+            f"score.controls names condition(s) {unknown} that the prompts do not have; they "
+            f"have {known}: fix score.controls (e.g. score.controls=[{known[-1]}]) or "
+            "concept.conditions"
+        )
     if score.eval_split != "all":
         prompts = prompts[prompts["split"] == score.eval_split]
     swap = prompts[prompts["condition"].isin(list(score.swap))].reset_index(drop=True)
@@ -94,7 +102,7 @@ def _score(
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = None
     if steering.edits and steering.positions == "object":
-        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist())
+        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist(), df["prompt_id"].tolist())
     return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad, spans=spans)
 
 

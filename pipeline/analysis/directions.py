@@ -304,6 +304,14 @@ class DirectionSet:
         unknown = sorted(set(provenance) - set(PROVENANCE))
         if unknown:
             raise DirectionError(f"unknown provenance {unknown}: use {list(PROVENANCE)}")
+        path = Path(path).expanduser()
+        folder = path.parent
+        if not folder.is_dir():  # else safetensors' error names a temporary file
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise DirectionError(
+                f"cannot save directions to {path}: the folder {folder} {what}; create it "
+                f"first (mkdir -p {folder}) or give a path in an existing folder"
+            )
         tensors = {}
         for prefix, arrays in zip(
             PREFIXES, (self.vectors, self.pos_means, self.neg_means), strict=True

@@ -320,6 +320,14 @@ def model_overrides(model: str | None) -> list[str]:
         return [f"model={model}"]
     if model.endswith(".gguf"):
         return ["model=gguf", f"model.path={model}", f"model.name={Path(model).stem}"]
+    if "/" not in model and not Path(model).expanduser().exists():
+        from mlx_interp.models.loading import ModelLoadError, source_for_path
+
+        names = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+        try:  # a bare word that is no conf/model name: the library's plain message
+            source_for_path(model)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{err} (conf/model names: {', '.join(names)})") from err
     name = Path(model.rstrip("/")).name or model
     return ["model=qwen2_5_7b_instruct_4bit", f"model.path={model}", f"model.name={name}"]
 

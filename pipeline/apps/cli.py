@@ -86,8 +86,38 @@ def _fill_run_dir(run_dir: Path, results: dict, summary: dict) -> None:
     write_json_atomic(run_dir / "run.json", summary)
 
 
+def main() -> float | None:
+    """The console script: refuse an override Hydra's parser would reject without a hint
+    (a non-ASCII value outside quotes), then run :func:`hydra_main`."""
+    problem = unquoted_non_ascii(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return hydra_main()
+
+
+def unquoted_non_ascii(args: list[str]) -> str | None:
+    """An override whose non-ASCII value Hydra's lexer rejects: quoting the value fixes it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg or arg.isascii():
+            continue
+        try:
+            OverridesParser.create().parse_overrides([arg])
+        except OverrideParseException:
+            key, value = arg.split("=", 1)
+            return (
+                f"the override {arg} has non-ASCII characters outside quotes, which Hydra's "
+                f"override parser rejects; quote the value, in the shell as "
+                f"\"{key}='{value}'\" (in a sweep, quote each value)"
+            )
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("run directory: %s", run_dir)
     sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN

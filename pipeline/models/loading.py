@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from mlx_interp.blas import usable_blas
 from mlx_interp.engine.cache import hash_key
 from mlx_interp.engine.schema import SOURCES, ModelConfig
 from mlx_interp.errors import MlxInterpError
@@ -131,6 +132,13 @@ def _resolve_gguf_path(cfg: dict) -> Path:
     if not cfg.get("path"):
         raise ModelLoadError("model.source=gguf needs model.path=/path/to/model.gguf")
     path = Path(cfg["path"]).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.gguf"))[:5]
+        raise ModelLoadError(
+            f"model.path={cfg['path']} is a folder, not a GGUF file; give the .gguf file "
+            f"itself ({', '.join(inside) or 'this folder has none'}), or model.source=mlx_lm "
+            "for a folder saved by mlx-lm"
+        )
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}; check model.path")
     return path
@@ -198,6 +206,7 @@ def model_dict(cfg: ModelConfig | Mapping) -> dict:
 def load_model(cfg: ModelConfig | Mapping) -> LoadedModel:
     """Load (once per process) the model described by a ``model`` config (the schema's
     ModelConfig or the same keys in a plain mapping)."""
+    usable_blas()  # MLX_INTERP_BLAS naming a library that does not load: an error, not slow
     cfg = model_dict(cfg)
     cache_key = hash_key(cfg)
     if cache_key in _CACHE:
