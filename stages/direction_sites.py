@@ -42,9 +42,9 @@ def site_activations(
     cond = prompts["condition"].to_numpy()
     if site == "answer":
         seqs, spans, words = answer_sequences(lm.tokenizer, tokens, [pos, neg])
-        words = np.asarray(words)
+        word = np.asarray(words)
         acts = residuals_at(lm.model, seqs, spans, layers, lm.pad_id)
-        return acts, words == pos, words == neg
+        return acts, word == pos, word == neg
     if site == "object":
         spans = object_spans(
             lm.tokenizer, tokens, prompts["meta"].tolist(), prompts["prompt_id"].tolist()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,7 +123,7 @@ def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
         others = {name: extract(acts, is_pos, is_neg, name, contrast) for name in METHODS}
     per_layer = {}
     for layer in main.layers:
-        entry = {"norm": main.norms()[layer]}
+        entry: dict[str, Any] = {"norm": main.norms()[layer]}
         entry.update(
             separability(
                 acts[layer][is_pos | is_neg],

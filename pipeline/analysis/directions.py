@@ -268,7 +268,7 @@ class DirectionSet:
         return self + (-self._check_layers(other))
 
     def __mul__(self, scalar: float) -> DirectionSet:
-        if not np.isscalar(scalar):
+        if not isinstance(scalar, int | float | np.integer | np.floating):
             return NotImplemented
         if scalar < 0:
             return -(self * -scalar)
@@ -445,7 +445,7 @@ def extract(
     params = {k: v for k, v in vars(fitter).items() if isinstance(v, (int, float, str, bool))}
     meta = {"n_pos": int(is_pos.sum()), "n_neg": int(is_neg.sum()), "params": params}
     name = getattr(fitter, "name", type(fitter).__name__)
-    return DirectionSet(vectors, pos_means, neg_means, name, tuple(contrast), meta)
+    return DirectionSet(vectors, pos_means, neg_means, name, (contrast[0], contrast[1]), meta)
 
 
 def cosine_matrix(sets: Mapping[str, DirectionSet], layer: int) -> tuple[list[str], np.ndarray]:

@@ -60,7 +60,7 @@ def frozen_rms_scale(norm: Any, x: mx.array) -> tuple[mx.array, mx.array]:
     squared = mx.maximum((gx * gx).sum(-1, keepdims=True), 1e-30)
     scale = (normed * gx).sum(-1, keepdims=True) / squared
     error = mx.abs(normed - scale * gx).max() / mx.maximum(mx.abs(normed).max(), 1e-30)
-    if error.item() > 1e-3:
+    if float(error) > 1e-3:
         raise LensError(
             f"{type(norm).__name__} is not an RMS norm (norm(x) != scale * gain * x, relative "
             f"error {error.item():.2g}); direct logit attribution supports RMS-normed models"
@@ -131,16 +131,16 @@ def direct_logit_attribution(
     logits = unembed(module, final)
     index = mx.arange(len(rows))
     own = logits[index, mx.array(plus)] - logits[index, mx.array(minus)]
-    embed, own = np.array(embed), np.array(own.astype(mx.float32))
-    attn, mlp = np.array(mx.stack(attn, 1)), np.array(mx.stack(mlp, 1))
-    total = embed + attn.sum(1) + mlp.sum(1)
+    embed_np, own_np = np.array(embed), np.array(own.astype(mx.float32))
+    attn_np, mlp_np = np.array(mx.stack(attn, 1)), np.array(mx.stack(mlp, 1))
+    total = embed_np + attn_np.sum(1) + mlp_np.sum(1)
     return LogitAttribution(
-        embed,
-        attn,
-        mlp,
+        embed_np,
+        attn_np,
+        mlp_np,
         np.array(mx.stack(heads, 1)) if per_head else None,
-        own.astype(np.float64) - total,
-        own,
+        own_np.astype(np.float64) - total,
+        own_np,
     )
 
 
@@ -148,7 +148,7 @@ def _check_added(block: mx.array, attn: mx.array, mlp: mx.array, layer: int) -> 
     """The block's change of the residual must be its attention plus MLP outputs (blocks
     that norm an output before adding it, gemma2/3 and olmo2, are split elsewhere)."""
     error = mx.abs(block - attn - mlp).max() / mx.maximum(mx.abs(block).max(), 1e-30)
-    if error.item() > 1e-3:
+    if float(error) > 1e-3:
         raise LensError(
             f"layer {layer} adds more than its attention and MLP outputs to the residual (a "
             "norm after each block: gemma2/3, olmo2); per-block direct logit attribution "

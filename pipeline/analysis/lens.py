@@ -184,10 +184,11 @@ def _head_rows(model: Any, ids: Sequence[int]) -> np.ndarray:
     if layer is None or not hasattr(layer, "weight"):
         raise LensError(f"{type(model).__name__} has neither lm_head nor tied embed_tokens")
     if isinstance(layer, nn.QuantizedLinear | nn.QuantizedEmbedding):
+        biases = layer.get("biases")
         rows = mx.dequantize(
             layer.weight[index],
             layer.scales[index],
-            layer.biases[index] if layer.get("biases") is not None else None,
+            biases[index] if biases is not None else None,
             layer.group_size,
             layer.bits,
         )

@@ -118,7 +118,9 @@ def _run_per_row(lm, tokens, steering: Steering, spans, batch_size: int, fn) -> 
                 gate.set(None)
             for i, result in zip(rows, results, strict=True):
                 out[i] = result  # a duplicated lone prompt writes the same result twice
-    return out
+    done = [r for r in out if r is not None]
+    assert len(done) == len(out), "every row is scored once"
+    return done
 
 
 UNSTEERED = Steering(edits=(), mode=None, alpha=0.0)
@@ -146,8 +148,8 @@ class Scorer:
         if steering.edits and steering.positions in PER_ROW:
 
             def run_rows(rows, prefix):
-                pick = [[seq[i] for i in rows] for seq in (tokens, original, target)]
-                return self.score(lm, *pick, words, pad_id, prefix)
+                toks, orig, targ = ([seq[i] for i in rows] for seq in (tokens, original, target))
+                return self.score(lm, toks, orig, targ, words, pad_id, prefix)
 
             return _run_per_row(lm, tokens, steering, spans, self.batch_size, run_rows)
 

@@ -177,7 +177,7 @@ def environment_notes(original: Path, rerun: Path) -> list[str]:
 
 def reproduce(run_dir: Path, out: Path, reuse_cache: bool) -> tuple[list[str], list[str]]:
     """Re-run ``run_dir``'s config into ``out``; (differences, environment notes)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from mlx_interp.apps.cli import run_experiment
     from mlx_interp.engine.schema import register_configs
@@ -192,6 +192,8 @@ def reproduce(run_dir: Path, out: Path, reuse_cache: bool) -> tuple[list[str], l
         raise ReproduceError(f"--out {out} is not empty; give a new folder")
     register_configs()
     cfg = OmegaConf.load(saved)
+    if not isinstance(cfg, DictConfig):
+        raise ReproduceError(f"{saved} is not a config mapping; is this a run folder?")
     if not reuse_cache:
         OmegaConf.update(cfg, "paths.artifacts", str(out / "artifacts_store"), merge=False)
     out.mkdir(parents=True, exist_ok=True)

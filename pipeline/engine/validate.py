@@ -352,6 +352,6 @@ def _dataclass_of(field: dataclasses.Field) -> type | None:
     text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     for name in str(text).replace(" ", "").split("|"):
         cls = getattr(schema, name, None)
-        if dataclasses.is_dataclass(cls):
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
             return cls
     return None

@@ -240,8 +240,9 @@ def patching_heatmaps(
     positions = sorted({int(p) % width for p in (range(width) if positions is None else positions)})
     n_pairs = pairs.clean.shape[0]
     runs = record_pairs(module, pairs.clean, pairs.corrupt, [width - 1] * n_pairs, kinds)
-    m_clean = float(mx.mean(metric(runs.clean.logits)).item())
-    m_corrupt = float(mx.mean(metric(runs.corrupt.logits)).item())
+    assert runs.clean.logits is not None and runs.corrupt.logits is not None  # record_base
+    m_clean = float(mx.mean(metric(runs.clean.logits)))
+    m_corrupt = float(mx.mean(metric(runs.corrupt.logits)))
     gap = metric_gap(m_clean, m_corrupt)
     patches, shapes = [], {}
     for kind in kinds:  # all kinds in one call: those starting at one layer share forwards
@@ -318,6 +319,7 @@ def patching_recovery(
     last = [n - 1 for n in lengths]
     metric = logit_diff(plus_ids, minus_ids)
     runs = record_pairs(model, clean_tokens, corrupt_tokens, last, [kind_name(k) for k in kinds])
+    assert runs.clean.logits is not None and runs.corrupt.logits is not None  # record_base
     ld_clean = np.array(metric(runs.clean.logits), dtype=np.float64)
     ld_corrupt = np.array(metric(runs.corrupt.logits), dtype=np.float64)
     gap = float(ld_clean.mean() - ld_corrupt.mean())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -156,7 +156,7 @@ def batched_last_logits(
         )
         for row, i in zip(np.array(logits.astype(mx.float32)), idx, strict=True):
             out[int(i)] = row
-    return np.stack(out)
+    return np.stack(cast(list[np.ndarray], out))  # every row filled
 
 
 def eos_ids(tokenizer: Any) -> set[int]:
@@ -177,7 +177,7 @@ def _greedy_one(model, seq, max_tokens, eos, p, cache0) -> list[int]:
     logits = model(mx.array([list(seq[p:])], dtype=mx.int32), cache=cache)[:, -1]
     ids: list[int] = []
     for step in range(max_tokens):
-        token = int(mx.argmax(logits, axis=-1).item())
+        token = int(mx.argmax(logits, axis=-1))
         if token in eos:
             break
         ids.append(token)
@@ -225,7 +225,7 @@ def _greedy_batch(model, suffixes, max_tokens, eos, cache0, pad_id) -> list[list
     ids: list[list[int]] = [[] for _ in range(n)]
     active = list(range(n))  # row of the batch -> index into ids
     for step in range(max_tokens):
-        tokens = token.tolist()
+        tokens = cast(list[int], token.tolist())
         keep = []
         for row, tok in enumerate(tokens):
             if tok in eos:
@@ -274,4 +274,5 @@ def greedy_generate(
     for i, seq in enumerate(seqs):
         if answers[i] is None:
             answers[i] = _greedy_one(model, seq, max_tokens, eos, p, cache0)
-    return [(tokenizer.decode(ids), ids) for ids in answers]
+    done = cast(list[list[int]], answers)  # every prompt answered
+    return [(tokenizer.decode(ids), ids) for ids in done]

@@ -16,10 +16,10 @@ Everything here reaches the model's structure through :func:`_parts` (one place)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
@@ -60,7 +60,7 @@ class ConcatKV(KVCache):
         self.offset = 0 if keys is None else int(keys.shape[2])
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             self.keys, self.values = keys, values
         else:
             self.keys = mx.concatenate([self.keys, keys], axis=2)
@@ -113,7 +113,7 @@ class BaseRun:
 
 
 def record_base(
-    model: Any, tokens: mx.array, last: Sequence[int], kinds: Sequence[str], keep_kv: bool
+    model: Any, tokens: mx.array, last: Sequence[int], kinds: Collection[str], keep_kv: bool
 ) -> BaseRun:
     """Run ``tokens`` ``[n, T]`` once, recording what patches of ``kinds`` start from."""
     n_layers = n_layers_of(model)
@@ -157,9 +157,9 @@ def record_base(
     with wrapped_calls(model, wrappers):
         logits = last_logits(model, tokens, last, caches)
     run = BaseRun(tokens, list(last), resid, sites, logits=logits)
-    if keep_kv:
-        run.keys = [c.keys for c in caches]
-        run.values = [c.values for c in caches]
+    if caches is not None:  # the forward filled every layer's cache
+        run.keys = [cast(mx.array, c.keys) for c in caches]
+        run.values = [cast(mx.array, c.values) for c in caches]
     mx.eval(run.resid, list(run.sites.values()), run.logits, run.keys or [], run.values or [])
     return run
 
@@ -209,10 +209,10 @@ def resumed_logits(
     positions ``>= a`` (the final residual when ``start == n_layers``); ``edits``: outputs
     overwritten inside layer ``start``."""
     n_layers = n_layers_of(model)
-    if a > 0 and base.keys is None:
-        raise ValueError("resuming after position 0 needs a base run that kept its keys/values")
     caches = None
     if a > 0:
+        if base.keys is None or base.values is None:
+            raise ValueError("resuming after position 0 needs a base run that kept its keys/values")
         caches = [
             ConcatKV(k[pair, :, :a], v[pair, :, :a])
             for k, v in zip(base.keys, base.values, strict=True)

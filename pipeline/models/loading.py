@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -118,7 +118,7 @@ def model_config(spec: str | Path) -> dict:
         source = source_for_path(text)
         name = Path(text).stem if source == "gguf" else text.rstrip("/").split("/")[-1]
         cfg = OmegaConf.merge(schema, {"name": name, "source": source, "path": text})
-    return OmegaConf.to_container(cfg, resolve=True)
+    return cast(dict, OmegaConf.to_container(cfg, resolve=True))
 
 
 def _resolve_gguf_path(cfg: dict) -> Path:
@@ -174,7 +174,8 @@ def _tiny(cfg: dict):
     from mlx_interp.models.gguf import embedded_gguf_path
     from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 
-    _, meta = mx.load(str(embedded_gguf_path()), return_metadata=True)
+    loaded = mx.load(str(embedded_gguf_path()), return_metadata=True)
+    _, meta = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
     tokenizer = tokenizer_from_gguf(meta)
     tiny = cfg.get("tiny") or {}
     args = llama.ModelArgs(
