@@ -238,4 +238,5 @@ STAGE = Stage(
     fingerprint=fingerprint,
     resumable=True,  # part files of a killed attempt are reused
     sharded=True,  # under mlx.launch each rank captures its share of the batches
+    writes=("activations", "meta.json"),
 )

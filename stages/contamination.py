@@ -175,4 +175,10 @@ STAGE = Stage(
     inputs=ContaminationInputs,
     needs=("prompts", "capture"),
     version=VERSION,
+    writes=(
+        "cosines.parquet",
+        "contamination.parquet",
+        "differences.parquet",
+        "contamination.json",
+    ),
 )

@@ -158,4 +158,5 @@ STAGE = Stage(
     needs=("prompts", "capture"),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("directions.safetensors", "directions.json"),
 )

@@ -294,6 +294,7 @@ LOGIT_LENS = Stage(
     needs=("prompts",),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("lens.parquet",),
 )
 PATCHING = Stage(
     name="patching",
@@ -302,6 +303,7 @@ PATCHING = Stage(
     needs=("prompts",),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("patching.parquet", "pairs.json"),
 )
 LOCALIZATION_REPORT = Stage(
     name="localization_report",
@@ -309,4 +311,6 @@ LOCALIZATION_REPORT = Stage(
     inputs=LocalizationReportInputs,
     needs=("logit_lens", "patching", "steer", "report"),
     version=VERSION,
+    writes=("localization.json", "localization.md"),
+    report=("localization.md", "localization.json", "*.png"),
 )

@@ -272,4 +272,5 @@ STAGE = Stage(
     inputs=ProbesInputs,
     needs=("prompts", "capture"),
     version=VERSION,
+    writes=("probes.parquet", "transfer.parquet", "cosines.parquet", "probes.json"),
 )

@@ -323,4 +323,5 @@ STAGE = Stage(
     inputs=PromptsInputs,
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("prompts.parquet",),
 )

@@ -295,6 +295,7 @@ BASELINE = Stage(
     needs=("prompts",),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("baseline.parquet",),
 )
 STAGE = Stage(
     name="steer",
@@ -303,4 +304,5 @@ STAGE = Stage(
     needs=("prompts", "directions"),
     version=VERSION,
     fingerprint=fingerprint,
+    writes=("generations.parquet", "steer.json"),
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_interp.engine.cache import Artifact, ArtifactStore, hash_key
-from mlx_interp.engine.distributed import Group
+from mlx_interp.engine.distributed import Group, current_shard
 from mlx_interp.engine.inputs import input_keys, typed
 from mlx_interp.errors import ConfigError
 
@@ -33,6 +33,7 @@ class PipelineError(ConfigError):
 
 __all__ = [
     "ConfigError",
+    "Headline",
     "PipelineError",
     "Stage",
     "StageResult",
@@ -43,8 +44,39 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class Headline:
+    """A report stage's headline number: printed by the CLI, returned to sweepers."""
+
+    name: str  # what the number is, e.g. "pressure best CV accuracy"
+    value: float
+    text: str = ""  # the CLI's line after the report's path; default "<name> <value:.3f>"
+
+    def line(self) -> str:
+        return self.text or f"{self.name} {self.value:.3f}"
+
+
+def summary_headline(summary: dict) -> Headline | None:
+    """The headline a stage put in its summary as ``{"headline": {"name", "value"}}``."""
+    head = summary.get("headline")
+    return Headline(str(head["name"]), float(head["value"])) if head else None
+
+
+def headlines(stages: Mapping[str, Stage], run: Mapping[str, Any]) -> dict[str, Headline]:
+    """Stage name -> Headline of every stage of a run that declares one, in run order; ``run``
+    maps stage names to their ``run.json`` entries (``{"summary": ..., ...}``)."""
+    out = {}
+    for name, entry in run.items():
+        stage = stages.get(name)
+        if stage is not None and stage.headline is not None:
+            head = stage.headline(entry.get("summary") or {})
+            if head is not None:
+                out[name] = head
+    return out
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One node of the DAG.
+    """One node of the DAG, declared by its stage module (``STAGE = Stage(...)``).
 
     run: ``run(inputs, upstream, out) -> summary`` (see the module docstring).
     inputs: a frozen dataclass whose fields are the top-level config keys the stage reads,
@@ -55,6 +87,11 @@ class Stage:
     resumable: the stage reuses complete files of an interrupted attempt (kept on disk full).
     sharded: under mlx.launch every rank computes its share (``distributed.current_shard()``)
         into the one artifact; otherwise one rank computes it and the others wait.
+    writes: the files (glob patterns, relative to the artifact folder) every run of the stage
+        writes; the runner refuses to complete an artifact that lacks one.
+    report: the files (glob patterns) copied into the run folder: set for a report stage.
+    headline: summary -> the report's headline number (or None), for the CLI and sweepers;
+        a function of the summary, so a cached artifact has it too.
     """
 
     name: str
@@ -65,6 +102,9 @@ class Stage:
     fingerprint: Callable[[Any], dict] | None = None
     resumable: bool = False
     sharded: bool = False
+    writes: tuple[str, ...] = ()
+    report: tuple[str, ...] = ()
+    headline: Callable[[dict], Headline | None] | None = None
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -152,6 +192,16 @@ def stage_keys(
     return keys
 
 
+def check_writes(stage: Stage, out: Path) -> None:
+    """Every file the stage declares it writes is in ``out`` (a stage bug otherwise)."""
+    missing = [pattern for pattern in stage.writes if not any(out.glob(pattern))]
+    if missing:
+        raise RuntimeError(
+            f"stage {stage.name!r} did not write {missing} into {out}, though its Stage "
+            "declares them (writes=...): fix the stage or its declaration"
+        )
+
+
 def run_stages(
     stages: Mapping[str, Stage],
     targets: Iterable[str],
@@ -178,7 +228,10 @@ def run_stages(
 
         def compute(out: Path, stage=stage, name=name, paths=paths) -> dict | None:
             log.info("stage %s: computing -> %s", name, out)
-            return stage.run(typed_inputs[name], paths, out)
+            summary = stage.run(typed_inputs[name], paths, out)
+            if current_shard().rank == 0:  # under mlx.launch rank 0 writes the shared files
+                check_writes(stage, out)
+            return summary
 
         record = {"upstream": upstream}
         if stage.sharded and group is not None and group.size > 1:
