@@ -24,8 +24,6 @@ from mlx_interp.stages.tables import md_table
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-VERSION = "1"
-
 
 @dataclass(frozen=True)
 class ContaminationReportInputs:
@@ -223,7 +221,6 @@ STAGE = Stage(
     run=run,
     inputs=ContaminationReportInputs,
     needs=("contamination",),
-    version=VERSION,
     writes=("report.json", "report.md"),
     report=("report.md", "report.json", "*.png"),
     headline=summary_headline,

@@ -23,7 +23,6 @@ from mlx_interp.engine.schema import ModelConfig, ReportConfig, ScoreConfig
 from mlx_interp.stages.report_plots import plot_layers, plot_random_baseline
 from mlx_interp.stages.report_text import render_markdown
 
-VERSION = "4"  # 4: held-out split beside in-sample
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "model": "Qwen2.5-7B-Instruct-4bit",
     "swap": "102/112 (91.1%)",
@@ -362,7 +361,6 @@ STAGE = Stage(
     run=run,
     inputs=ReportInputs,
     needs=("directions", "baseline", "steer"),
-    version=VERSION,
     writes=("report.json", "report.md"),
     report=("report.md", "report.json", "*.png"),
     headline=headline,

@@ -4,10 +4,13 @@ A cached result must follow the code that made it (as DVC hashes a stage's decla
 dependencies), not a hand-bumped version. The code of a stage is its own module (where its
 ``run`` is defined) and every ``mlx_interp`` module it imports, transitively: found by
 parsing the ``import`` statements of each file, those inside functions too (a lazy import is
-still a dependency), never by running them. Parent packages are not followed (``import
+still a dependency), never by running them. Not followed: parent packages (``import
 mlx_interp.analysis.directions`` depends on ``directions.py``, not on every module the
-package's ``__init__`` names), nor are other distributions (mlx, numpy: ``provenance.json``
-records their versions).
+package's ``__init__`` names); the engine's modules that store, order, key and check
+(:data:`NOT_FOLLOWED`: they decide where a result is kept and whether a stage runs, not what
+it computes, so editing them keeps the cache); other distributions (mlx, numpy:
+``provenance.json`` records their versions). The schema is followed where a stage imports
+it (its choices and dataclasses shape what the stage is given).
 
 The hash is sha256 over (module name, sha256 of the file's bytes) in module-name order: the
 same sources give the same hash on every machine, whatever the paths, times or order of
@@ -25,10 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 PROJECT = "mlx_interp"  # the package whose modules are followed
+NOT_FOLLOWED = frozenset(
+    f"mlx_interp.engine.{name}"
+    for name in ("cache", "code_hash", "dag", "distributed", "integrity", "validate")
+)
 
 Locate = Callable[[str], Path | None]  # module name -> its source file (None: not a module)
 
-__all__ = ["PROJECT", "code_digest", "module_sources", "source_closure"]
+__all__ = ["NOT_FOLLOWED", "PROJECT", "code_digest", "module_sources", "source_closure"]
 
 
 def locate_module(name: str) -> Path | None:
@@ -78,7 +85,9 @@ def source_closure(module: str, locate: Locate = locate_module) -> dict[str, Pat
             continue
         found[name] = path
         for target in imported_names(path, name):
-            if (target == PROJECT or target.startswith(PROJECT + ".")) and target not in found:
+            if target in found or target in NOT_FOLLOWED:
+                continue
+            if target == PROJECT or target.startswith(PROJECT + "."):
                 todo.append(target)
     return found
 
