@@ -181,7 +181,10 @@ class Scorer:
     def check(self, rows: list[dict]) -> None:
         """Refuse the rows of one setting that cannot be trusted (all answers empty...)."""
 
-    max_new = 0  # greedy tokens the fast path generates per row (GenerateScorer: its length)
+    @property
+    def max_new(self) -> int:
+        """Greedy tokens the fast path generates per row (GenerateScorer: its length)."""
+        return 0
 
     def score_settings(
         self,
@@ -245,10 +248,12 @@ class Scorer:
             mine = [p for p, q in pairs if q == s]
             if not mine:
                 continue
-            pick = [[seq[p] for p in mine] for seq in (tokens, original, target)]
+            toks, orig, targ = ([seq[p] for p in mine] for seq in (tokens, original, target))
             rows = self(
                 lm,
-                *pick,
+                toks,
+                orig,
+                targ,
                 words,
                 setting,
                 pad_id=pad_id,
