@@ -85,8 +85,10 @@ class RowContext:
         real tokens (None: all ``n``); the rest are padding, never seen again."""
         if lengths is None:
             lengths = mx.full((self.batch,), n, mx.int32)
-        elif not isinstance(lengths, mx.array):
-            lengths = mx.array(list(lengths))
+        else:  # as given: an mx or numpy array, or a list of ints
+            lengths = mx.array(
+                lengths if isinstance(lengths, mx.array | np.ndarray) else list(lengths)
+            )
         j = mx.arange(n, dtype=mx.int32)[None, :]
         new = mx.where(j < lengths[:, None], self.next_pos[:, None] + j, -1)
         if self.filled + n > self.capacity:
