@@ -9,8 +9,9 @@ Weights: MLX reads the embedded GGUF itself (dequantized to float32); transforme
 same GGUF with ``gguf_file=`` (dequantized to float32 by gguf-py); TransformerLens wraps that
 transformers model (``TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)``,
 no hub access) and runs ``transformer_lens.patching.get_act_patch_resid_pre``; nnsight wraps
-it too (``LanguageModel(hf_model, tokenizer=...)``) and patches ``model.layers[l].input`` at
-one position per invoke, one trace (a batch of every position) per layer. All three get the
+it too (``nnsight.TransformersModel(hf_model, tokenizer=...)``) and patches
+``model.layers[l].input`` at one position per invoke, one trace (a batch of every position)
+per layer. All three get the
 same token ids; their heatmaps are compared (max abs difference of the normalised values).
 
     python bench/patching.py              # this section alone (about 5 min on 2 busy cores)
@@ -62,8 +63,7 @@ def worker_mlx(repeat: int = 3) -> dict:
 
     from mlx_interp.analysis.attribution import attribution_patching
     from mlx_interp.interventions.patching import patching_heatmap, patching_heatmaps
-    from mlx_interp.interventions.prefix import last_logits
-    from mlx_interp.interventions.resume import record_base, wrapped_calls
+    from mlx_interp.interventions.resume import last_position_logits, record_base, wrapped_calls
 
     model = mi.load("smollm2_135m")
     clean, corrupt = _ioi(*PAIRS[0])
@@ -91,7 +91,7 @@ def worker_mlx(repeat: int = 3) -> dict:
                     return original(self, x, *args, **kwargs)
 
                 with wrapped_calls(model.model, {("resid_pre", layer): patch}):
-                    logits = last_logits(model.model, tokens, [tokens.shape[1] - 1])
+                    logits = last_position_logits(model.model, tokens, [tokens.shape[1] - 1])
                 out[layer, p] = (logits[0, answers[0]] - logits[0, answers[1]]).item()
         return out
 
@@ -194,11 +194,11 @@ def worker_nnsight(ids: dict, answers: list, repeat: int = 1) -> dict:
     holds every position (one batched forward), as in nnsight's patching tutorial."""
     import importlib.metadata as md
 
+    import nnsight
     import torch
-    from nnsight import LanguageModel
 
     hf, tokenizer = _hf()
-    lm = LanguageModel(hf, tokenizer=tokenizer)
+    lm = nnsight.TransformersModel(hf, tokenizer=tokenizer)
     clean, corrupt = torch.tensor([ids["clean"]]), torch.tensor([ids["corrupt"]])
     n_layers, width = hf.config.num_hidden_layers, clean.shape[1]
     io, s = answers
@@ -210,7 +210,7 @@ def worker_nnsight(ids: dict, answers: list, repeat: int = 1) -> dict:
     def heatmap():
         with torch.inference_mode():
             with lm.trace(clean):
-                states = [lm.model.layers[i].input.save() for i in range(n_layers)]
+                states = nnsight.save([lm.model.layers[i].input for i in range(n_layers)])
             rows = []
             for layer in range(n_layers):
                 outs = []
@@ -229,7 +229,7 @@ def worker_nnsight(ids: dict, answers: list, repeat: int = 1) -> dict:
         "torch_threads": torch.get_num_threads(),
         "seconds": seconds,
         "heatmap": heat.tolist(),
-        "loaded": "LanguageModel(transformers GGUF model)",
+        "loaded": "nnsight.TransformersModel(transformers GGUF model)",
     }
 
 
