@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_interp.analysis.lens import LensError, answer_direction, unembed
+from mlx_interp.analysis.lens import LensError, answer_direction
 from mlx_interp.models.anatomy import AnatomyError, anatomy_of
 
 POS, NEG = [3, 17], [5]
