@@ -3,7 +3,8 @@
 "..., John gave ...", metric logit(" John") - logit(" Mary") at the last token), computed by
 mlx-interp, by TransformerLens and by nnsight on the same CPU and the same weights, each in its
 own process; plus the by-hand MLX way (one full forward per patch) and attribution patching's
-correlation with real patching on four IOI pairs.
+correlation with real patching on two IOI pairs (every kind: the per-head heatmap is most of
+this section's time).
 
 Weights: MLX reads the embedded GGUF itself (dequantized to float32); transformers reads the
 same GGUF with ``gguf_file=`` (dequantized to float32 by gguf-py); TransformerLens wraps that
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 TEMPLATE = "When {io} and {s} went to the store, {s} gave the bag to"
-PAIRS = [("John", "Mary"), ("Tom", "Anna"), ("James", "Sarah"), ("David", "Lisa")]
+PAIRS = [("John", "Mary"), ("Tom", "Anna")]  # the heatmap: the first; attribution: both
 HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's model (config from the GGUF)
 
 
@@ -97,7 +98,7 @@ def worker_mlx(repeat: int = 3) -> dict:
 
     hand_s, hand = _timed(by_hand, 0)
     hand_rec = (hand - heat.corrupted_metric) / (heat.clean_metric - heat.corrupted_metric)
-    # attribution patching vs real patching on four IOI pairs (a batch)
+    # attribution patching vs real patching on the IOI pairs (a batch)
     prompts = [_ioi(io, s) for io, s in PAIRS]
     encode = model.tokenizer.encode
     names = [[encode(" " + n, add_special_tokens=False)[0] for n in p] for p in PAIRS]
@@ -264,7 +265,7 @@ def missing_extra() -> str | None:
     return None
 
 
-def section(repeat: int = 3) -> dict:
+def section(repeat: int = 2) -> dict:
     """Run every worker in its own process; heatmaps compared, times as ratios."""
     import numpy as np
 
