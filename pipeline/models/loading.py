@@ -7,7 +7,9 @@ quantized on Metal/CUDA, where quantized kernels are fast.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlx_interp.engine.cache import hash_key
-from mlx_interp.engine.schema import SOURCES
+from mlx_interp.engine.schema import SOURCES, ModelConfig
 from mlx_interp.errors import MlxInterpError
 from mlx_interp.models.anatomy import anatomy_of
 
@@ -188,8 +190,15 @@ def _tiny(cfg: dict):
 _CACHE: dict[str, LoadedModel] = {}
 
 
-def load_model(cfg: dict) -> LoadedModel:
-    """Load (once per process) the model described by a ``model`` config slice."""
+def model_dict(cfg: ModelConfig | Mapping) -> dict:
+    """A ``model`` config as a plain dict: a stage's typed ModelConfig, or a mapping."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def load_model(cfg: ModelConfig | Mapping) -> LoadedModel:
+    """Load (once per process) the model described by a ``model`` config (the schema's
+    ModelConfig or the same keys in a plain mapping)."""
+    cfg = model_dict(cfg)
     cache_key = hash_key(cfg)
     if cache_key in _CACHE:
         return _CACHE[cache_key]
@@ -237,8 +246,9 @@ def _d_model(model: nn.Module) -> int:
     return width
 
 
-def model_fingerprint(cfg: dict) -> dict:
-    """Content identity of the weights a model slice names, for cache keys."""
+def model_fingerprint(cfg: ModelConfig | Mapping) -> dict:
+    """Content identity of the weights a model config names, for cache keys."""
+    cfg = model_dict(cfg)
     source = cfg.get("source")
     if source in ("embedded", "gguf"):
         from mlx_interp.models.gguf import gguf_sha256  # memoized: the load cache's key too
