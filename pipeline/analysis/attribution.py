@@ -30,8 +30,8 @@ from mlx_interp.interventions.patching import (
     metric_gap,
     prepare_pairs,
 )
-from mlx_interp.interventions.prefix import last_logits
 from mlx_interp.interventions.resume import (
+    last_position_logits,
     n_heads_of,
     n_layers_of,
     record_base,
@@ -120,7 +120,7 @@ def attribution_patching(
     def corrupted_metric(deltas: dict) -> tuple[mx.array, dict]:
         swaps = _with_deltas(module, deltas, kinds)
         with wrapped_calls(module, swaps["wrappers"]):
-            logits = last_logits(module, pairs.corrupt, last)
+            logits = last_position_logits(module, pairs.corrupt, last)
         return mx.mean(metric(logits)), swaps["seen"]
 
     (metric_corrupt, seen), grads = mx.value_and_grad(corrupted_metric)(deltas)

@@ -173,7 +173,11 @@ def run_patches(
         for chunk in _chunks(order, width, n_pairs, max_row_tokens):
             chosen = [indices[c] for c in chunk]
             logits = _forward(model, runs, start, [patches[i] for i in chosen], order[chunk[0]])
-            logits = logits.reshape(len(chosen), n_pairs, -1)
-            values = mx.stack([mx.mean(metric(logits[k])) for k in range(len(chosen))])
+            rowwise = getattr(metric, "rows", None)  # one call for every row (LogitDiff)
+            if rowwise is not None:
+                values = rowwise(logits, n_pairs).reshape(len(chosen), n_pairs).mean(axis=1)
+            else:
+                logits = logits.reshape(len(chosen), n_pairs, -1)
+                values = mx.stack([mx.mean(metric(logits[k])) for k in range(len(chosen))])
             out[chosen] = np.array(values.astype(mx.float32), dtype=np.float64)
     return out
