@@ -108,7 +108,8 @@ def direct_logit_attribution(
     for i in range(n_layers):
         parts = anatomy.layer(i)
         a, m = at_position(run.sites[("attn_out", i)]), at_position(run.sites[("mlp_out", i)])
-        post = 1.0  # a norm after the attention block (gemma2/3, olmo2), its scale frozen
+        # a norm after the attention block (gemma2/3, olmo2), its scale frozen
+        post: float | mx.array = 1.0
         if parts.post_attn_norm is not None:
             gain_a, scale_a = frozen_rms_scale(parts.post_attn_norm, a)
             post, a = gain_a * scale_a, parts.post_attn_norm(a).astype(mx.float32)

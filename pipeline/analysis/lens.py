@@ -73,7 +73,7 @@ def frozen_rms_scale(norm: Any, x: mx.array) -> tuple[mx.array, mx.array]:
     squared = mx.maximum((gx * gx).sum(-1, keepdims=True), 1e-30)
     scale = (normed * gx).sum(-1, keepdims=True) / squared
     error = mx.abs(normed - scale * gx).max() / mx.maximum(mx.abs(normed).max(), 1e-30)
-    if not error.item() <= 1e-3:
+    if not float(error) <= 1e-3:
         raise LensError(
             f"{type(norm).__name__} is not an RMS norm (norm(x) != scale * gain * x, relative "
             f"error {error.item():.2g}): reading a residual through it linearly needs "
@@ -176,6 +176,8 @@ def norm_gain(model: Any) -> np.ndarray:
     gain, as in Gemma, comes out right). Refused for a norm that is not of that form (e.g. a
     mean-subtracting LayerNorm)."""
     anatomy = anatomy_of(model)
+    if anatomy.d_model is None:
+        raise LensError(f"{type(model).__name__} declares no width (d_model) to probe its norm")
     x = 3 * mx.random.normal((4, anatomy.d_model), key=mx.random.key(0))
     gain, _ = frozen_rms_scale(anatomy.final_norm, x)
     return np.array(gain, dtype=np.float64)
