@@ -160,7 +160,9 @@ def test_import_datasets_in_the_repository_root_finds_the_installed_package(tmp_
 @pytest.mark.slow
 def test_the_package_type_checks_clean():
     """`make lint`'s type checker (mypy, configured in pyproject) finds no error."""
+    pytest.importorskip("mypy", reason="mypy comes with the dev extra: run `make setup`")
     out = subprocess.run(
         [sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    hint = "\n(paths under build/__editable__*/mlx_interp/ are pipeline/ and stages/; `make lint`)"
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:] + hint
