@@ -243,7 +243,7 @@ class ConditionalMode(WrappingMode):
         self.intercept = 0.0
         if coef is not None:
             self._set_probe(coef, 0.0 if intercept is None else intercept)
-        elif probe_layer is not None:
+        elif probe_layer is not None and probe_path is not None:
             self._set_probe(*load_probe(probe_path, contrast, int(probe_layer)))
 
     def _set_probe(self, coef: Any, intercept: Any) -> None:
@@ -267,6 +267,7 @@ class ConditionalMode(WrappingMode):
         bound = ConditionalMode.__new__(ConditionalMode)
         bound.__dict__.update(self.__dict__)
         bound.probe_layer = layer
+        assert self.probe_path is not None  # without coef, the probe comes from a file
         bound._set_probe(*load_probe(self.probe_path, self.contrast, layer))
         return bound
 
@@ -331,7 +332,7 @@ def make_mode(name_or_cfg: Any) -> Any:
         try:
             return instantiate(name_or_cfg, _convert_="all")
         except Exception as err:
-            cause = err
+            cause: BaseException = err
             while cause.__cause__ is not None:  # Hydra wraps the constructor's own error
                 cause = cause.__cause__
             raise SteeringError(

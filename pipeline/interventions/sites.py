@@ -132,11 +132,11 @@ def parse_site(name: str | Site | tuple[str, int]) -> Site:
     match = _PATTERN.match(name.strip())
     if match is None:
         raise SiteError(f"cannot parse site {name!r}; valid forms: {_EXAMPLES}")
-    layer, block, heads = match.groups()
+    number, block, heads = match.groups()
     kind = "resid" if block is None else "heads" if heads else block.replace("self_", "")
     if heads and block == "mlp":
         raise SiteError(f"site {name!r}: heads exist only under attn; valid forms: {_EXAMPLES}")
-    return Site(int(layer), kind)
+    return Site(int(number), kind)
 
 
 def site_module(model: Any, site: Site) -> Any:
@@ -377,7 +377,7 @@ def steer_sites(model: Any, edits: Sequence[SiteEdit], mode: Any, alpha: float) 
         if not isinstance(edit, SiteEdit):
             raise SteeringError(f"edit {index} is a {type(edit).__name__}, not a SiteEdit")
         (site,) = resolve_sites(model, [edit.site])
-        shapes = [(site_width(model, site),)]
+        shapes: list[tuple] = [(site_width(model, site),)]
         if site.kind == "heads":
             shapes.append(head_shape(model, site.layer))
         vector = _flat_vector("vector", edit.vector, index, site, shapes)
