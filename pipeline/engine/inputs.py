@@ -34,7 +34,8 @@ def input_keys(inputs: type) -> tuple[str, ...]:
     """The config keys a stage's inputs dataclass reads: its field names, in order."""
     if not (isinstance(inputs, type) and dataclasses.is_dataclass(inputs)):
         raise TypeError(f"a stage's inputs must be a frozen dataclass type, not {inputs!r}")
-    if not inputs.__dataclass_params__.frozen:  # a stage must not change what it was given
+    params = getattr(inputs, "__dataclass_params__", None)
+    if params is None or not params.frozen:  # a stage must not change what it was given
         raise TypeError(f"a stage's inputs must be frozen: @dataclass(frozen=True) {inputs}")
     return tuple(f.name for f in dataclasses.fields(inputs))
 
