@@ -22,17 +22,16 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from mlx_interp.analysis.probes import (
-    LogisticProbe,
     ProbeError,
     cross_validate_layer,
     linear_weights,
+    make_probe,
     mean_diff_cosines,
     permutation_threshold,
     transfer_cv,
@@ -41,22 +40,6 @@ from mlx_interp.analysis.stats import wilson_interval
 from mlx_interp.io.activations import layer_matrices
 
 VERSION = "1"
-
-
-def make_probe(spec: Any) -> Any:
-    """A probe factory from ``"logistic"``, a ``{"_target_": ...}`` config or an instance."""
-    if spec is None or spec == "logistic":
-        return LogisticProbe()
-    if hasattr(spec, "keys") and "_target_" in spec:
-        from hydra.utils import instantiate
-
-        return instantiate(spec)
-    if hasattr(spec, "make"):
-        return spec
-    raise ProbeError(
-        f"cannot make a probe from {spec!r}: use probes.probe={{_target_: "
-        "mlx_interp.analysis.probes.LogisticProbe, C: 1.0}"
-    )
 
 
 def contrasts_from_config(pcfg: dict, conditions: list[str]) -> dict[str, dict]:

@@ -36,6 +36,7 @@ from mlx_interp.interventions.site_hooks import (
 )
 from mlx_interp.interventions.site_names import Site, SiteError
 from mlx_interp.interventions.token_positions import Positions, where_positions
+from mlx_interp.models.anatomy import anatomy_of
 
 __all__ = ["Edit", "SiteEdit", "edit_sites", "steer_sites"]
 FUNCTION_ONLY = ("q", "k", "v", "attn_scores", "pattern")  # values with a head axis
@@ -170,16 +171,13 @@ def steer_sites(
     mode = make_mode(mode)
     alpha = check_alpha(alpha, SteeringError)
     grouped = _prepare(model, edits, mode, _kind)
-    if getattr(mode, "every_layer", False):
-        from mlx_interp.models.anatomy import anatomy_of
-
+    if mode.every_layer:
         every: dict[Site, list] = {}
         for site, group in grouped.items():
             for layer in range(anatomy_of(model).n_layers):
                 every.setdefault(Site(layer, site.kind), []).extend(group)
         grouped = every
-    bind = getattr(mode, "for_layer", None)
-    modes = {site: bind(site.layer) if bind else mode for site in grouped}  # may raise
+    modes = {site: mode.for_layer(site.layer) for site in grouped}  # may raise: not swapped
     placed = any(not p.every for group in grouped.values() for _, _, p in group)
     with ExitStack() as stack:
         clock = stack.enter_context(position_clock(model)) if placed else None

@@ -26,6 +26,7 @@ import numpy as np
 from mlx_interp.interventions.edits import SiteEdit, steer_sites
 from mlx_interp.interventions.modes import (
     MODES,
+    PLAIN_MODES,
     AblateAllLayersMode,
     AblateMode,
     AddMode,
@@ -33,6 +34,7 @@ from mlx_interp.interventions.modes import (
     NormPreservingMode,
     ReflectMode,
     SteeringError,
+    SteeringMode,
     SubtractMode,
     make_mode,
 )
@@ -41,6 +43,7 @@ from mlx_interp.interventions.site_names import Site
 
 __all__ = [
     "MODES",
+    "PLAIN_MODES",
     "AblateAllLayersMode",
     "AblateMode",
     "AddMode",
@@ -49,6 +52,7 @@ __all__ = [
     "NormPreservingMode",
     "ReflectMode",
     "SteeringError",
+    "SteeringMode",
     "SubtractMode",
     "generate_steered",
     "make_mode",

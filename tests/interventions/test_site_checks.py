@@ -18,7 +18,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_interp.interventions.sites import KINDS, capture_sites, edit_sites
 from mlx_interp.models.anatomy import anatomy_of
-from tests.tiny_models import _CONFIGS, ODD_ANATOMY, _embed, odd_model
+from tests.tiny_models import ODD_ANATOMY, _embed, odd_model
 
 TOKENS = mx.array([[5, 9, 17, 3, 44, 2, 99, 12, 7]])  # longer than gemma3's window (4)
 TOL = {"rtol": 1e-4, "atol": 2e-5}
@@ -49,23 +49,22 @@ def _attn(model, arch, i):
     return block.attn if arch == "gpt2" else block.self_attn
 
 
-def _sizes(arch):
-    cfg = _CONFIGS[arch]
+def _sizes(model, arch):
+    """(n_heads, n_kv_heads, head_dim) from the model's config (ModelArgs)."""
+    args = model.args
     if arch == "gpt2":
-        return cfg["n_head"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
-    heads = cfg["num_attention_heads"]
-    return (
-        heads,
-        cfg.get("num_key_value_heads", heads),
-        cfg.get("head_dim") or (cfg["hidden_size"] // heads),
-    )
+        return args.n_head, args.n_head, args.n_embd // args.n_head
+    heads = args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    return heads, getattr(args, "num_key_value_heads", None) or heads, head_dim
 
 
 def hand_attention(model, arch, i, x):
     """q, k, v ``[b, s, heads, d]``, scores, pattern ``[b, heads, s, s]`` (masked scores
     -inf) and z ``[b, s, heads, d]`` of layer ``i`` from its input ``x``, written out."""
     block, attn = _block(model, arch, i), _attn(model, arch, i)
-    n_heads, n_kv, d = _sizes(arch)
+    n_heads, n_kv, d = _sizes(model, arch)
+    args = model.args
     h = {"gpt2": lambda: block.ln_1(x), "olmo2": lambda: x}.get(arch, lambda: None)()
     h = block.input_layernorm(x) if h is None else h
     b, s, _ = h.shape
@@ -84,15 +83,16 @@ def hand_attention(model, arch, i, x):
         q = attn.rope(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
         k = attn.rope(k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     q, k, v = _np(q), _np(k), _np(v)
-    scale = _CONFIGS[arch].get("query_pre_attn_scalar", d) ** -0.5
+    scale = getattr(args, "query_pre_attn_scalar", d) ** -0.5
     ke, ve = (np.repeat(a, n_heads // n_kv, axis=2) for a in (k, v))
     scores = np.einsum("bqhd,bkhd->bhqk", q, ke) * scale
     if arch == "gemma2":
-        scores = 50.0 * np.tanh(scores / 50.0)
+        cap = args.attn_logit_softcapping
+        scores = cap * np.tanh(scores / cap)
     query, key = np.arange(s)[:, None], np.arange(s)[None, :]
     allowed = key <= query
-    if arch == "gemma3_text" and i % 2 == 0:  # local layers: the last 4 tokens only
-        allowed &= query - key < 4
+    if arch == "gemma3_text" and (i + 1) % args.sliding_window_pattern:  # local layers
+        allowed &= query - key < args.sliding_window
     scores = np.where(allowed, scores, -np.inf)
     pattern = np.exp(scores - scores.max(-1, keepdims=True))
     pattern /= pattern.sum(-1, keepdims=True)
@@ -129,58 +129,87 @@ def hand_mlp(model, arch, i, resid_mid):
     return pre, up, _act(arch)(pre) * up
 
 
+def _close(got, want, tol, what):
+    """allclose with ``atol`` relative to the reference's scale (real models' activations
+    reach hundreds)."""
+    want = np.asarray(want, dtype=np.float64)
+    atol = tol["atol"] * max(1.0, float(np.abs(want[np.isfinite(want)]).max(initial=0)))
+    np.testing.assert_allclose(
+        _np(got) if isinstance(got, mx.array) else got,
+        want,
+        rtol=tol["rtol"],
+        atol=atol,
+        err_msg=what,
+    )
+
+
+def check_attention(model, arch, rec, layer, tol=TOL):
+    """The attention sites of ``layer`` against :func:`hand_attention`."""
+    hand = hand_attention(model, arch, layer, rec[f"layers.{layer}.resid_pre"])
+    for name in ("q", "k", "v", "pattern"):
+        _close(rec[f"layers.{layer}.attn.{name}"], hand[name], tol, f"{arch} {layer} {name}")
+    scores = _np(rec[f"layers.{layer}.attn.scores"])
+    allowed = np.broadcast_to(hand["allowed"], scores.shape)
+    _close(scores[allowed], hand["scores"][allowed], tol, f"{arch} {layer} scores")
+    assert (scores[~allowed] <= np.finfo(np.float32).min).all()  # masked: float32's lowest
+    _close(rec[f"layers.{layer}.attn.heads"], hand["z"], tol, f"{arch} {layer} z")
+
+
+def check_identities(model, arch, rec, layers, tol=TOL):
+    """The identities between the sites of each of ``layers`` (module docstring)."""
+    n_heads = _sizes(model, arch)[0]
+    for i in layers:
+        block, get = model.layers[i], (lambda kind, i=i: rec[f"layers.{i}{kind}"])
+        pattern, z = _np(get(".attn.pattern")), get(".attn.heads")
+        np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-5)
+        v = _np(get(".attn.v"))
+        v = np.repeat(v, n_heads // v.shape[2], axis=2)
+        _close(np.einsum("bhqk,bkhd->bqhd", pattern, v), _np(z), tol, "pattern @ v = z")
+        o_proj = _attn(model, arch, i).c_proj if arch == "gpt2" else _attn(model, arch, i).o_proj
+        attn_out = get(".attn")
+        _close(o_proj(z.reshape(*z.shape[:2], -1)), _np(attn_out), tol, "o_proj(z) = attn_out")
+        down = block.mlp.c_proj if arch == "gpt2" else block.mlp.down_proj
+        _close(down(get(".mlp.post")), _np(get(".mlp")), tol, "down(mlp_post) = mlp_out")
+        added = block.post_attention_layernorm(attn_out) if arch in POST_NORM else attn_out
+        _close(get(".resid_mid"), _np(get(".resid_pre") + added), tol, "resid_mid")
+        mlp_out = get(".mlp")
+        added = block.post_feedforward_layernorm(mlp_out) if arch in POST_NORM else mlp_out
+        _close(get(""), _np(get(".resid_mid") + added), tol, "resid_post")
+        pre, up, post = hand_mlp(model, arch, i, get(".resid_mid"))
+        _close(get(".mlp.pre"), _np(pre), tol, "mlp_pre")
+        _close(get(".mlp.post"), _np(post), tol, "mlp_post")
+        if up is not None:
+            _close(get(".mlp.pre_linear"), _np(up), tol, "mlp_pre_linear")
+        if i > 0 and f"layers.{i - 1}" in rec:
+            np.testing.assert_array_equal(_np(get(".resid_pre")), _np(rec[f"layers.{i - 1}"]))
+
+
+def check_ends(model, arch, rec, tokens, tol=TOL):
+    """``embed`` is the model's embedding; the logits and the last layer's lens are the
+    model's own logits."""
+    embed = model.model.wte(tokens) if arch == "gpt2" else _embed(model, arch, tokens)
+    np.testing.assert_array_equal(_np(rec["embed"]), _np(embed))
+    if arch != "gpt2":
+        np.testing.assert_array_equal(_np(rec["embed"]), _np(rec["layers.0.resid_pre"]))
+    plain = _np(model(tokens))
+    _close(rec["logits"], plain, tol, "logits")
+    last = len(model.layers) - 1
+    _close(anatomy_of(model).unembed(rec[f"layers.{last}"]), plain, tol, "lens = logits")
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_attention_sites_equal_the_hand_forward(arch_model, layer):
     arch, model = arch_model
     rec, _ = _record_everything(model, TOKENS)
-    hand = hand_attention(model, arch, layer, rec[f"layers.{layer}.resid_pre"])
-    for name in ("q", "k", "v", "pattern"):
-        got = _np(rec[f"layers.{layer}.attn.{name}"])
-        np.testing.assert_allclose(got, hand[name], err_msg=f"{arch} {name}", **TOL)
-    scores = _np(rec[f"layers.{layer}.attn.scores"])
-    allowed = np.broadcast_to(hand["allowed"], scores.shape)
-    np.testing.assert_allclose(scores[allowed], hand["scores"][allowed], **TOL)
-    assert (scores[~allowed] <= np.finfo(np.float32).min).all()  # masked: float32's lowest
-    np.testing.assert_allclose(_np(rec[f"layers.{layer}.attn.heads"]), hand["z"], **TOL)
+    check_attention(model, arch, rec, layer)
 
 
 def test_the_identities_between_sites(arch_model):
     arch, model = arch_model
     rec, logits = _record_everything(model, TOKENS)
-    anatomy = anatomy_of(model)
-    n_heads = _sizes(arch)[0]
-    for i in range(3):
-        block, get = model.layers[i], (lambda kind, i=i: rec[f"layers.{i}{kind}"])
-        pattern, z = _np(get(".attn.pattern")), get(".attn.heads")
-        np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-5)
-        v = np.repeat(_np(get(".attn.v")), n_heads // _np(get(".attn.v")).shape[2], axis=2)
-        np.testing.assert_allclose(np.einsum("bhqk,bkhd->bqhd", pattern, v), _np(z), **TOL)
-        o_proj = _attn(model, arch, i).c_proj if arch == "gpt2" else _attn(model, arch, i).o_proj
-        attn_out = get(".attn")
-        np.testing.assert_allclose(_np(o_proj(z.reshape(*z.shape[:2], -1))), _np(attn_out), **TOL)
-        down = block.mlp.c_proj if arch == "gpt2" else block.mlp.down_proj
-        np.testing.assert_allclose(_np(down(get(".mlp.post"))), _np(get(".mlp")), **TOL)
-        added = block.post_attention_layernorm(attn_out) if arch in POST_NORM else attn_out
-        np.testing.assert_allclose(_np(get(".resid_mid")), _np(get(".resid_pre") + added), **TOL)
-        mlp_out = get(".mlp")
-        added = block.post_feedforward_layernorm(mlp_out) if arch in POST_NORM else mlp_out
-        np.testing.assert_allclose(_np(get("")), _np(get(".resid_mid") + added), **TOL)
-        pre, up, post = hand_mlp(model, arch, i, get(".resid_mid"))
-        np.testing.assert_allclose(_np(get(".mlp.pre")), _np(pre), **TOL)
-        np.testing.assert_allclose(_np(get(".mlp.post")), _np(post), **TOL)
-        if up is not None:
-            np.testing.assert_allclose(_np(get(".mlp.pre_linear")), _np(up), **TOL)
-        if i > 0:
-            np.testing.assert_array_equal(_np(get(".resid_pre")), _np(rec[f"layers.{i - 1}"]))
-    embed = model.model.wte(TOKENS) if arch == "gpt2" else _embed(model, arch, TOKENS)
-    np.testing.assert_array_equal(_np(rec["embed"]), _np(embed))
-    if arch != "gpt2":
-        np.testing.assert_array_equal(_np(rec["embed"]), _np(rec["layers.0.resid_pre"]))
-    plain = model(TOKENS)
-    np.testing.assert_allclose(_np(rec["logits"]), _np(plain), **TOL)
-    np.testing.assert_allclose(_np(logits), _np(plain), **TOL)
-    lens = anatomy.unembed(rec["layers.2"])
-    np.testing.assert_allclose(_np(lens), _np(plain), **TOL)
+    check_identities(model, arch, rec, range(3))
+    check_ends(model, arch, rec, TOKENS)
+    _close(logits, _np(model(TOKENS)), TOL, "the recording forward's logits")
 
 
 def test_boundary_sites_leave_the_fused_path_bit_identical(arch_model):
@@ -268,3 +297,45 @@ def test_a_misread_layout_fails_loudly_before_the_forward():
         with capture_sites(model, [("resid_mid", 0)]):
             pass
     assert type(model.backbone.blocks[0]).__name__ == "_OddBlock"
+
+
+REAL_PROMPT = "When Mary and John went to the store, John gave a drink to"
+REAL_TOL = {"rtol": 2e-3, "atol": 2e-4}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2_135m", "gemma3_270m"])
+def test_real_models_anatomy_and_every_site(name):
+    """The embedded models (float32 on the CPU): the anatomy is their module tree, and every
+    site passes the checks above at every layer (attention by hand at three)."""
+    import mlx_interp as mi
+
+    lm = mi.load(name)
+    model, arch = lm.model, type(lm.model).__module__.rsplit(".", 1)[-1]
+    anatomy, body, args = anatomy_of(model), model.model, model.args
+    assert (arch, anatomy.body, anatomy.embed) == (arch, body, body.embed_tokens)
+    assert anatomy.layers == list(body.layers) and anatomy.final_norm is body.norm
+    assert anatomy.tied == ("lm_head" not in model)
+    heads, kv, head_dim = _sizes(model, arch)
+    assert (anatomy.n_heads, anatomy.n_kv_heads, anatomy.head_dim) == (heads, kv, head_dim)
+    assert anatomy.d_mlp == args.intermediate_size and anatomy.d_model == args.hidden_size
+    for i, block in enumerate(body.layers):
+        parts = anatomy.layer(i)
+        assert parts.q_proj is block.self_attn.q_proj and parts.o_proj is block.self_attn.o_proj
+        assert parts.gate_proj is block.mlp.gate_proj and parts.down_proj is block.mlp.down_proj
+        assert parts.input_norm is block.input_layernorm
+        if arch == "gemma3_text":
+            assert parts.pre_mlp_norm is block.pre_feedforward_layernorm
+            assert parts.post_mlp_norm is block.post_feedforward_layernorm
+            assert parts.q_norm is block.self_attn.q_norm
+            local = (i + 1) % args.sliding_window_pattern != 0
+            assert anatomy.sliding_window(i) == (args.sliding_window if local else None)
+        else:
+            assert parts.pre_mlp_norm is block.post_attention_layernorm
+    tokens = mx.array([lm.tokens(REAL_PROMPT)])
+    rec, _ = _record_everything(model, tokens)
+    n = len(body.layers)
+    for layer in (0, n // 2, n - 1):
+        check_attention(model, arch, rec, layer, REAL_TOL)
+    check_identities(model, arch, rec, range(n), REAL_TOL)
+    check_ends(model, arch, rec, tokens, REAL_TOL)
