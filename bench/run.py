@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import patching as patching_bench  # noqa: E402
 from bench.stats import best_of, interleaved, ratio  # noqa: E402
 
 SECTIONS = (
@@ -36,6 +37,7 @@ SECTIONS = (
     "torch",
     "experiment",
     "memory",
+    "patching",  # bench/patching.py: heatmaps beside TransformerLens and nnsight
 )
 # the reduced default experiment behind the cached re-run and the with/without-fixes figure
 REDUCED = ["steer.n_random=2", "steer.confirm_n=0"]
@@ -594,6 +596,7 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
                 f"{ops['mlx_softmax']:.1f} vs {ops['numpy_softmax']:.1f} ms",
             ),
         ]
+    rows += patching_bench.figures(res["patching"]) if "patching" in res else []
     return rows
 
 
@@ -675,6 +678,7 @@ def main() -> None:
             ("batch", lambda: run_worker("batch", batch=big_b, seq=big_s, torch="torch" in only)),
             ("experiment", lambda: section_experiment(tmp, args.full)),
             ("memory", lambda: section_memory(tmp)),
+            ("patching", patching_bench.section),
         ]
         for name, step in steps:
             if name not in only:

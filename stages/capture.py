@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mlx_interp.analysis.stats import require_finite
-from mlx_interp.engine.dag import ConfigError
+from mlx_interp.engine.dag import ConfigError, Stage
 from mlx_interp.engine.distributed import current_shard
 from mlx_interp.engine.integrity import sealed_intact
+from mlx_interp.engine.schema import CaptureConfig, ModelConfig
 from mlx_interp.errors import MlxInterpError
-from mlx_interp.interventions.capture import POSITIONS, capture_batch, resolve_layers
+from mlx_interp.interventions.capture import capture_batch, resolve_layers
 from mlx_interp.interventions.prefix import shared_prefix
 from mlx_interp.interventions.sites import capture_sites_batch, resolve_sites
 from mlx_interp.io.activations import batch_table, site_table, write_part
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 
 VERSION = "2"  # 2: last-token capture reuses the shared prefix's KV cache
 DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class CaptureInputs:
+    model: ModelConfig
+    capture: CaptureConfig
 
 
 class PromptTooLongError(MlxInterpError, ValueError):
@@ -54,8 +62,6 @@ def plan_batches(
     A batch of ``b`` prompts padded to ``L`` tokens makes attention scores [b, n_heads, L, L]
     on the CPU; a batch whose scores would pass 2^31 elements or ``max_bytes`` (float32) is
     split, so a long prompt runs alone instead of crashing the process with its batch."""
-    if batch_size < 1:
-        raise ConfigError(f"capture.batch_size must be >= 1, not {batch_size}")
     order = np.argsort(n_tokens, kind="stable")
     batches, start = [], 0
     while start < len(order):
@@ -82,23 +88,18 @@ def attention_budget_bytes() -> float | None:
         return None
 
 
-def fingerprint(cfg: dict) -> dict:
-    return {"model": model_fingerprint(cfg["model"])}
+def fingerprint(inputs: CaptureInputs) -> dict:
+    return {"model": model_fingerprint(inputs.model)}
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads model, capture; needs prompts."""
-    ccfg = cfg["capture"]
-    if ccfg["positions"] not in POSITIONS:
-        raise ConfigError(
-            f"capture.positions must be one of {POSITIONS}, not {ccfg['positions']!r}"
-        )
-    if ccfg["dtype"] not in DTYPES:
-        raise ConfigError(f"capture.dtype must be one of {list(DTYPES)}, not {ccfg['dtype']!r}")
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
-    lm = load_model(cfg["model"])
-    layers = resolve_layers(ccfg["layers"], lm.n_layers)
-    limit = token_limit(ccfg.get("max_tokens"), _context_length(lm.model), lm.name)
+def run(inputs: CaptureInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: the activations of every prompt; needs prompts."""
+    ccfg = inputs.capture
+    positions, dtype = ccfg.positions, DTYPES[ccfg.dtype]
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
+    lm = load_model(inputs.model)
+    layers = resolve_layers(ccfg.layers, lm.n_layers)
+    limit = token_limit(ccfg.max_tokens, _context_length(lm.model), lm.name)
     too_long = prompts[prompts["n_tokens"] > limit]
     if len(too_long):
         row = too_long.iloc[0]
@@ -114,9 +115,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     pad_id = lm.pad_id
     act_dir = out / "activations"
     act_dir.mkdir(exist_ok=True)
-    site_names = (
-        [s.name for s in resolve_sites(lm.model, ccfg["sites"])] if ccfg.get("sites") else []
-    )
+    site_names = [s.name for s in resolve_sites(lm.model, ccfg.sites)] if ccfg.sites else []
     site_dir = out / "sites"
     if site_names:
         site_dir.mkdir(exist_ok=True)
@@ -129,7 +128,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
             "floats, more than this machine (or MLX's int32 indexing) can hold; shorten it or "
             "lower capture.max_tokens"
         )
-    batches = plan_batches(prompts["n_tokens"].to_numpy(), int(ccfg["batch_size"]), n_heads, budget)
+    batches = plan_batches(prompts["n_tokens"].to_numpy(), ccfg.batch_size, n_heads, budget)
     resumed = 0
     prefix = None  # the prompts' shared prefix (few-shot turns), run once when first needed
     write_s, hash_s, start = 0.0, 0.0, time.perf_counter()
@@ -149,23 +148,21 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         lengths = [len(s) for s in seqs]
         if not have_part:
             if prefix is None:
-                prefix = capture_prefix(lm.model, prompts["tokens"], ccfg["positions"])
-            captured = capture_batch(
-                lm.model, seqs, layers, ccfg["positions"], pad_id, prefix, DTYPES[ccfg["dtype"]]
-            )
+                prefix = capture_prefix(lm.model, prompts["tokens"], positions)
+            captured = capture_batch(lm.model, seqs, layers, positions, pad_id, prefix, dtype)
             for layer, value in captured.items():
                 require_finite(
-                    value if ccfg["positions"] != "all" else np.concatenate(value),
+                    value if positions != "all" else np.concatenate(value),
                     f"activations of layer {layer} (batch {b}, prompts {ids[:2]}...)",
                     "the model overflowed: use capture.dtype=float32 and model.dequantize=true",
                 )
-            table = batch_table(ids, captured, ccfg["positions"], lengths, DTYPES[ccfg["dtype"]])
+            table = batch_table(ids, captured, positions, lengths, dtype)
             t = time.perf_counter()
             hash_s += write_part(table, part) or 0.0
             write_s += time.perf_counter() - t
         if need_sites:
-            got = capture_sites_batch(lm.model, seqs, site_names, ccfg["positions"], pad_id)
-            table = site_table(ids, got, ccfg["positions"], lengths, DTYPES[ccfg["dtype"]])
+            got = capture_sites_batch(lm.model, seqs, site_names, positions, pad_id)
+            table = site_table(ids, got, positions, lengths, dtype)
             write_part(table, site_part)
     if resumed:
         log.info("capture resumed: %d of %d batches were already complete", resumed, len(batches))
@@ -174,8 +171,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "layers": layers,
         "n_layers": lm.n_layers,
         "d_model": lm.d_model,
-        "positions": ccfg["positions"],
-        "dtype": ccfg["dtype"],
+        "positions": positions,
+        "dtype": ccfg.dtype,
         "n_prompts": int(len(prompts)),
         "n_batches": len(batches),
         "dequantized": lm.dequantized,
@@ -230,3 +227,15 @@ def _context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+STAGE = Stage(
+    name="capture",
+    run=run,
+    inputs=CaptureInputs,
+    needs=("prompts",),
+    version=VERSION,
+    fingerprint=fingerprint,
+    resumable=True,  # part files of a killed attempt are reused
+    sharded=True,  # under mlx.launch each rank captures its share of the batches
+)

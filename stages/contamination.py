@@ -15,6 +15,7 @@ contamination.json (headline layer and settings).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,18 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mlx_interp.analysis.stats import bootstrap_ci
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import ContaminationConfig
 from mlx_interp.errors import ConfigError
 from mlx_interp.io.activations import layer_matrices, resolve_probe_layers
 
 VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ContaminationInputs:
+    contamination: ContaminationConfig
+    seed: int
 
 
 class ContaminationError(ConfigError):
@@ -124,24 +133,22 @@ def differences(
     return pd.DataFrame(rows)
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads contamination, seed; needs prompts and capture."""
-    ccfg, seed = cfg["contamination"], int(cfg["seed"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+def run(inputs: ContaminationInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: cosines of each variant to the reference; needs prompts and capture."""
+    ccfg, seed = inputs.contamination, inputs.seed
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     if "variant" not in prompts or not (prompts["variant"] != "").any():
         raise ContaminationError(
             "the prompts have no variants: use a concept with variants (e.g. "
             "concept=rubric_contamination, or set concept.variants.rubrics=<file.json>)"
         )
-    reference = ccfg["reference"]
-    layers, acts = layer_matrices(
-        inputs["capture"], ccfg.get("layers"), prompts["prompt_id"].tolist()
-    )
+    reference = ccfg.reference
+    layers, acts = layer_matrices(upstream["capture"], ccfg.layers, prompts["prompt_id"].tolist())
     cos = paired_cosines(prompts, acts, reference)
-    n_boot, conf = int(ccfg["n_bootstrap"]), float(ccfg["confidence"])
+    n_boot, conf = ccfg.n_bootstrap, ccfg.confidence
     table = summarize(cos, n_boot, conf, seed)
-    diffs = differences(cos, [list(p) for p in ccfg["compare"]], n_boot, conf, seed)
-    head = ccfg.get("layer")
+    diffs = differences(cos, [list(p) for p in ccfg.compare], n_boot, conf, seed)
+    head = ccfg.layer
     head = layers[len(layers) // 2] if head is None else resolve_probe_layers([head], layers)[0]
     tokens = prompts.groupby("variant")["n_tokens"].mean().round(1).to_dict()
     cos.to_parquet(out / "cosines.parquet", index=False)
@@ -153,10 +160,19 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "layer": int(head),
         "n_bootstrap": n_boot,
         "confidence": conf,
-        "compare": [list(p) for p in ccfg["compare"]],
+        "compare": [list(p) for p in ccfg.compare],
         "mean_tokens_per_variant": tokens,
         "domains": sorted(prompts["condition"].unique().tolist()),
         "n_base_prompts": int(prompts["base_id"].nunique()),
     }
     (out / "contamination.json").write_text(json.dumps(info, indent=2))
     return {"layer": int(head), "n_base_prompts": info["n_base_prompts"]}
+
+
+STAGE = Stage(
+    name="contamination",
+    run=run,
+    inputs=ContaminationInputs,
+    needs=("prompts", "capture"),
+    version=VERSION,
+)

@@ -12,6 +12,7 @@ cross-validated threshold accuracy), and the cosines between the three methods.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,20 @@ from mlx_interp.analysis.directions import (
     extract,
     make_method,
 )
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import DirectionsConfig, ModelConfig
 from mlx_interp.io.activations import activation_matrix, read_activations
 from mlx_interp.models.loading import load_model, model_fingerprint
-from mlx_interp.stages.direction_sites import SITE_NOTES, check_site, site_activations
+from mlx_interp.stages.direction_sites import SITE_NOTES, site_activations
 
 VERSION = "2"  # 2: directions.site (last | object | answer)
+
+
+@dataclass(frozen=True)
+class DirectionsInputs:
+    directions: DirectionsConfig
+    seed: int
+    model: ModelConfig  # read when the site is not the captured last token
 
 
 def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int) -> dict:
@@ -52,49 +62,49 @@ def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int)
     return {"d_prime": d_prime, "cv_accuracy": correct / len(x)}
 
 
-def fingerprint(cfg: dict) -> dict:
+def fingerprint(inputs: DirectionsInputs) -> dict:
     """The model matters when the activations are read from it (sites other than last)."""
-    if cfg["directions"].get("site", "last") == "last":
+    if inputs.directions.site == "last":
         return {}
-    return {"model": model_fingerprint(cfg["model"])}
+    return {"model": model_fingerprint(inputs.model)}
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads directions, seed, model; needs prompts and capture."""
-    dcfg = cfg["directions"]
-    pos_name, neg_name = dcfg["contrast"]["pos"], dcfg["contrast"]["neg"]
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
-    if dcfg["fit_split"] != "all":
-        prompts = prompts[prompts["split"] == dcfg["fit_split"]]
+def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: a direction per layer; needs prompts and capture."""
+    dcfg = inputs.directions
+    pos_name, neg_name = dcfg.contrast["pos"], dcfg.contrast["neg"]
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
+    if dcfg.fit_split != "all":
+        prompts = prompts[prompts["split"] == dcfg.fit_split]
     prompts = prompts[prompts["condition"].isin([pos_name, neg_name])]
     for name in (pos_name, neg_name):
         if not (prompts["condition"] == name).any():
             raise DirectionError(
-                f"condition {name!r} has no prompts (split {dcfg['fit_split']!r}); fix "
+                f"condition {name!r} has no prompts (split {dcfg.fit_split!r}); fix "
                 "directions.contrast or the dataset"
             )
-    site = check_site(dcfg.get("site", "last"))
+    site = dcfg.site
     if site == "last":
         ids = prompts["prompt_id"].tolist()
-        acts = activation_matrix(read_activations(inputs["capture"]), ids)
+        acts = activation_matrix(read_activations(upstream["capture"]), ids)
         is_pos = (prompts["condition"] == pos_name).to_numpy()
         is_neg = (prompts["condition"] == neg_name).to_numpy()
     else:
-        lm = load_model(cfg["model"])  # every layer, read here (the capture is not used)
+        lm = load_model(inputs.model)  # every layer, read here (the capture is not used)
         acts, is_pos, is_neg = site_activations(lm, prompts, site, pos_name, neg_name, None)
     contrast = (pos_name, neg_name)
-    main = extract(acts, is_pos, is_neg, make_method(dcfg["method"]), contrast)
+    main = extract(acts, is_pos, is_neg, make_method(dcfg.method), contrast)
     main.meta.update(
         {
             "prompt_ids": len(prompts),
-            "fit_split": dcfg["fit_split"],
+            "fit_split": dcfg.fit_split,
             "site": site,
             "measured_at": SITE_NOTES[site],
         }
     )
     main.save(out / "directions.safetensors")
     others: dict[str, DirectionSet] = {}
-    if dcfg.get("compare_methods", True):
+    if dcfg.compare_methods:
         others = {name: extract(acts, is_pos, is_neg, name, contrast) for name in METHODS}
     per_layer = {}
     for layer in main.layers:
@@ -104,7 +114,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                 acts[layer][is_pos | is_neg],
                 is_pos[is_pos | is_neg],
                 main.unit(layer),
-                int(cfg["seed"]),
+                inputs.seed,
             )
         )
         entry["cosine_to"] = {n: main.cosine(s, layer) for n, s in others.items()}
@@ -117,10 +127,20 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "layers": main.layers,
         "site": site,
         "measured_at": SITE_NOTES[site],
-        "fit_split": dcfg["fit_split"],
+        "fit_split": dcfg.fit_split,
     }
     (out / "directions.json").write_text(
         json.dumps({**summary, "per_layer": per_layer}, indent=2), encoding="utf-8"
     )
     best = max(per_layer, key=lambda k: per_layer[k]["d_prime"])
     return {**summary, "best_separated_layer": best}
+
+
+STAGE = Stage(
+    name="directions",
+    run=run,
+    inputs=DirectionsInputs,
+    needs=("prompts", "capture"),
+    version=VERSION,
+    fingerprint=fingerprint,
+)

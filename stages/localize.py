@@ -21,6 +21,7 @@ beside the steering result; its files go into the run directory next to report.m
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ import pandas as pd
 
 from mlx_interp.analysis.lens import lens_logit_diff
 from mlx_interp.analysis.scoring import word_token_ids
-from mlx_interp.engine.dag import ConfigError
+from mlx_interp.engine.dag import ConfigError, Stage
+from mlx_interp.engine.schema import LocalizeConfig, ModelConfig, ReportConfig, ScoreConfig
 from mlx_interp.interventions.capture import resolve_layers
 from mlx_interp.interventions.patching import patching_recovery
 from mlx_interp.interventions.positions import ROLES, object_spans
@@ -40,29 +42,46 @@ VERSION = "2"  # 2: lens reads only the answer ids; patching skips the `all` che
 ROLE_OF_POSITIONS = {"object": "object", "last": "last", "suffix": "all", "all": "all"}
 
 
-def fingerprint(cfg: dict) -> dict:
-    return {"model": model_fingerprint(cfg["model"])}
+@dataclass(frozen=True)
+class LensInputs:
+    model: ModelConfig
+    score: ScoreConfig  # the swap words
 
 
-def _swap_prompts(prompts: pd.DataFrame, score: dict) -> pd.DataFrame:
-    swap = prompts[prompts["condition"].isin(list(score["swap"]))].reset_index(drop=True)
+@dataclass(frozen=True)
+class PatchingInputs:
+    model: ModelConfig
+    score: ScoreConfig  # the swap words
+    localize: LocalizeConfig
+
+
+@dataclass(frozen=True)
+class LocalizationReportInputs:
+    model: ModelConfig  # its name
+    report: ReportConfig
+
+
+def fingerprint(inputs: LensInputs | PatchingInputs) -> dict:
+    return {"model": model_fingerprint(inputs.model)}
+
+
+def _swap_prompts(prompts: pd.DataFrame, score: ScoreConfig) -> pd.DataFrame:
+    swap = prompts[prompts["condition"].isin(list(score.swap))].reset_index(drop=True)
     if swap.empty:
-        raise ConfigError(f"no prompts of the swap conditions {list(score['swap'])}")
+        raise ConfigError(f"no prompts of the swap conditions {list(score.swap)}")
     return swap
 
 
-def run_logit_lens(cfg: dict, inputs: dict, out: Path) -> dict:
+def run_logit_lens(inputs: LensInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage entry: the lens logit difference (own minus other colour) per layer and role."""
-    score = cfg["score"]
-    lm = load_model(cfg["model"])
-    swap = _swap_prompts(pd.read_parquet(inputs["prompts"] / "prompts.parquet"), score)
+    score = inputs.score
+    lm = load_model(inputs.model)
+    swap = _swap_prompts(pd.read_parquet(upstream["prompts"] / "prompts.parquet"), score)
     tokens = [list(map(int, t)) for t in swap["tokens"]]
     spans = object_spans(lm.tokenizer, tokens, swap["meta"].tolist())
-    ids = {
-        w: word_token_ids(lm.tokenizer, w) for w in set(score["swap"]) | set(score["swap"].values())
-    }
+    ids = {w: word_token_ids(lm.tokenizer, w) for w in set(score.swap) | set(score.swap.values())}
     plus = [ids[c] for c in swap["condition"]]
-    minus = [ids[score["swap"][c]] for c in swap["condition"]]
+    minus = [ids[score.swap[c]] for c in swap["condition"]]
     diff = lens_logit_diff(lm.model, tokens, spans, plus, minus, lm.pad_id)  # [n, L, roles]
     n, n_layers, n_roles = diff.shape
     table = pd.DataFrame(
@@ -110,15 +129,15 @@ def make_pairs(
     return pairs[:max_pairs]
 
 
-def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
+def run_patching(inputs: PatchingInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage entry: share of the clean-vs-corrupted logit difference recovered per site."""
-    score, loc = cfg["score"], cfg["localize"]
-    lm = load_model(cfg["model"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
-    pairs = make_pairs(prompts, loc["clean"], loc["corrupt"], int(loc["max_pairs"]))
+    score, loc = inputs.score, inputs.localize
+    lm = load_model(inputs.model)
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
+    pairs = make_pairs(prompts, loc.clean, loc.corrupt, loc.max_pairs)
     if len(pairs) < 2:
         raise ConfigError(
-            f"only {len(pairs)} {loc['clean']}/{loc['corrupt']} question pair(s) share a template "
+            f"only {len(pairs)} {loc.clean}/{loc.corrupt} question pair(s) share a template "
             "and token count; patching needs at least 2 (add questions of one template, e.g. "
             "'What colour is {}?', or fix localize.clean/corrupt)"
         )
@@ -131,10 +150,10 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
     keep = [i for i, (a, b) in enumerate(zip(spans_c, spans_x, strict=True)) if a == b]
     if len(keep) < 2:
         raise ConfigError("fewer than 2 pairs have object spans at the same token positions")
-    words_c = word_token_ids(lm.tokenizer, score["swap"].get(loc["corrupt"], loc["clean"]))
-    words_x = word_token_ids(lm.tokenizer, score["swap"].get(loc["clean"], loc["corrupt"]))
-    layers = resolve_layers(loc.get("layers"), lm.n_layers)
-    kinds = list(dict.fromkeys(loc["kinds"]))  # checked by engine.validate
+    words_c = word_token_ids(lm.tokenizer, score.swap.get(loc.corrupt, loc.clean))
+    words_x = word_token_ids(lm.tokenizer, score.swap.get(loc.clean, loc.corrupt))
+    layers = resolve_layers(loc.layers, lm.n_layers)
+    kinds = list(dict.fromkeys(loc.kinds))  # checked by engine.validate
     res = patching_recovery(
         lm.model,
         [clean[i] for i in keep],
@@ -161,8 +180,8 @@ def run_patching(cfg: dict, inputs: dict, out: Path) -> dict:
     )
     table.to_parquet(out / "patching.parquet", index=False)
     info = {
-        "clean": loc["clean"],
-        "corrupt": loc["corrupt"],
+        "clean": loc.clean,
+        "corrupt": loc.corrupt,
         "pairs": [
             [prompts["prompt_id"].iloc[pairs[i][0]], prompts["prompt_id"].iloc[pairs[i][1]]]
             for i in keep
@@ -238,21 +257,21 @@ def localization(lens: pd.DataFrame, patching: pd.DataFrame, pairs: dict, steer_
     }
 
 
-def run_report(cfg: dict, inputs: dict, out: Path) -> dict:
+def run_report(inputs: LocalizationReportInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage entry: localization.md/json and the lens and patching heatmaps."""
-    lens = pd.read_parquet(inputs["logit_lens"] / "lens.parquet")
-    patching = pd.read_parquet(inputs["patching"] / "patching.parquet")
-    pairs = json.loads((inputs["patching"] / "pairs.json").read_text())
-    steer_info = json.loads((inputs["steer"] / "steer.json").read_text())
-    report = json.loads((inputs["report"] / "report.json").read_text())
+    lens = pd.read_parquet(upstream["logit_lens"] / "lens.parquet")
+    patching = pd.read_parquet(upstream["patching"] / "patching.parquet")
+    pairs = json.loads((upstream["patching"] / "pairs.json").read_text())
+    steer_info = json.loads((upstream["steer"] / "steer.json").read_text())
+    report = json.loads((upstream["report"] / "report.json").read_text())
     result = {
-        "model": cfg["model"]["name"],
+        "model": inputs.model.name,
         "localization": localization(lens, patching, pairs, steer_info),
         "bidirectional_swap": report["bidirectional_swap"],
         "evaluated_on": report.get("evaluated_on", "all"),
         "plots": [],
     }
-    if cfg["report"]["plots"]:
+    if inputs.report.plots:
         title = f"patching {len(pairs['pairs'])} {pairs['clean']} -> {pairs['corrupt']} pairs"
         result["plots"] = [
             plot_lens(lens, out / "logit_lens.png").name,
@@ -266,3 +285,28 @@ def run_report(cfg: dict, inputs: dict, out: Path) -> dict:
     (out / "localization.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / "localization.md").write_text(render_localization(result), encoding="utf-8")
     return {"best_site": result["localization"]["patching"]["best_site"]}
+
+
+LOGIT_LENS = Stage(
+    name="logit_lens",
+    run=run_logit_lens,
+    inputs=LensInputs,
+    needs=("prompts",),
+    version=VERSION,
+    fingerprint=fingerprint,
+)
+PATCHING = Stage(
+    name="patching",
+    run=run_patching,
+    inputs=PatchingInputs,
+    needs=("prompts",),
+    version=VERSION,
+    fingerprint=fingerprint,
+)
+LOCALIZATION_REPORT = Stage(
+    name="localization_report",
+    run=run_report,
+    inputs=LocalizationReportInputs,
+    needs=("logit_lens", "patching", "steer", "report"),
+    version=VERSION,
+)

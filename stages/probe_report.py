@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
 
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import ModelConfig, ReportConfig
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    model: ModelConfig  # its name
+    report: ReportConfig  # plots, and the original study's figures shown beside ours
 
 
 def _f(x: float, nd: int = 3) -> str:
@@ -44,7 +54,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def compute_probe_report(
-    probes: pd.DataFrame, transfer: pd.DataFrame, cosines: pd.DataFrame, info: dict, cfg: dict
+    probes: pd.DataFrame,
+    transfer: pd.DataFrame,
+    cosines: pd.DataFrame,
+    info: dict,
+    inputs: ReportInputs,
 ) -> dict:
     """The report dict: best layers, per-layer accuracy, transfer at the best layer, cosines."""
     alpha = float(info["alpha"])
@@ -114,7 +128,7 @@ def compute_probe_report(
             },
         }
     return {
-        "model": cfg["model"]["name"],
+        "model": inputs.model.name,
         "folds": int(info["folds"]),
         "n_permutations": int(info["n_permutations"]),
         "alpha": alpha,
@@ -123,7 +137,7 @@ def compute_probe_report(
         "contrasts": contrasts,
         "transfer": transfer_out,
         "cosines": cos_out,
-        "reference": cfg["report"].get("reference") or {},
+        "reference": inputs.report.reference,
     }
 
 
@@ -344,18 +358,18 @@ def plot_transfer(r: dict, path: Path) -> Path:
     return path
 
 
-def run_probes(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads model, report; needs probes."""
-    src = inputs["probes"]
+def run_probes(inputs: ReportInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: the probes' report; needs probes."""
+    src = upstream["probes"]
     info = json.loads((src / "probes.json").read_text())
     r = compute_probe_report(
         pd.read_parquet(src / "probes.parquet"),
         pd.read_parquet(src / "transfer.parquet"),
         pd.read_parquet(src / "cosines.parquet"),
         info,
-        cfg,
+        inputs,
     )
-    if cfg["report"].get("plots", True):
+    if inputs.report.plots:
         plot_probe_accuracy(r, out / "probe_accuracy.png")
         if r["cosines"]:
             plot_cosines(r, out / "cosines.png")
@@ -377,7 +391,7 @@ def run_probes(cfg: dict, inputs: dict, out: Path) -> dict:
 
 
 def compute_contamination_report(
-    table: pd.DataFrame, diffs: pd.DataFrame, info: dict, cfg: dict
+    table: pd.DataFrame, diffs: pd.DataFrame, info: dict, inputs: ReportInputs
 ) -> dict:
     layer = int(info["layer"])
     at = table[table["layer"] == layer]
@@ -424,7 +438,7 @@ def compute_contamination_report(
         for a, b in info["compare"]
     }
     return {
-        "model": cfg["model"]["name"],
+        "model": inputs.model.name,
         "layer": layer,
         "layers": info["layers"],
         "reference_variant": info["reference"],
@@ -437,7 +451,7 @@ def compute_contamination_report(
         "differences": differences,
         "per_layer_pooled": per_layer,
         "significant_layers_pooled": sig_layers,
-        "reference": cfg["report"].get("reference") or {},
+        "reference": inputs.report.reference,
     }
 
 
@@ -538,17 +552,17 @@ def plot_contamination(r: dict, path: Path) -> Path:
     return path
 
 
-def run_contamination(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads model, report; needs contamination."""
-    src = inputs["contamination"]
+def run_contamination(inputs: ReportInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: the contamination report; needs contamination."""
+    src = upstream["contamination"]
     info = json.loads((src / "contamination.json").read_text())
     r = compute_contamination_report(
         pd.read_parquet(src / "contamination.parquet"),
         pd.read_parquet(src / "differences.parquet"),
         info,
-        cfg,
+        inputs,
     )
-    if cfg["report"].get("plots", True):
+    if inputs.report.plots:
         plot_contamination(r, out / "contamination.png")
     (out / "report.json").write_text(json.dumps(r, indent=2))
     (out / "report.md").write_text(contamination_markdown(r))
@@ -559,3 +573,19 @@ def run_contamination(cfg: dict, inputs: dict, out: Path) -> dict:
             "value": rubric["shift"] if rubric else float("nan"),
         }
     }
+
+
+PROBE_REPORT = Stage(
+    name="probe_report",
+    run=run_probes,
+    inputs=ReportInputs,
+    needs=("probes",),
+    version=VERSION,
+)
+CONTAMINATION_REPORT = Stage(
+    name="contamination_report",
+    run=run_contamination,
+    inputs=ReportInputs,
+    needs=("contamination",),
+    version=VERSION,
+)

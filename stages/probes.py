@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +38,23 @@ from mlx_interp.analysis.probes import (
     transfer_cv,
 )
 from mlx_interp.analysis.stats import wilson_interval
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import ProbesConfig
 from mlx_interp.io.activations import layer_matrices
 
 VERSION = "1"
 
 
-def contrasts_from_config(pcfg: dict, conditions: list[str]) -> dict[str, dict]:
+@dataclass(frozen=True)
+class ProbesInputs:
+    probes: ProbesConfig
+    seed: int
+
+
+def contrasts_from_config(pcfg: ProbesConfig, conditions: list[str]) -> dict[str, dict]:
     """name -> {pos: [...], neg: [...], kind}: the pairwise, named and multiclass contrasts."""
     out: dict[str, dict] = {}
-    pairs = pcfg.get("pairs", "all")
+    pairs = pcfg.pairs
     if pairs == "all":
         pairs = list(itertools.combinations(conditions, 2))
     elif isinstance(pairs, str) or pairs is None:
@@ -55,13 +64,13 @@ def contrasts_from_config(pcfg: dict, conditions: list[str]) -> dict[str, dict]:
             raise ProbeError(f"probes.pairs entries are [a, b], got {list(pair)}")
         a, b = pair
         out[f"{a}_vs_{b}"] = {"pos": [a], "neg": [b], "kind": "pair"}
-    for name, spec in (pcfg.get("contrasts") or {}).items():
+    for name, spec in pcfg.contrasts.items():
         if not hasattr(spec, "keys") or "pos" not in spec or "neg" not in spec:
             raise ProbeError(f"probes.contrasts.{name} needs pos: [...] and neg: [...]")
         pos = [spec["pos"]] if isinstance(spec["pos"], str) else list(spec["pos"])
         neg = [spec["neg"]] if isinstance(spec["neg"], str) else list(spec["neg"])
         out[str(name)] = {"pos": pos, "neg": neg, "kind": "contrast"}
-    multi = list(pcfg.get("multiclass") or [])
+    multi = list(pcfg.multiclass)
     if multi:
         if len(multi) < 3:
             raise ProbeError("probes.multiclass needs at least 3 conditions (use pairs for 2)")
@@ -81,30 +90,28 @@ def _by_condition(x: np.ndarray, conds: np.ndarray) -> dict[str, np.ndarray]:
     return {c: x[conds == c] for c in dict.fromkeys(conds.tolist())}
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads probes, seed; needs prompts and capture."""
+def run(inputs: ProbesInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: probes per contrast and layer; needs prompts and capture."""
     from safetensors.numpy import save_file
     from threadpoolctl import threadpool_limits
 
-    pcfg, seed = cfg["probes"], int(cfg["seed"])
-    k, n_perm, alpha = int(pcfg["folds"]), int(pcfg["n_permutations"]), float(pcfg["alpha"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    pcfg, seed = inputs.probes, inputs.seed
+    k, n_perm, alpha = pcfg.folds, pcfg.n_permutations, pcfg.alpha
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     ids = prompts["prompt_id"].tolist()
     conds = prompts["condition"].to_numpy().astype(str)
     conditions = list(dict.fromkeys(conds.tolist()))
     contrasts = contrasts_from_config(pcfg, conditions)
-    transfer = dict(pcfg.get("transfer") or {})
+    transfer = dict(pcfg.transfer)
     unknown = [c for c in transfer if c not in contrasts or contrasts[c]["kind"] == "multiclass"]
     if unknown:
         raise ProbeError(
             f"probes.transfer names contrast(s) {unknown}; binary contrasts: "
             f"{[n for n, s in contrasts.items() if s['kind'] != 'multiclass']}"
         )
-    directions = {
-        str(n): (str(s["pos"]), str(s["neg"])) for n, s in (pcfg.get("directions") or {}).items()
-    }
-    probe = make_probe(pcfg.get("probe"))
-    layers, acts = layer_matrices(inputs["capture"], pcfg.get("layers"), ids)
+    directions = {str(n): (str(s["pos"]), str(s["neg"])) for n, s in pcfg.directions.items()}
+    probe = make_probe(pcfg.probe)
+    layers, acts = layer_matrices(upstream["capture"], pcfg.layers, ids)
 
     rows, transfer_rows, cosine_rows, weights = [], [], [], {}
     fits = len(contrasts) * len(layers) + (len(layers) if directions else 0)
@@ -187,7 +194,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
                 for row in mean_diff_cosines(
                     _by_condition(acts[layer], conds),
                     directions,
-                    n_bootstrap=int(pcfg["n_bootstrap"]),
+                    n_bootstrap=pcfg.n_bootstrap,
                     seed=seed,
                 ):
                     cosine_rows.append({"layer": layer, **row})
@@ -240,3 +247,12 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
     }
     (out / "probes.json").write_text(json.dumps(summary, indent=2))
     return {"contrasts": list(contrasts), "layers": len(layers), "best": best}
+
+
+STAGE = Stage(
+    name="probes",
+    run=run,
+    inputs=ProbesInputs,
+    needs=("prompts", "capture"),
+    version=VERSION,
+)

@@ -16,17 +16,20 @@ Two concept options shape the text:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mlx_interp.engine.cache import file_sha256
-from mlx_interp.engine.dag import ConfigError
+from mlx_interp.engine.dag import ConfigError, Stage
+from mlx_interp.engine.schema import ConceptConfig, ModelConfig, PromptsConfig, VariantsConfig
 from mlx_interp.io.datasets import DatasetError, read_jsonl, resolve_dataset_path
 from mlx_interp.io.prompts import render
 from mlx_interp.models.loading import load_model, model_fingerprint
@@ -34,8 +37,6 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 log = logging.getLogger(__name__)
 
 VERSION = "2"
-FORMATS = ("chat", "plain")
-VARIANT_KINDS = ("clean", "rubric", "padding", "wrong_rubric")
 # Content-neutral words for the padding variant (no grading, rubric or task vocabulary).
 PADDING_WORDS = (
     "apple river window garden pencil cloud table morning bottle orange yellow silver "
@@ -86,10 +87,17 @@ def closest_condition(name: str, known: list[str]) -> str | None:
     return close[0] if close else None
 
 
+@dataclass(frozen=True)
+class PromptsInputs:
+    concept: ConceptConfig
+    prompts: PromptsConfig
+    model: ModelConfig  # its tokenizer and prompt format
+    seed: int
+
+
 def assign_splits(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Series:
-    """Keep given splits; mark ``test_fraction`` of each condition's other rows as test."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ConfigError(f"prompts.test_fraction must be in [0, 1), not {test_fraction}")
+    """Keep given splits; mark ``test_fraction`` (in [0, 1)) of each condition's other rows
+    as test."""
     split = df["split"].fillna("train").astype(str)
     if test_fraction == 0:
         return split
@@ -146,20 +154,12 @@ def padding_like(tokenizer, target: str, seed: int) -> str:
 
 
 def expand_variants(
-    df: pd.DataFrame, variants: dict, conditions: list[str], tokenizer, seed: int
+    df: pd.DataFrame, variants: VariantsConfig, conditions: list[str], tokenizer, seed: int
 ) -> pd.DataFrame:
     """One row per (dataset row, kind): text with the rubric, padding or nothing added."""
-    kinds = list(variants.get("kinds") or VARIANT_KINDS)
-    unknown = [k for k in kinds if k not in VARIANT_KINDS]
-    if unknown:
-        raise ConfigError(
-            f"concept.variants.kinds has unknown kind(s) {unknown}; use {VARIANT_KINDS}"
-        )
-    placement = variants.get("placement", "before")
-    if placement not in ("before", "after"):
-        raise ConfigError(f"concept.variants.placement must be before or after, not {placement!r}")
-    sep = variants.get("separator", "\n\n")
-    rubrics = read_rubrics(resolve_dataset_path(variants["rubrics"]), conditions)
+    kinds = list(variants.kinds)
+    placement, sep = variants.placement, variants.separator
+    rubrics = read_rubrics(resolve_dataset_path(variants.rubrics), conditions)
     order = sorted(rubrics)
     if "wrong_rubric" in kinds and len(order) < 2:
         raise DatasetError("wrong_rubric needs rubrics for at least 2 conditions")
@@ -196,10 +196,10 @@ def expand_variants(
     return pd.DataFrame(rows)
 
 
-def read_datasets(concept: dict) -> tuple[pd.DataFrame, list[Path]]:
+def read_datasets(concept: ConceptConfig) -> tuple[pd.DataFrame, list[Path]]:
     """Rows of the concept's dataset and extra datasets (ids unique across files)."""
-    paths = [resolve_dataset_path(concept["dataset"])]
-    paths += [resolve_dataset_path(p) for p in concept.get("extra_datasets") or []]
+    paths = [resolve_dataset_path(concept.dataset)]
+    paths += [resolve_dataset_path(p) for p in concept.extra_datasets]
     frames = [read_jsonl(p) for p in paths]
     df = pd.concat(frames, ignore_index=True)
     dup = df["id"][df["id"].duplicated()]
@@ -211,23 +211,23 @@ def read_datasets(concept: dict) -> tuple[pd.DataFrame, list[Path]]:
     return df, paths
 
 
-def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer, seed: int):
+def build_prompts(
+    df: pd.DataFrame, concept: ConceptConfig, prompts_cfg: PromptsConfig, tokenizer, seed: int
+):
     """Pure part of the stage: dataset rows -> prompts table (tested without a model)."""
-    fmt = prompts_cfg["format"]
-    if fmt not in FORMATS:
-        raise ConfigError(f"prompts.format must be one of {FORMATS}, not {fmt!r}")
-    path = Path(concept["dataset"])
-    conditions = select_conditions(df, concept.get("conditions"), path)
+    fmt = prompts_cfg.format
+    path = Path(concept.dataset)
+    conditions = select_conditions(df, concept.conditions, path)
     df = df[df["condition"].isin(conditions)].reset_index(drop=True)
-    if concept.get("variants"):
-        df = expand_variants(df, concept["variants"], conditions, tokenizer, seed)
+    if concept.variants:
+        df = expand_variants(df, concept.variants, conditions, tokenizer, seed)
     else:
         df = df.assign(base_id=df["id"], variant="")
     label_of = {c: i for i, c in enumerate(conditions)}
     labels = df["label"].where(df["label"].notna(), df["condition"].map(label_of)).astype(int)
-    user_texts = [concept["instruction"].format(text=t) for t in df["text"]]
+    user_texts = [concept.instruction.format(text=t) for t in df["text"]]
     responses: list[str | None] = [None] * len(df)
-    key = concept.get("response_key")
+    key = concept.response_key
     if key:
         metas = [json.loads(m) for m in df["meta"]]
         bad = [i for i, m in enumerate(metas) if not isinstance(m.get(key), str) or not m[key]]
@@ -238,12 +238,11 @@ def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer,
             )
         responses = [m[key] for m in metas]
     shots = []
-    if prompts_cfg.get("fewshot", True):
+    if prompts_cfg.fewshot:
         shots = [
-            (concept["instruction"].format(text=ex["text"]), ex["answer"])
-            for ex in concept.get("fewshot") or []
+            (concept.instruction.format(text=ex["text"]), ex["answer"]) for ex in concept.fewshot
         ]
-    system = concept.get("system_prompt")
+    system = concept.system_prompt
     rendered = [
         render(tokenizer, u, fmt, system, shots, r)
         for u, r in zip(user_texts, responses, strict=True)
@@ -257,7 +256,7 @@ def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer,
             "chat_text": [r[0] for r in rendered],
             "tokens": [np.asarray(r[1], dtype=np.int32) for r in rendered],
             "n_tokens": np.array([len(r[1]) for r in rendered], dtype=np.int32),
-            "split": assign_splits(df, float(prompts_cfg["test_fraction"]), seed).to_numpy(),
+            "split": assign_splits(df, prompts_cfg.test_fraction, seed).to_numpy(),
             "answer": df["answer"].astype("string"),
             "meta": df["meta"].astype(str),
             "base_id": df["base_id"].astype(str),
@@ -266,42 +265,40 @@ def build_prompts(df: pd.DataFrame, concept: dict, prompts_cfg: dict, tokenizer,
     )
 
 
-def fingerprint(cfg: dict) -> dict:
-    concept = cfg["concept"]
+def fingerprint(inputs: PromptsInputs) -> dict:
+    concept = inputs.concept
     out = {
-        "dataset_sha256": file_sha256(resolve_dataset_path(concept["dataset"])),
-        "model": model_fingerprint(cfg["model"]),
+        "dataset_sha256": file_sha256(resolve_dataset_path(concept.dataset)),
+        "model": model_fingerprint(inputs.model),
     }
-    extra = concept.get("extra_datasets") or []
-    if extra:
-        out["extra_sha256"] = [file_sha256(resolve_dataset_path(p)) for p in extra]
-    if concept.get("variants"):
-        out["rubrics_sha256"] = file_sha256(resolve_dataset_path(concept["variants"]["rubrics"]))
+    if concept.extra_datasets:
+        out["extra_sha256"] = [file_sha256(resolve_dataset_path(p)) for p in concept.extra_datasets]
+    if concept.variants:
+        out["rubrics_sha256"] = file_sha256(resolve_dataset_path(concept.variants.rubrics))
     return out
 
 
-def prompts_config(cfg: dict, tokenizer) -> dict:
-    """``cfg["prompts"]`` with the model's prompt format applied (a base model says plain:
-    it has no chat template); chat on a tokenizer without a template is refused."""
-    prompts_cfg = dict(cfg["prompts"])
-    if cfg["model"].get("prompt_format"):
-        prompts_cfg["format"] = cfg["model"]["prompt_format"]
-    if prompts_cfg["format"] == "chat" and not getattr(tokenizer, "chat_template", None):
+def prompts_config(prompts: PromptsConfig, model: ModelConfig, tokenizer) -> PromptsConfig:
+    """``prompts`` with the model's prompt format applied (a base model says plain: it has no
+    chat template); chat on a tokenizer without a template is refused."""
+    if model.prompt_format:
+        prompts = dataclasses.replace(prompts, format=model.prompt_format)
+    if prompts.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
-            f"model {cfg['model']['name']!r} has no chat template (a base model?); use "
+            f"model {model.name!r} has no chat template (a base model?); use "
             "prompts.format=plain or model.prompt_format=plain"
         )
-    return prompts_cfg
+    return prompts
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads concept, prompts, model (tokenizer), seed."""
-    concept = dict(cfg["concept"])
-    df, paths = read_datasets(concept)
+def run(inputs: PromptsInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: the dataset rows as the model's prompts."""
+    df, paths = read_datasets(inputs.concept)
     path = paths[0]
-    concept["dataset"] = str(path)
-    tokenizer = load_model(cfg["model"]).tokenizer
-    table = build_prompts(df, concept, prompts_config(cfg, tokenizer), tokenizer, int(cfg["seed"]))
+    concept = dataclasses.replace(inputs.concept, dataset=str(path))
+    tokenizer = load_model(inputs.model).tokenizer
+    prompts_cfg = prompts_config(inputs.prompts, inputs.model, tokenizer)
+    table = build_prompts(df, concept, prompts_cfg, tokenizer, inputs.seed)
     table.to_parquet(out / "prompts.parquet", index=False)
     counts = table["condition"].value_counts().sort_index().to_dict()
     left_out = sorted(set(df["condition"]) - set(table["condition"]))
@@ -311,3 +308,12 @@ def run(cfg: dict, inputs: dict, out: Path) -> dict:
         "dataset": str(path),
         "conditions_left_out": left_out,
     }
+
+
+STAGE = Stage(
+    name="prompts",
+    run=run,
+    inputs=PromptsInputs,
+    version=VERSION,
+    fingerprint=fingerprint,
+)

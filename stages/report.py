@@ -10,12 +10,15 @@ distinct-n).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mlx_interp.analysis.stats import SwapStats, binomial_test, mean_sd
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import ModelConfig, ReportConfig, ScoreConfig
 from mlx_interp.stages.report_plots import plot_layers, plot_random_baseline
 from mlx_interp.stages.report_text import render_markdown
 
@@ -27,6 +30,13 @@ ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "random": "13.8% +- 4.8% (10 directions)",
     "binomial_p": 3.2e-75,
 }
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    model: ModelConfig  # its name
+    score: ScoreConfig  # the swap words and the controls
+    report: ReportConfig
 
 
 def _stats(k: int, n: int) -> dict:
@@ -301,20 +311,20 @@ def long_examples(baseline, generations, n: int = 4) -> list[dict]:
     return rows
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> dict:
-    """Stage entry: reads report, score, model; needs directions, baseline, steer."""
+def run(inputs: ReportInputs, upstream: dict[str, Path], out: Path) -> dict:
+    """Stage entry: the report; needs directions, baseline, steer."""
     rcfg = {
-        "swap": cfg["score"]["swap"],
-        "controls": cfg["score"]["controls"],
-        "model_name": cfg["model"]["name"],
+        "swap": inputs.score.swap,
+        "controls": inputs.score.controls,
+        "model_name": inputs.model.name,
     }
-    baseline = pd.read_parquet(inputs["baseline"] / "baseline.parquet")
-    generations = pd.read_parquet(inputs["steer"] / "generations.parquet")
-    directions_info = json.loads((inputs["directions"] / "directions.json").read_text())
-    steer_info = json.loads((inputs["steer"] / "steer.json").read_text())
+    baseline = pd.read_parquet(upstream["baseline"] / "baseline.parquet")
+    generations = pd.read_parquet(upstream["steer"] / "generations.parquet")
+    directions_info = json.loads((upstream["directions"] / "directions.json").read_text())
+    steer_info = json.loads((upstream["steer"] / "steer.json").read_text())
     report = compute_report(baseline, generations, directions_info, steer_info, rcfg)
     plots = []
-    if cfg["report"]["plots"]:
+    if inputs.report.plots:
         plots.append(plot_layers(directions_info, steer_info["layers"], out / "layers.png"))
         plots.append(plot_random_baseline(report, out / "swap_vs_random.png"))
     report["plots"] = [p.name for p in plots]
@@ -333,3 +343,12 @@ def _np(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serializable: {type(value)}")
+
+
+STAGE = Stage(
+    name="report",
+    run=run,
+    inputs=ReportInputs,
+    needs=("directions", "baseline", "steer"),
+    version=VERSION,
+)

@@ -18,8 +18,10 @@ per sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ from mlx_interp.analysis.scoring import (
     Steering,
     make_scorer,
 )
+from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.schema import ModelConfig, ScoreConfig, SteerConfig
 from mlx_interp.interventions.capture import resolve_layers
 from mlx_interp.interventions.modes import mode_name
 from mlx_interp.interventions.positions import object_spans
@@ -48,29 +52,45 @@ log = logging.getLogger(__name__)
 VERSION = "4"  # 4: positions last/object, split column
 
 
-def eval_prompts(prompts: pd.DataFrame, score: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+@dataclass(frozen=True)
+class BaselineInputs:
+    model: ModelConfig
+    score: ScoreConfig
+
+
+@dataclass(frozen=True)
+class SteerInputs:
+    model: ModelConfig
+    score: ScoreConfig
+    steer: SteerConfig
+    seed: int
+
+
+def eval_prompts(prompts: pd.DataFrame, score: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(swap questions, control questions) of the evaluation split."""
-    if score["eval_split"] != "all":
-        prompts = prompts[prompts["split"] == score["eval_split"]]
-    swap = prompts[prompts["condition"].isin(list(score["swap"]))].reset_index(drop=True)
-    controls = prompts[prompts["condition"].isin(score["controls"])].reset_index(drop=True)
+    if score.eval_split != "all":
+        prompts = prompts[prompts["split"] == score.eval_split]
+    swap = prompts[prompts["condition"].isin(list(score.swap))].reset_index(drop=True)
+    controls = prompts[prompts["condition"].isin(score.controls)].reset_index(drop=True)
     if swap.empty:
         raise ScoringError(
-            f"no prompts of the swap conditions {list(score['swap'])} in split "
-            f"{score['eval_split']!r}; fix score.swap or score.eval_split"
+            f"no prompts of the swap conditions {list(score.swap)} in split "
+            f"{score.eval_split!r}; fix score.swap or score.eval_split"
         )
     return swap, controls
 
 
-def words_of(score: dict) -> list[str]:
+def words_of(score: ScoreConfig) -> list[str]:
     """The target words the scorers look for (the swap conditions' words)."""
-    return sorted(set(score["swap"]) | set(score["swap"].values()))
+    return sorted(set(score.swap) | set(score.swap.values()))
 
 
-def _score(scorer, lm, df: pd.DataFrame, score: dict, steering: Steering, pad: int) -> list[dict]:
+def _score(
+    scorer, lm, df: pd.DataFrame, score: ScoreConfig, steering: Steering, pad: int
+) -> list[dict]:
     # controls have no own swap word: they get placeholder words, and their margin is unused
-    original = [c if c in score["swap"] else words_of(score)[0] for c in df["condition"]]
-    target = [score["swap"].get(c, words_of(score)[-1]) for c in df["condition"]]
+    original = [c if c in score.swap else words_of(score)[0] for c in df["condition"]]
+    target = [score.swap.get(c, words_of(score)[-1]) for c in df["condition"]]
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = None
     if steering.edits and steering.positions == "object":
@@ -88,27 +108,29 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     return out
 
 
-def fluency_spec(score: dict) -> FluencySpec:
+def fluency_spec(score: ScoreConfig) -> FluencySpec:
     """The fluency metrics' parameters from ``score.fluency``."""
-    f = score["fluency"]
+    f = score.fluency
     try:
-        return FluencySpec(int(f["ngram"]), int(f["max_period"]), int(f["min_repeats"]))
+        return FluencySpec(f.ngram, f.max_period, f.min_repeats)
     except FluencyError as err:
         raise ScoringError(f"score.fluency: {err}") from err
 
 
-def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat") -> pd.DataFrame:
+def fluency_prompts(
+    swap: pd.DataFrame, score: ScoreConfig, tokenizer, fmt: str = "chat"
+) -> pd.DataFrame:
     """``score.fluency.n_prompts`` swap questions, evenly spaced over the table (so every swap
     class is covered, without a seed), as open-ended zero-shot prompts (``tokens``) in the
     model's prompt format (chat; plain text for a base model); only test questions when the
     table has a test split (the loop rate is a held-out number)."""
-    f = score["fluency"]
-    n = int(f["n_prompts"])
+    f = score.fluency
+    n = f.n_prompts
     if n < 0:
         raise ScoringError(f"score.fluency.n_prompts must be >= 0 (0 = off), not {n}")
-    if "{text}" not in f["instruction"]:
+    if "{text}" not in f.instruction:
         raise ScoringError(
-            f"score.fluency.instruction {f['instruction']!r} has no {{text}}: it must place the "
+            f"score.fluency.instruction {f.instruction!r} has no {{text}}: it must place the "
             "question, e.g. '{text} Describe it in two or three sentences.'"
         )
     if "split" in swap and (swap["split"] == "test").any():  # held out: loops on test rows
@@ -116,7 +138,7 @@ def fluency_prompts(swap: pd.DataFrame, score: dict, tokenizer, fmt: str = "chat
     n = min(n, len(swap))
     picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
     sample = swap.iloc[picks].reset_index(drop=True)
-    texts = [f["instruction"].format(text=t) for t in sample["text"]]
+    texts = [f.instruction.format(text=t) for t in sample["text"]]
     sample["tokens"] = [render(tokenizer, t, fmt, None, [])[1] for t in texts]
     return sample
 
@@ -139,24 +161,24 @@ def _fluency_rows(lm, swap, score, steering, direction) -> list[pd.DataFrame]:
     sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
     if sample.empty:
         return []
-    gen = GenerateScorer(max_tokens=int(score["fluency"]["max_tokens"]))
+    gen = GenerateScorer(max_tokens=score.fluency.max_tokens)
     answers = _score(gen, lm, sample, score, steering, lm.pad_id)
     return [_rows(sample, answers, direction, "fluency")]
 
 
-def fingerprint(cfg: dict) -> dict:
-    return {"model": model_fingerprint(cfg["model"])}
+def fingerprint(inputs: BaselineInputs | SteerInputs) -> dict:
+    return {"model": model_fingerprint(inputs.model)}
 
 
-def run_baseline(cfg: dict, inputs: dict, out: Path) -> dict:
+def run_baseline(inputs: BaselineInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage `baseline`: unsteered logit scores, greedy answers, long answers for fluency."""
-    score = cfg["score"]
-    lm = load_model(cfg["model"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    score = inputs.score
+    lm = load_model(inputs.model)
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     swap, controls = eval_prompts(prompts, score)
     both = pd.concat([swap, controls], ignore_index=True)
-    logit = LogitScorer(batch_size=score["batch_size"])
-    gen = GenerateScorer(max_tokens=score["max_tokens"])
+    logit = LogitScorer(batch_size=score.batch_size)
+    gen = GenerateScorer(max_tokens=score.max_tokens)
     with tqdm(total=3, desc="baseline", unit="step", leave=False) as bar:
         bar.set_postfix_str("logit scores")
         frames = [
@@ -179,9 +201,9 @@ def _edits(ds: DirectionSet, layers: list[int]) -> tuple[LayerEdit, ...]:
     return tuple(LayerEdit(layer, ds.vectors[layer], ds.center(layer)) for layer in layers)
 
 
-def steer_layers(steer: dict, ds: DirectionSet, n_layers: int) -> list[int]:
+def steer_layers(steer: SteerConfig, ds: DirectionSet, n_layers: int) -> list[int]:
     """The steered layers (int or list in config), checked against the direction set."""
-    raw = steer["layer"]
+    raw = steer.layer
     layers = resolve_layers([raw] if isinstance(raw, int) else list(raw), n_layers)
     missing = [layer for layer in layers if layer not in ds.vectors]
     if missing:
@@ -192,38 +214,36 @@ def steer_layers(steer: dict, ds: DirectionSet, n_layers: int) -> list[int]:
     return layers
 
 
-def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
+def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage `steer`: main + random directions on the questions, controls, confirmation."""
-    score, steer = cfg["score"], cfg["steer"]
+    score, steer = inputs.score, inputs.steer
     spec = fluency_spec(score)  # bad fluency settings fail before the model loads
-    alpha = float(steer["alpha"])
-    if not np.isfinite(alpha):
-        raise SteeringError(f"steer.alpha must be a finite number, not {alpha}")
-    lm = load_model(cfg["model"])
-    prompts = pd.read_parquet(inputs["prompts"] / "prompts.parquet")
+    alpha = float(steer.alpha)
+    lm = load_model(inputs.model)
+    prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     swap, controls = eval_prompts(prompts, score)
-    ds = DirectionSet.load(inputs["directions"] / "directions.safetensors")
+    ds = DirectionSet.load(upstream["directions"] / "directions.safetensors")
     layers = steer_layers(steer, ds, lm.n_layers)
-    mode = make_mode(steer["mode"])
-    scorer = make_scorer(score["scorer"])
+    mode = make_mode(steer.mode)
+    scorer = make_scorer(score.scorer)
     pad = lm.pad_id
-    positions = steer.get("positions", "all")
+    positions = steer.positions
     main = Steering(_edits(ds, layers), mode, alpha, positions)
     frames = [_rows(swap, _score(scorer, lm, swap, score, main, pad), "main", scorer.kind)]
     if len(controls):
         ctrl = _score(scorer, lm, controls, score, main, pad)
         frames.append(_rows(controls, ctrl, "main", scorer.kind))
-    randoms = ds.random_like(int(steer["n_random"]), seed=int(cfg["seed"]))
+    randoms = ds.random_like(steer.n_random, seed=inputs.seed)
     for i, rnd in enumerate(tqdm(randoms, desc="random directions", leave=False)):
         steering = Steering(_edits(rnd, layers), mode, alpha, positions)
         res = _score(scorer, lm, swap, score, steering, pad)
         frames.append(_rows(swap, res, f"random-{i:02d}", scorer.kind))
-    confirm_n = min(int(steer["confirm_n"]), len(swap))
+    confirm_n = min(steer.confirm_n, len(swap))
     if confirm_n and scorer.kind != "generate":
-        rng = np.random.default_rng(int(cfg["seed"]))
+        rng = np.random.default_rng(inputs.seed)
         sample = swap.iloc[np.sort(rng.choice(len(swap), confirm_n, replace=False))]
         sample = pd.concat([sample, controls], ignore_index=True)
-        gen = GenerateScorer(max_tokens=score["max_tokens"])
+        gen = GenerateScorer(max_tokens=score.max_tokens)
         answers = _score(gen, lm, sample, score, main, pad)
         frames.append(_rows(sample, answers, "main", "generate"))
     frames += _fluency_rows(lm, swap, score, main, "main")
@@ -237,16 +257,34 @@ def run_steer(cfg: dict, inputs: dict, out: Path) -> dict:
         "positions": positions,
         "n_random": len(randoms),
         "scorer": scorer.kind,
-        "fluency": dict(score["fluency"]),
+        "fluency": dataclasses.asdict(score.fluency),
     }
     (out / "steer.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return info
 
 
-def _swapped(table: pd.DataFrame, score: dict) -> pd.Series:
+def _swapped(table: pd.DataFrame, score: ScoreConfig) -> pd.Series:
     """Swap verdict per row: logit margin > 0, or the answer names the target word."""
-    target = table["condition"].map(score["swap"])
+    target = table["condition"].map(score.swap)
     by_logit = table["margin"].gt(0) if "margin" in table else False
     by_name = table["named"].eq(target) if "named" in table else False
     verdict = np.where(table["scorer"] == "logit", by_logit, by_name)
     return pd.Series(verdict, index=table.index).where(target.notna(), False).astype(bool)
+
+
+BASELINE = Stage(
+    name="baseline",
+    run=run_baseline,
+    inputs=BaselineInputs,
+    needs=("prompts",),
+    version=VERSION,
+    fingerprint=fingerprint,
+)
+STAGE = Stage(
+    name="steer",
+    run=run_steer,
+    inputs=SteerInputs,
+    needs=("prompts", "directions"),
+    version=VERSION,
+    fingerprint=fingerprint,
+)

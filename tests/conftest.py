@@ -5,6 +5,7 @@ BLAS before mlx (importing mlx first is refused: see ``mlx_interp.blas``)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import pytest
 import mlx_interp  # noqa: F401  (loads the optimized BLAS before mlx)
 from tests.helpers import compose_config
 from tests.tiny_models import ARCHS, tiny_model
+
+# Tests decode every GGUF they load (the model load cache's own tests turn it on in a
+# temporary folder): a test of the decoder must not be served a prepared model.
+os.environ["MLX_INTERP_MODEL_CACHE"] = "off"
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mlx_interp.apps.cli import CONF_DIR
+
+
+@dataclass(frozen=True)
+class DataInputs:
+    """Inputs of a toy stage: the config key ``data``, a plain mapping."""
+
+    data: dict
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

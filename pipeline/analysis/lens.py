@@ -5,8 +5,10 @@ model's own head does after its last layer (mlx-lm: ``model.model.norm``, then `
 or the tied embedding), so at the last layer the lens equals the model's logits (for models
 that transform the head's output further, e.g. gemma2's logit soft-capping, it equals them
 before that transform).
-:func:`lens_logit_diff` gives, per prompt, layer and position role, the logit difference of
-two answer words (max over each word's first-token spellings).
+:func:`logit_lens` reads every layer (or some) at every position (or some) of a batch of
+prompts; :func:`lens_logit_diff` gives, per prompt, layer and position role, the logit
+difference of two answer words (max over each word's first-token spellings), for the
+logit_lens stage. Direct logit attribution is :mod:`mlx_interp.analysis.dla`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_interp.interventions.capture import capture_layers, decoder_layers, padded_batch
+from mlx_interp.interventions.capture import (
+    capture_layers,
+    decoder_layers,
+    padded_batch,
+    resolve_layers,
+)
 from mlx_interp.interventions.classswap import model_width
 from mlx_interp.interventions.positions import ROLES, role_positions
 from mlx_interp.interventions.prefix import expand_cache, shared_prefix
@@ -26,6 +33,17 @@ from mlx_interp.models.loading import ModelLoadError
 
 class LensError(ModelLoadError):
     """A model whose final norm or unembedding cannot be found."""
+
+
+def final_norm(model: Any) -> Any:
+    """The norm after the last layer."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is None:
+        raise LensError(
+            f"{type(model).__name__} has no model.norm: the logit lens needs an mlx-lm model "
+            "whose body ends in a final norm (llama, qwen2, mistral, ...)"
+        )
+    return norm
 
 
 def unembed(model: Any, h: mx.array) -> mx.array:
@@ -65,6 +83,42 @@ def unembed_ids(model: Any, h: mx.array, ids: Sequence[int]) -> mx.array:
     normed = model.model.norm(h)
     out = normed @ weight[index].T
     return out if bias is None else out + bias[index]
+
+
+def logit_lens(
+    model: Any,
+    prompts: Any,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    ids: Sequence[int] | None = None,
+    pad_id: int = 0,
+) -> np.ndarray:
+    """float32 ``[n_prompts, len(layers), len(positions), vocab]`` (or ``len(ids)`` in the last
+    axis): the residual after each layer read through the final norm and unembedding.
+
+    ``prompts``: token ids (one list or several, right-padded here) or strings with an
+    ``mlx_interp.Model``; ``layers``: default all (negative ok); ``positions``: default every
+    position of the shortest prompt, negative ones count from each prompt's own end. At the
+    last layer the lens is the model's logits."""
+    from mlx_interp.interventions.patching import token_rows
+    from mlx_interp.interventions.resume import record_base
+
+    module, rows = token_rows(model, prompts, "prompts")
+    tokens, lengths = padded_batch(rows, pad_id)
+    layers = resolve_layers(layers, len(decoder_layers(module)))
+    positions = list(range(min(lengths))) if positions is None else [int(p) for p in positions]
+    picked = np.array([[p % n for p in positions] for n in lengths])  # [n, P]
+    if any(not -n <= p < n for p in positions for n in lengths):
+        raise LensError(f"positions {positions} outside a prompt of {min(lengths)} tokens")
+    run = record_base(module, tokens, [n - 1 for n in lengths], ["resid_pre"], keep_kv=False)
+    index = mx.array(picked)
+    rows_index = mx.arange(len(rows))[:, None]
+    out = []
+    for layer in layers:
+        h = run.resid[layer + 1][rows_index, index]  # [n, P, d_model]
+        logits = unembed(module, h) if ids is None else unembed_ids(module, h, ids)
+        out.append(logits.astype(mx.float32))
+    return np.array(mx.stack(out, axis=1))
 
 
 def lens_logit_diff(

@@ -62,28 +62,18 @@ def mode_spec(mode_cfg: Any) -> Any:
     return dict(mode_cfg)
 
 
-def _keys(cfg: dict, stages: dict, target: str) -> dict[str, str]:
-    """Artifact keys of ``target`` and its upstream stages under ``cfg`` (nothing is run)."""
-    from mlx_interp.engine.dag import config_slice, execution_order, stage_key
-
-    keys: dict[str, str] = {}
-    for name in execution_order(stages, [target]):
-        stage = stages[name]
-        upstream = {n: keys[n] for n in stage.needs}
-        keys[name] = stage_key(stage, config_slice(cfg, stage), upstream)
-    return keys
-
-
 def colorblind_preset(cfg: dict, say: Callable[[str], None] = print) -> Preset:
     """The green/red direction for ``cfg``'s model, and the experiment's steering setting."""
     from mlx_interp.engine.cache import ArtifactStore
-    from mlx_interp.engine.dag import run_stages
+    from mlx_interp.engine.dag import run_stages, stage_keys
+    from mlx_interp.engine.inputs import typed
+    from mlx_interp.engine.schema import SteerConfig
     from mlx_interp.stages import STAGES
 
-    steer_cfg = cfg["steer"]
-    layers = steer_cfg["layer"] if isinstance(steer_cfg["layer"], list) else [steer_cfg["layer"]]
-    layer, alpha, mode = int(layers[0]), float(steer_cfg["alpha"]), mode_spec(steer_cfg["mode"])
-    positions = str(steer_cfg.get("positions", "all"))
+    steer = typed(SteerConfig, cfg["steer"])
+    layers = steer.layer if isinstance(steer.layer, list) else [steer.layer]
+    layer, alpha, mode = int(layers[0]), steer.alpha, mode_spec(steer.mode)
+    positions = str(steer.positions)
     store = ArtifactStore(Path(cfg["paths"]["artifacts"]).expanduser().resolve())
     fast = {
         **cfg,
@@ -91,7 +81,7 @@ def colorblind_preset(cfg: dict, say: Callable[[str], None] = print) -> Preset:
         "directions": {**cfg["directions"], "compare_methods": False},
     }
     for candidate in (cfg, fast):  # the full default run first, then an earlier fast one
-        key = _keys(candidate, STAGES, "directions")["directions"]
+        key = stage_keys(STAGES, ["directions"], candidate)["directions"]
         found = store.get("directions", key)
         if found is not None:
             dirset = DirectionSet.load(found.path / "directions.safetensors")

@@ -33,6 +33,7 @@ and at least ``--top`` points; ``--grid-from`` reuses a recorded sweep's rows an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,9 @@ from mlx_interp.analysis.scoring import (
     Steering,
     word_token_ids,
 )
+from mlx_interp.engine.inputs import typed
 from mlx_interp.engine.schema import STEER_POSITIONS as POSITIONS
+from mlx_interp.engine.schema import RootConfig, ScoreConfig
 from mlx_interp.errors import ConfigError, MlxInterpError, UntrustedResultError, report_error
 from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.steering import LayerEdit, make_mode
@@ -222,16 +225,16 @@ def cv_point(lm, table, fold, fold_sets, point, spans, words, mode):
     return swapped, top
 
 
-def loop_rate(lm, table, steering, score: dict, n: int) -> float:
+def loop_rate(lm, table, steering, score: ScoreConfig, n: int) -> float:
     """Share of open-ended steered answers (n train questions, evenly spaced) that end in a
     loop: the steer stage's own prompts (model's prompt format), length and loop test."""
-    score = {**score, "fluency": {**score["fluency"], "n_prompts": n}}
+    score = dataclasses.replace(score, fluency=dataclasses.replace(score.fluency, n_prompts=n))
     sample = fluency_prompts(table, score, lm.tokenizer, lm.prompt_format)
     tokens = [list(map(int, t)) for t in sample["tokens"]]
     spans = None
     if steering.positions == "object":
         spans = object_spans(lm.tokenizer, tokens, sample["meta"].tolist())
-    rows = GenerateScorer(int(score["fluency"]["max_tokens"]))(
+    rows = GenerateScorer(score.fluency.max_tokens)(
         lm,
         tokens,
         ["green"] * len(tokens),
@@ -289,10 +292,11 @@ def sweep(args: argparse.Namespace) -> int:
             compose("config", overrides=["experiment=color_swap", *args.overrides]), resolve=True
         )
     start = time.perf_counter()
-    lm = load_model(cfg["model"])
-    df, _ = read_datasets(cfg["concept"])
-    prompts_cfg = prompts_config(cfg, lm.tokenizer)
-    prompts = build_prompts(df, cfg["concept"], prompts_cfg, lm.tokenizer, int(cfg["seed"]))
+    root = typed(RootConfig, cfg)
+    lm = load_model(root.model)
+    df, _ = read_datasets(root.concept)
+    prompts_cfg = prompts_config(root.prompts, root.model, lm.tokenizer)
+    prompts = build_prompts(df, root.concept, prompts_cfg, lm.tokenizer, root.seed)
     train = prompts[prompts["split"] == "train"].reset_index(drop=True)
     words = ["green", "red"]
     fit = train[train["condition"].isin(words)].reset_index(drop=True)
@@ -383,7 +387,7 @@ def sweep(args: argparse.Namespace) -> int:
     for column in ("random", "loops"):
         if column not in table_out:
             table_out[column] = np.nan
-    unsteered_loops = loop_rate(lm, fit, UNSTEERED, cfg["score"], args.loop_prompts)
+    unsteered_loops = loop_rate(lm, fit, UNSTEERED, root.score, args.loop_prompts)
     table_out["loops_unsteered"] = unsteered_loops
     print(f"unsteered loop rate {unsteered_loops:.3g}: loops must stay < 0.05 or at most that")
 
@@ -410,9 +414,7 @@ def sweep(args: argparse.Namespace) -> int:
                 rates.append((got["swap_green"] + got["swap_red"]) / 2)
             steering = Steering(edits_of(ds, layers), mode, alpha, point["positions"])
             table_out.loc[i, "random"] = float(np.mean(rates))
-            table_out.loc[i, "loops"] = loop_rate(
-                lm, fit, steering, cfg["score"], args.loop_prompts
-            )
+            table_out.loc[i, "loops"] = loop_rate(lm, fit, steering, root.score, args.loop_prompts)
             print(table_out.loc[i].to_dict(), flush=True)
         passes = table_out.loc[i, "random"] <= 0.10 and fluent(table_out.loc[i, "loops"])
         if passes and checked + 1 >= args.top:

@@ -1,9 +1,10 @@
 """The stage DAG: stages declare what they read; the runner orders, keys and caches them.
 
-A stage is a pure function ``run(cfg, inputs, out) -> summary``: ``cfg`` is only its own
-config slice (plain dict), ``inputs`` maps upstream stage names to their artifact folders,
-``out`` is the folder it writes into. Its cache key hashes {stage, code version, slice,
-fingerprints of the files the slice names, upstream keys}.
+A stage is a pure function ``run(inputs, upstream, out) -> summary``: ``inputs`` is its
+declared inputs dataclass (schema types, built by :mod:`mlx_interp.engine.inputs` from its
+own config slice), ``upstream`` maps upstream stage names to their artifact folders, ``out``
+is the folder it writes into. Its cache key hashes {stage, code version, the plain config
+slice (the inputs' fields), fingerprints of the files the inputs name, upstream keys}.
 """
 
 from __future__ import annotations
@@ -18,28 +19,39 @@ from typing import Any
 
 from mlx_interp.engine.cache import Artifact, ArtifactStore, hash_key
 from mlx_interp.engine.distributed import Group
+from mlx_interp.engine.inputs import input_keys, typed
 from mlx_interp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-StageFn = Callable[[dict, dict[str, Path], Path], dict | None]
+StageFn = Callable[[Any, dict[str, Path], Path], dict | None]
 
 
 class PipelineError(ConfigError):
     """The stage graph or its config is wrong; raised before any stage runs."""
 
 
-__all__ = ["ConfigError", "PipelineError", "Stage", "StageResult", "run_stages", "stage_keys"]
+__all__ = [
+    "ConfigError",
+    "PipelineError",
+    "Stage",
+    "StageResult",
+    "run_stages",
+    "stage_inputs",
+    "stage_keys",
+]
 
 
 @dataclass(frozen=True)
 class Stage:
     """One node of the DAG.
 
-    reads: top-level config keys that form this stage's slice (e.g. ("model", "capture")).
+    run: ``run(inputs, upstream, out) -> summary`` (see the module docstring).
+    inputs: a frozen dataclass whose fields are the top-level config keys the stage reads,
+        typed by the schema (``model: ModelConfig``, ``seed: int``); :attr:`reads` is derived.
     needs: upstream stage names whose artifacts this stage reads.
     version: bump when the code changes what the stage writes.
-    fingerprint: slice -> dict of content hashes of files the slice names (dataset, weights).
+    fingerprint: inputs -> dict of content hashes of files they name (dataset, weights).
     resumable: the stage reuses complete files of an interrupted attempt (kept on disk full).
     sharded: under mlx.launch every rank computes its share (``distributed.current_shard()``)
         into the one artifact; otherwise one rank computes it and the others wait.
@@ -47,12 +59,17 @@ class Stage:
 
     name: str
     run: StageFn
-    reads: tuple[str, ...]
+    inputs: type
     needs: tuple[str, ...] = ()
     version: str = "1"
-    fingerprint: Callable[[dict], dict] | None = None
+    fingerprint: Callable[[Any], dict] | None = None
     resumable: bool = False
     sharded: bool = False
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The top-level config keys that form this stage's slice: its inputs' fields."""
+        return input_keys(self.inputs)
 
 
 @dataclass
@@ -97,9 +114,21 @@ def config_slice(cfg: Mapping[str, Any], stage: Stage) -> dict:
     return {k: cfg[k] for k in stage.reads}
 
 
-def stage_key(stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str]) -> str:
-    """Content key of a stage's artifact."""
-    fingerprints = stage.fingerprint(cfg_slice) if stage.fingerprint else {}
+def stage_inputs(stage: Stage, cfg_slice: Mapping[str, Any]) -> Any:
+    """The stage's typed inputs, built from its plain config slice."""
+    return typed(stage.inputs, cfg_slice)
+
+
+def stage_key(
+    stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str], inputs: Any = None
+) -> str:
+    """Content key of a stage's artifact (``inputs``: the typed slice, when already built)."""
+    if stage.fingerprint is None:
+        fingerprints = {}
+    else:
+        fingerprints = stage.fingerprint(
+            stage_inputs(stage, cfg_slice) if inputs is None else inputs
+        )
     return hash_key(
         {
             "stage": stage.name,
@@ -136,19 +165,20 @@ def run_stages(
     """
     order = execution_order(stages, targets)
     slices = {name: config_slice(cfg, stages[name]) for name in order}  # fail before running
+    typed_inputs = {name: stage_inputs(stages[name], slices[name]) for name in order}
     keys: dict[str, str] = {}
     results: dict[str, StageResult] = {}
     for name in order:
         stage = stages[name]
         upstream = {n: keys[n] for n in stage.needs}
-        key = stage_key(stage, slices[name], upstream)
+        key = stage_key(stage, slices[name], upstream, typed_inputs[name])
         keys[name] = key
-        inputs = {n: results[n].path for n in stage.needs}
+        paths = {n: results[n].path for n in stage.needs}
         started = time.time()
 
-        def compute(out: Path, stage=stage, name=name, inputs=inputs) -> dict | None:
+        def compute(out: Path, stage=stage, name=name, paths=paths) -> dict | None:
             log.info("stage %s: computing -> %s", name, out)
-            return stage.run(slices[name], inputs, out)
+            return stage.run(typed_inputs[name], paths, out)
 
         record = {"upstream": upstream}
         if stage.sharded and group is not None and group.size > 1:

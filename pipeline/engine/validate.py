@@ -1,9 +1,11 @@
 """One place that checks the composed config before any stage runs.
 
-Hydra and the dataclass schema (``pipeline/schema.py``) catch unknown keys and values that
-cannot be converted; this module catches the rest: ranges (negative, zero, NaN, inf), values
-typed ``Any`` in the schema (``steer.layer``), keys added with ``+key=`` that the schema does
-not know, templates, and rules across keys (``model.path`` with a source that ignores it).
+Hydra and the dataclass schema (``pipeline/engine/schema.py``) catch unknown keys and values
+that cannot be converted; this module catches the rest: choices (every schema field declared
+``Annotated[str, <Choice enum>]``, found by walking the schema), ranges (negative, zero, NaN,
+inf), values typed ``Any`` in the schema (``steer.layer``), keys added with ``+key=`` that the
+schema does not know, templates, and rules across keys (``model.path`` with a source that
+ignores it). Stages trust what passed: they do not check a value again.
 Every message names the key, the value and a valid example; the first problem found is raised
 as :class:`~mlx_interp.errors.ConfigError`.
 """
@@ -17,7 +19,8 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mlx_interp.engine.schema import DIRECTION_SITES, PATCH_KINDS, SOURCES, STEER_POSITIONS
+from mlx_interp.engine.inputs import choice_fields
+from mlx_interp.engine.schema import PATCH_KINDS, RootConfig, VariantKind
 from mlx_interp.errors import ConfigError
 
 Check = Callable[[Any], bool]
@@ -67,6 +70,10 @@ def one_of(*values: Any) -> Check:
     return lambda v: v in values
 
 
+def list_of(*values: Any) -> Check:
+    return lambda v: isinstance(v, list) and all(x in values for x in v)
+
+
 def template_with_text(v: Any) -> bool:
     return isinstance(v, str) and template_fields(v) == ["text"]
 
@@ -77,10 +84,29 @@ def template_fields(text: str) -> list[str]:
     return sorted(set(names))
 
 
+def choice_rules() -> dict[str, tuple[Check, str, str]]:
+    """A rule per choice field of the schema: the value (or each item of a list) is one of
+    its enum's values; null passes (Hydra already refused it where the field is not Optional).
+    The example is the enum's first value."""
+    rules = {}
+    for key, choice, many in choice_fields(RootConfig):
+        values = choice.values()
+        if many:
+            rules[key] = (list_of(*values), f"a list of {values}", f"{key}=[{values[0]}]")
+        else:
+            rules[key] = (one_of(None, *values), f"one of {values}", f"{key}={values[0]}")
+    return rules
+
+
 # key -> (check, what a valid value is, an example). Keys absent from the config are skipped.
+# Choice fields get theirs from the schema (choice_rules); a rule here replaces that one.
 RULES: dict[str, tuple[Check, str, str]] = {
     "seed": (at_least(0), "an int >= 0", "seed=42"),
-    "model.source": (one_of(*SOURCES), f"one of {SOURCES}", "model.source=embedded"),
+    "model.dequantize": (
+        lambda v: isinstance(v, bool) or str(v).lower() in ("auto", "true", "false"),
+        "auto, true or false",  # `model.dequantize=false` arrives as the string "False"
+        "model.dequantize=auto",
+    ),
     "prompts.test_fraction": (
         lambda v: is_number(v) and 0 <= v < 1,
         "a number in [0, 1)",
@@ -104,27 +130,6 @@ RULES: dict[str, tuple[Check, str, str]] = {
         "null (all) or a non-empty list of ints",
         "capture.layers=[0,8,-1]",
     ),
-    "capture.positions": (
-        one_of("last", "all", "mean"),
-        "one of ('last', 'all', 'mean')",
-        "capture.positions=last",
-    ),
-    "capture.dtype": (
-        one_of("float32", "float16"),
-        "one of ('float32', 'float16')",
-        "capture.dtype=float32",
-    ),
-    "prompts.format": (one_of("chat", "plain"), "one of ('chat', 'plain')", "prompts.format=chat"),
-    "steer.positions": (
-        one_of(*STEER_POSITIONS),
-        f"one of {STEER_POSITIONS}",
-        "steer.positions=last",
-    ),
-    "directions.site": (
-        one_of(*DIRECTION_SITES),
-        f"one of {DIRECTION_SITES}",
-        "directions.site=last",
-    ),
     "localize.kinds": (
         lambda v: isinstance(v, list) and len(v) > 0 and all(k in PATCH_KINDS for k in v),
         f"a non-empty list of {PATCH_KINDS} (the residual after a layer, the attention output, "
@@ -137,18 +142,8 @@ RULES: dict[str, tuple[Check, str, str]] = {
         "null (the model's context) or an int >= 1",
         "capture.max_tokens=2048",
     ),
-    "directions.fit_split": (
-        one_of("all", "train", "test"),
-        "all, train or test",
-        "directions.fit_split=train",
-    ),
     "score.batch_size": (at_least(1), "an int >= 1", "score.batch_size=16"),
     "score.max_tokens": (at_least(1), "an int >= 1 (answers are scored)", "score.max_tokens=8"),
-    "score.eval_split": (
-        one_of("all", "train", "test"),
-        "all, train or test",
-        "score.eval_split=test",
-    ),
     "score.fluency.n_prompts": (at_least(0), "an int >= 0 (0 = off)", "score.fluency.n_prompts=6"),
     "score.fluency.max_tokens": (at_least(1), "an int >= 1", "score.fluency.max_tokens=32"),
     "score.fluency.instruction": (
@@ -213,11 +208,7 @@ RULES: dict[str, tuple[Check, str, str]] = {
         "contamination.confidence=0.95",
     ),
     "concept.variants.kinds": (
-        lambda v: (
-            isinstance(v, list)
-            and len(v) > 0
-            and set(v) <= {"clean", "rubric", "padding", "wrong_rubric"}
-        ),
+        lambda v: isinstance(v, list) and len(v) > 0 and set(v) <= set(VariantKind.values()),
         "a non-empty list of clean, rubric, padding, wrong_rubric",
         "concept.variants.kinds=[clean,rubric]",
     ),
@@ -256,7 +247,7 @@ def validate_config(cfg: Mapping) -> None:
     """Raise ConfigError for the first value of ``cfg`` (the resolved root config as plain
     containers) that no stage could use correctly."""
     unknown_keys(cfg)
-    for key, (check, valid, example) in RULES.items():
+    for key, (check, valid, example) in {**choice_rules(), **RULES}.items():
         present, value = lookup(cfg, key)
         if present and not _passes(check, value):
             raise ConfigError(f"{key} must be {valid}, not {value!r}; e.g. {example}")

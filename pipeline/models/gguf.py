@@ -18,6 +18,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_interp.engine.integrity import file_sha256
+from mlx_interp.models import gguf_cache
 from mlx_interp.models.gguf_arch import (
     ARCHITECTURES,
     ArchSpec,
@@ -29,7 +31,7 @@ from mlx_interp.models.gguf_arch import (
 from mlx_interp.models.gguf_decode import AFFINE_BITS, GROUP_SIZE, decode_affine, decode_float32
 from mlx_interp.models.gguf_embedded import EMBEDDED, embedded_gguf_path
 from mlx_interp.models.gguf_read import GGUFError, GGUFFile, check_gguf, read_gguf
-from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
+from mlx_interp.models.gguf_tokenizer import TokenizerParts, tokenizer_parts, wrap_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +72,69 @@ def decode_weights(
     return weights, kept
 
 
-def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[nn.Module, TokenizerWrapper]:
+def load_gguf(
+    path: str | Path, keep_quantized: bool = False, cache: bool = True
+) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a GGUF file as (mlx-lm model in eval mode, tokenizer wrapper).
 
     Every weight is float32, except with ``keep_quantized`` where the tensor's type has an exact
     MLX affine form (``QuantizedLinear``/``QuantizedEmbedding``, group size 32, float32
-    scales). Raises ``GGUFError`` naming the problem before decoding any weight.
+    scales). Raises ``GGUFError`` naming the problem before decoding any weight. With
+    ``cache`` (and ``MLX_INTERP_MODEL_CACHE`` not ``off``) a second load of the same file
+    reads the prepared model of :mod:`mlx_interp.models.gguf_cache`.
     """
+    path = Path(path)
+    root = gguf_cache.cache_root() if cache else None
+    key = None
+    if root is not None and path.is_file():
+        key = gguf_cache.entry_key(gguf_sha256(path), keep_quantized)
+        loaded = gguf_cache.read_entry(root, key, _from_entry)
+        if loaded is not None:
+            return loaded
     gguf = read_gguf(path)
     check_gguf(gguf, sorted(ARCHITECTURES))
     spec = ARCHITECTURES[gguf.architecture]
-    tokenizer = tokenizer_from_gguf(gguf.metadata, gguf.architecture)
+    parts = tokenizer_parts(gguf.metadata, gguf.architecture)
+    args = spec.build_args(gguf)
     model = build_model(gguf, spec)
     _check_complete(model, gguf, spec)
     weights, kept = decode_weights(gguf, spec, model, keep_quantized)
     weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    _quantize(model, kept)
+    _load_strict(model, weights, gguf, spec)
+    rope = None
+    if "rope_freqs.weight" in gguf.tensors and "rope_freqs.weight" in spec.ignored:
+        freqs = gguf.tensors["rope_freqs.weight"]
+        factors = decode_float32(freqs.raw, freqs.qtype).reshape(-1)
+        dims = model.args.head_dim or model.args.hidden_size // model.args.num_attention_heads
+        rope = {
+            "factors": factors.tolist(),
+            "theta": float(model.args.rope_theta),
+            "dims": int(dims),
+        }
+        _apply_rope(model, rope)
+    mx.eval(model.parameters())
+    model.eval()
+    if key is not None:
+        model_json = {"module": spec.module, "args": args, "quantized": kept, "rope_freqs": rope}
+        gguf_cache.write_entry(root, key, model, model_json, parts)
+    return model, wrap_tokenizer(parts)
+
+
+def gguf_sha256(path: Path) -> str:
+    """sha256 of a GGUF file, memoized per process by (path, size, mtime)."""
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _SHA256:
+        _SHA256[memo] = file_sha256(path)
+    return _SHA256[memo]
+
+
+_SHA256: dict[tuple, str] = {}
+
+
+def _quantize(model: nn.Module, kept: dict[str, int]) -> None:
+    """Turn the modules kept affine-quantized into MLX's quantized modules (group size 32)."""
     if kept:
         nn.quantize(
             model,
@@ -92,15 +142,32 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[nn.Module
                 {"group_size": GROUP_SIZE, "bits": kept[p]} if p in kept else False
             ),
         )
-    _load_strict(model, weights, gguf, spec)
-    if "rope_freqs.weight" in gguf.tensors and "rope_freqs.weight" in spec.ignored:
-        freqs = gguf.tensors["rope_freqs.weight"]
-        factors = decode_float32(freqs.raw, freqs.qtype).reshape(-1)
-        dims = model.args.head_dim or model.args.hidden_size // model.args.num_attention_heads
-        apply_rope_freqs(model, factors, float(model.args.rope_theta), int(dims))
+
+
+def _apply_rope(model: nn.Module, rope: dict) -> None:
+    factors = np.asarray(rope["factors"], dtype=np.float32)
+    apply_rope_freqs(model, factors, rope["theta"], rope["dims"])
+
+
+def _from_entry(folder: Path):
+    """(model, tokenizer) from a model load cache entry: the same steps as a fresh load."""
+    import importlib
+    import json
+
+    model_json = json.loads((folder / "model.json").read_text())
+    module = importlib.import_module(f"mlx_lm.models.{model_json['module']}")
+    model = module.Model(module.ModelArgs.from_dict(model_json["args"]))
+    weights = mx.load(str(folder / "weights.safetensors"))
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    _quantize(model, model_json["quantized"])
+    model.load_weights(list(weights.items()), strict=True)
+    if model_json["rope_freqs"] is not None:
+        _apply_rope(model, model_json["rope_freqs"])
     mx.eval(model.parameters())
     model.eval()
-    return model, tokenizer
+    settings = json.loads((folder / "tokenizer_settings.json").read_text())
+    parts = TokenizerParts(raw=folder / "tokenizer.json", **settings)
+    return model, wrap_tokenizer(parts)
 
 
 def _check_complete(model: nn.Module, gguf: GGUFFile, spec: ArchSpec) -> None:

@@ -9,6 +9,8 @@ Phi-3, built by transformers' GGUF tokenizer converter from the vocabulary and s
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -143,6 +145,75 @@ def _add_bos(tokenizer: Tokenizer, metadata: dict, tokens: list[str], default: b
         )
 
 
+@dataclass
+class TokenizerParts:
+    """What a GGUF's ``TokenizerWrapper`` is built from, in a form the model load cache
+    (:mod:`mlx_interp.models.gguf_cache`) can store: the raw tokenizer, special tokens, chat
+    template, the ids that stop generation and the streaming detokenizer's kind."""
+
+    raw: Tokenizer | Path  # a Tokenizer, or its tokenizer.json file (read without a copy)
+    bos: str | None
+    eos: str | None
+    pad: str | None
+    unk: str | None
+    chat_template: str | None
+    eos_ids: list[int]
+    detokenizer: str  # "bpe" (byte-level BPE) | "naive" (SentencePiece)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything but the raw tokenizer, as JSON values."""
+        return {k: v for k, v in self.__dict__.items() if k != "raw"}
+
+
+def tokenizer_parts(metadata: dict, architecture: str | None = None) -> TokenizerParts:
+    """The parts of the tokenizer GGUF metadata describes (see :func:`tokenizer_from_gguf`)."""
+    if _value(metadata, "tokenizer.ggml.model") == "llama":
+        arch = architecture or _value(metadata, "general.architecture")
+        raw = build_sentencepiece(metadata, arch)
+        _add_bos(raw, metadata, _value(metadata, "tokenizer.ggml.tokens"), default=True)
+        detokenizer = "naive"
+    else:
+        raw = build_tokenizer(metadata)
+        detokenizer = "bpe"
+    tokens = _value(metadata, "tokenizer.ggml.tokens")
+    # End-of-turn / end-of-message ids (Llama 3 style) also stop generation.
+    eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+    eos_ids = [_value(metadata, f"tokenizer.ggml.{key}") for key in eos_keys]
+    return TokenizerParts(
+        raw=raw,
+        bos=_token(tokens, metadata, "bos_token_id"),
+        eos=_token(tokens, metadata, "eos_token_id"),
+        pad=_token(tokens, metadata, "padding_token_id"),
+        unk=_token(tokens, metadata, "unknown_token_id"),
+        chat_template=_value(metadata, "tokenizer.chat_template"),
+        eos_ids=[int(i) for i in eos_ids if i is not None],
+        detokenizer=detokenizer,
+    )
+
+
+def wrap_tokenizer(parts: TokenizerParts) -> TokenizerWrapper:
+    """mlx-lm ``TokenizerWrapper`` around a Hugging Face fast tokenizer built from ``parts``."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(parts.raw, Path):
+        source = {"tokenizer_file": str(parts.raw)}
+    else:
+        source = {"tokenizer_object": parts.raw}
+    hf = PreTrainedTokenizerFast(
+        **source,
+        bos_token=parts.bos,
+        eos_token=parts.eos,
+        pad_token=parts.pad,
+        unk_token=parts.unk,
+        chat_template=parts.chat_template,
+        clean_up_tokenization_spaces=False,
+    )
+    detokenizer = (
+        BPEStreamingDetokenizer if parts.detokenizer == "bpe" else NaiveStreamingDetokenizer
+    )
+    return TokenizerWrapper(hf, detokenizer, eos_token_ids=parts.eos_ids or None)
+
+
 def tokenizer_from_gguf(metadata: dict, architecture: str | None = None) -> TokenizerWrapper:
     """mlx-lm ``TokenizerWrapper`` built from GGUF metadata.
 
@@ -150,28 +221,4 @@ def tokenizer_from_gguf(metadata: dict, architecture: str | None = None) -> Toke
     ``tokenizer.chat_template`` and a BOS is prepended only if ``add_bos_token`` is set
     (SentencePiece files without the key get one, as in llama.cpp).
     """
-    from transformers import PreTrainedTokenizerFast
-
-    if _value(metadata, "tokenizer.ggml.model") == "llama":
-        arch = architecture or _value(metadata, "general.architecture")
-        raw = build_sentencepiece(metadata, arch)
-        _add_bos(raw, metadata, _value(metadata, "tokenizer.ggml.tokens"), default=True)
-        detokenizer = NaiveStreamingDetokenizer
-    else:
-        raw = build_tokenizer(metadata)
-        detokenizer = BPEStreamingDetokenizer
-    tokens = _value(metadata, "tokenizer.ggml.tokens")
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        bos_token=_token(tokens, metadata, "bos_token_id"),
-        eos_token=_token(tokens, metadata, "eos_token_id"),
-        pad_token=_token(tokens, metadata, "padding_token_id"),
-        unk_token=_token(tokens, metadata, "unknown_token_id"),
-        chat_template=_value(metadata, "tokenizer.chat_template"),
-        clean_up_tokenization_spaces=False,
-    )
-    # End-of-turn / end-of-message ids (Llama 3 style) also stop generation.
-    eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
-    eos_ids = [_value(metadata, f"tokenizer.ggml.{key}") for key in eos_keys]
-    eos_ids = [int(i) for i in eos_ids if i is not None]
-    return TokenizerWrapper(hf, detokenizer, eos_token_ids=eos_ids or None)
+    return wrap_tokenizer(tokenizer_parts(metadata, architecture))

@@ -7,7 +7,9 @@ quantized on Metal/CUDA, where quantized kernels are fast.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from mlx_interp.engine.cache import file_sha256, hash_key
-from mlx_interp.engine.schema import SOURCES
+from mlx_interp.engine.cache import hash_key
+from mlx_interp.engine.schema import SOURCES, ModelConfig
 from mlx_interp.errors import MlxInterpError
 from mlx_interp.models.anatomy import anatomy_of
 
@@ -188,8 +190,15 @@ def _tiny(cfg: dict):
 _CACHE: dict[str, LoadedModel] = {}
 
 
-def load_model(cfg: dict) -> LoadedModel:
-    """Load (once per process) the model described by a ``model`` config slice."""
+def model_dict(cfg: ModelConfig | Mapping) -> dict:
+    """A ``model`` config as a plain dict: a stage's typed ModelConfig, or a mapping."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def load_model(cfg: ModelConfig | Mapping) -> LoadedModel:
+    """Load (once per process) the model described by a ``model`` config (the schema's
+    ModelConfig or the same keys in a plain mapping)."""
+    cfg = model_dict(cfg)
     cache_key = hash_key(cfg)
     if cache_key in _CACHE:
         return _CACHE[cache_key]
@@ -237,19 +246,14 @@ def _d_model(model: nn.Module) -> int:
     return width
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
-def model_fingerprint(cfg: dict) -> dict:
-    """Content identity of the weights a model slice names, for cache keys."""
+def model_fingerprint(cfg: ModelConfig | Mapping) -> dict:
+    """Content identity of the weights a model config names, for cache keys."""
+    cfg = model_dict(cfg)
     source = cfg.get("source")
     if source in ("embedded", "gguf"):
-        path = _resolve_gguf_path(cfg)
-        stat = path.stat()
-        memo = (str(path), stat.st_size, stat.st_mtime_ns)
-        if memo not in _FINGERPRINTS:
-            _FINGERPRINTS[memo] = file_sha256(path)
-        return {"weights_sha256": _FINGERPRINTS[memo]}
+        from mlx_interp.models.gguf import gguf_sha256  # memoized: the load cache's key too
+
+        return {"weights_sha256": gguf_sha256(_resolve_gguf_path(cfg))}
     if source == "mlx_lm":
         local = Path(str(cfg.get("path", ""))).expanduser()
         if local.is_dir():

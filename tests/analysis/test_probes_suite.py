@@ -17,6 +17,7 @@ from mlx_interp.analysis.probes import (
     mean_diff_cosines,
     transfer_cv,
 )
+from mlx_interp.engine.schema import ConceptConfig, ProbesConfig, PromptsConfig, VariantsConfig
 from mlx_interp.io.activations import resolve_probe_layers
 from mlx_interp.io.datasets import DatasetError
 from mlx_interp.stages.contamination import (
@@ -127,16 +128,16 @@ def test_mean_diff_cosines_of_orthogonal_noise_directions_is_near_zero():
 
 def test_contrasts_from_config_pairs_named_and_multiclass():
     conds = ["SyA", "GA", "SyPr", "neutral"]
-    out = contrasts_from_config({"pairs": "all", "multiclass": ["SyA", "GA", "SyPr"]}, conds)
+    out = contrasts_from_config(ProbesConfig(pairs="all", multiclass=["SyA", "GA", "SyPr"]), conds)
     assert len([n for n, s in out.items() if s["kind"] == "pair"]) == 6
     assert out["SyA_vs_GA"] == {"pos": ["SyA"], "neg": ["GA"], "kind": "pair"}
     assert out["multiclass"]["classes"] == ["SyA", "GA", "SyPr"]
     out = contrasts_from_config(
-        {"pairs": [], "contrasts": {"p": {"pos": "SyA", "neg": ["GA"]}}}, conds
+        ProbesConfig(pairs=[], contrasts={"p": {"pos": "SyA", "neg": ["GA"]}}), conds
     )
     assert out == {"p": {"pos": ["SyA"], "neg": ["GA"], "kind": "contrast"}}
     with pytest.raises(ProbeError, match="not in the prompts"):
-        contrasts_from_config({"pairs": [["SyA", "zzz"]]}, conds)
+        contrasts_from_config(ProbesConfig(pairs=[["SyA", "zzz"]]), conds)
 
 
 def test_resolve_probe_layers():
@@ -229,21 +230,20 @@ def test_reply_is_rendered_as_the_assistant_turn_and_the_text_ends_with_it(tmp_p
     from mlx_interp.stages.prompts import build_prompts
 
     df, path = _rows(tmp_path)
-    concept = {
-        "dataset": str(path),
-        "conditions": None,
-        "instruction": "{text}",
-        "response_key": "response",
-    }
+    concept = ConceptConfig(
+        dataset=str(path), conditions=None, instruction="{text}", response_key="response"
+    )
     table = build_prompts(
-        df, concept, {"format": "chat", "test_fraction": 0.0}, _WordTokenizer(), 0
+        df, concept, PromptsConfig(format="chat", test_fraction=0.0), _WordTokenizer(), 0
     )
     first = table.iloc[0]
     assert first["chat_text"] == "<user> task a number 0 </end> <assistant> reply 0 ends here."
     assert (table["variant"] == "").all() and (table["base_id"] == table["prompt_id"]).all()
     df2, _ = _rows(tmp_path, with_reply=False)
     with pytest.raises(DatasetError, match="has no 'response' string"):
-        build_prompts(df2, concept, {"format": "chat", "test_fraction": 0.0}, _WordTokenizer(), 0)
+        build_prompts(
+            df2, concept, PromptsConfig(format="chat", test_fraction=0.0), _WordTokenizer(), 0
+        )
 
 
 def test_variants_add_own_wrong_rubric_and_equal_length_padding(tmp_path):
@@ -259,17 +259,17 @@ def test_variants_add_own_wrong_rubric_and_equal_length_padding(tmp_path):
             }
         )
     )
-    concept = {
-        "dataset": str(path),
-        "conditions": None,
-        "instruction": "{text}",
-        "variants": {
-            "rubrics": str(rubrics),
-            "kinds": ["clean", "rubric", "padding", "wrong_rubric"],
-        },
-    }
+    concept = ConceptConfig(
+        dataset=str(path),
+        conditions=None,
+        instruction="{text}",
+        variants=VariantsConfig(
+            rubrics=str(rubrics), kinds=["clean", "rubric", "padding", "wrong_rubric"]
+        ),
+    )
+    plain = PromptsConfig(format="plain", test_fraction=0.0)
     tok = _WordTokenizer()
-    table = build_prompts(df, concept, {"format": "plain", "test_fraction": 0.0}, tok, 7)
+    table = build_prompts(df, concept, plain, tok, 7)
     assert len(table) == 6 * 4
     one = table[table["base_id"] == "a-0"].set_index("variant")["text"]
     assert one["clean"] == "task a number 0"
@@ -278,8 +278,8 @@ def test_variants_add_own_wrong_rubric_and_equal_length_padding(tmp_path):
     pad = one["padding"].split("\n\n")[0]
     assert len(tok.encode(pad)) == len(tok.encode("grade A answers strictly on clarity and depth"))
     assert "grade" not in pad
-    again = build_prompts(df, concept, {"format": "plain", "test_fraction": 0.0}, tok, 7)
+    again = build_prompts(df, concept, plain, tok, 7)
     pd.testing.assert_frame_equal(table.drop(columns="tokens"), again.drop(columns="tokens"))
     rubrics.write_text(json.dumps({"a": "only one"}))
     with pytest.raises(DatasetError, match=r"no rubric for condition\(s\) \['b'\]"):
-        build_prompts(df, concept, {"format": "plain", "test_fraction": 0.0}, tok, 7)
+        build_prompts(df, concept, plain, tok, 7)

@@ -14,6 +14,7 @@ from mlx_interp.analysis.fluency import FluencySpec, fluency
 from mlx_interp.analysis.scoring import ScoringError
 from mlx_interp.apps.cli import run_experiment
 from mlx_interp.apps.sweep import write_summary
+from mlx_interp.engine.schema import FluencyConfig, ScoreConfig
 from mlx_interp.interventions.modes import mode_name
 from mlx_interp.interventions.steering import (
     ConditionalMode,
@@ -39,6 +40,10 @@ FLUENCY = {
 }
 
 
+def _score(fluency: dict) -> ScoreConfig:
+    return ScoreConfig(fluency=FluencyConfig(**fluency))
+
+
 class ChatStub:
     """Tokenizer stub: the chat template wraps the user text; encode maps chars to ids."""
 
@@ -60,19 +65,19 @@ def test_fluency_prompts_cover_every_class_and_use_the_instruction():
             "text": [f"Q{i}?" for i in range(12)],
         }
     )
-    picked = fluency_prompts(swap, {"fluency": FLUENCY}, ChatStub())
+    picked = fluency_prompts(swap, _score(FLUENCY), ChatStub())
     assert len(picked) == 4 and set(picked["condition"]) == {"green", "red"}
     assert picked["prompt_id"].iloc[0] == "g0" and picked["prompt_id"].iloc[-1] == "r5"
     first = ChatStub().encode("<u>Q0? Tell me more.<a>")
     assert list(picked["tokens"].iloc[0]) == first
-    assert fluency_prompts(swap, {"fluency": {**FLUENCY, "n_prompts": 0}}, ChatStub()).empty
-    assert len(fluency_prompts(swap, {"fluency": {**FLUENCY, "n_prompts": 50}}, ChatStub())) == 12
+    assert fluency_prompts(swap, _score({**FLUENCY, "n_prompts": 0}), ChatStub()).empty
+    assert len(fluency_prompts(swap, _score({**FLUENCY, "n_prompts": 50}), ChatStub())) == 12
     with pytest.raises(ScoringError, match="has no \\{text\\}"):
-        fluency_prompts(swap, {"fluency": {**FLUENCY, "instruction": "Hi"}}, ChatStub())
+        fluency_prompts(swap, _score({**FLUENCY, "instruction": "Hi"}), ChatStub())
     with pytest.raises(ScoringError, match="n_prompts must be >= 0"):
-        fluency_prompts(swap, {"fluency": {**FLUENCY, "n_prompts": -1}}, ChatStub())
+        fluency_prompts(swap, _score({**FLUENCY, "n_prompts": -1}), ChatStub())
     with pytest.raises(ScoringError, match="score.fluency: fluency min_repeats"):
-        fluency_spec({"fluency": {**FLUENCY, "min_repeats": 1}})
+        fluency_spec(_score({**FLUENCY, "min_repeats": 1}))
 
 
 def test_add_fluency_scores_generated_rows_only():

@@ -4,33 +4,45 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mlx_interp.engine.cache import MANIFEST, ArtifactStore, hash_key
 from mlx_interp.engine.dag import PipelineError, Stage, execution_order, run_stages
+from tests.helpers import DataInputs
 
 CALLS: list[str] = []
 
 
-def _numbers(cfg, inputs, out):
+@dataclass(frozen=True)
+class ScaleInputs:
+    scale: dict
+
+
+@dataclass(frozen=True)
+class NoInputs:
+    pass
+
+
+def _numbers(inputs, upstream, out):
     CALLS.append("numbers")
-    values = list(range(cfg["data"]["n"]))
+    values = list(range(inputs.data["n"]))
     (out / "numbers.json").write_text(json.dumps(values))
     return {"n": len(values)}
 
 
-def _scaled(cfg, inputs, out):
+def _scaled(inputs, upstream, out):
     CALLS.append("scaled")
-    values = json.loads((inputs["numbers"] / "numbers.json").read_text())
-    (out / "scaled.json").write_text(json.dumps([v * cfg["scale"]["factor"] for v in values]))
-    return {"sum": sum(v * cfg["scale"]["factor"] for v in values)}
+    values = json.loads((upstream["numbers"] / "numbers.json").read_text())
+    (out / "scaled.json").write_text(json.dumps([v * inputs.scale["factor"] for v in values]))
+    return {"sum": sum(v * inputs.scale["factor"] for v in values)}
 
 
 STAGES = {
-    "numbers": Stage("numbers", _numbers, reads=("data",)),
-    "scaled": Stage("scaled", _scaled, reads=("scale",), needs=("numbers",)),
+    "numbers": Stage("numbers", _numbers, inputs=DataInputs),
+    "scaled": Stage("scaled", _scaled, inputs=ScaleInputs, needs=("numbers",)),
 }
 
 
@@ -92,11 +104,11 @@ def test_hand_edited_artifact_is_recomputed_and_kept_aside(tmp_path):
 
 
 def test_failed_stage_leaves_no_artifact(tmp_path):
-    def boom(cfg, inputs, out):
+    def boom(inputs, upstream, out):
         (out / "half.txt").write_text("partial")
         raise RuntimeError("crash")
 
-    stages = {"boom": Stage("boom", boom, reads=("data",))}
+    stages = {"boom": Stage("boom", boom, inputs=DataInputs)}
     store = ArtifactStore(tmp_path)
     with pytest.raises(RuntimeError):
         run_stages(stages, ["boom"], {"data": {}}, store)
@@ -108,8 +120,8 @@ def test_unknown_stage_and_cycle_are_named_errors():
     with pytest.raises(PipelineError, match="unknown stage 'nope'"):
         execution_order(STAGES, ["nope"])
     cyclic = {
-        "a": Stage("a", _numbers, reads=(), needs=("b",)),
-        "b": Stage("b", _numbers, reads=(), needs=("a",)),
+        "a": Stage("a", _numbers, inputs=NoInputs, needs=("b",)),
+        "b": Stage("b", _numbers, inputs=NoInputs, needs=("a",)),
     }
     with pytest.raises(PipelineError, match="cycle"):
         execution_order(cyclic, ["a"])
@@ -122,17 +134,17 @@ def test_missing_config_key_fails_before_any_stage_runs(tmp_path):
     assert CALLS == []
 
 
-def _slow_counted(cfg, inputs, out):
+def _slow_counted(inputs, upstream, out):
     import time
 
-    with open(cfg["data"]["counter"], "a") as f:
+    with open(inputs.data["counter"], "a") as f:
         f.write("x")
     time.sleep(0.5)
     (out / "done").write_text("1")
 
 
 def _build_in_process(root: str, counter: str) -> str:
-    stages = {"slow": Stage("slow", _slow_counted, reads=("data",))}
+    stages = {"slow": Stage("slow", _slow_counted, inputs=DataInputs)}
     res = run_stages(stages, ["slow"], {"data": {"counter": counter}}, ArtifactStore(root))
     return res["slow"].key
 

@@ -26,7 +26,7 @@ from mlx_interp.engine.dag import Stage, run_stages, stage_keys
 from mlx_interp.engine.distributed import Shard, current_shard
 from mlx_interp.io.activations import read_activations
 from mlx_interp.stages import STAGES
-from tests.helpers import compose_config, write_dataset
+from tests.helpers import DataInputs, compose_config, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -105,16 +105,16 @@ def _run_ranks(fn, size: int = 2) -> list:
     return results
 
 
-def _numbers_sharded(cfg, inputs, out):
+def _numbers_sharded(inputs, upstream, out):
     shard = current_shard()
-    for i in range(cfg["data"]["n"]):
+    for i in range(inputs.data["n"]):
         if shard.owns(i):
             (out / f"part-{i}.json").write_text(json.dumps({"i": i, "rank": shard.rank}))
     return {"rank": shard.rank}
 
 
 def test_sharded_stage_ranks_write_one_artifact_finalized_once(tmp_path):
-    stages = {"numbers": Stage("numbers", _numbers_sharded, reads=("data",), sharded=True)}
+    stages = {"numbers": Stage("numbers", _numbers_sharded, inputs=DataInputs, sharded=True)}
     store = ArtifactStore(tmp_path)
     cfg = {"data": {"n": 5}}
     results = _run_ranks(lambda g: run_stages(stages, ["numbers"], cfg, store, group=g))
@@ -130,14 +130,14 @@ def test_sharded_stage_ranks_write_one_artifact_finalized_once(tmp_path):
 
 
 def test_sharded_stage_failure_on_one_rank_fails_all_without_deadlock(tmp_path):
-    def flaky(cfg, inputs, out):
+    def flaky(inputs, upstream, out):
         shard = current_shard()
         (out / f"ok-{shard.rank}.txt").write_text("done")
         if shard.rank == 1:
             raise RuntimeError("rank 1 broke")
         return {}
 
-    stages = {"flaky": Stage("flaky", flaky, reads=("data",), sharded=True)}
+    stages = {"flaky": Stage("flaky", flaky, inputs=DataInputs, sharded=True)}
     store = ArtifactStore(tmp_path)
     results = _run_ranks(lambda g: run_stages(stages, ["flaky"], {"data": {}}, store, group=g))
     assert isinstance(results[1], RuntimeError)
@@ -153,7 +153,7 @@ def test_sharded_stage_rank0_unable_to_start_fails_all_without_deadlock(tmp_path
         def lock(self, stage, key):
             raise ArtifactError("cannot write to the artifact store")
 
-    stages = {"numbers": Stage("numbers", _numbers_sharded, reads=("data",), sharded=True)}
+    stages = {"numbers": Stage("numbers", _numbers_sharded, inputs=DataInputs, sharded=True)}
     store = NoLock(tmp_path)
     results = _run_ranks(lambda g: run_stages(stages, ["numbers"], {"data": {"n": 2}}, store, g))
     assert isinstance(results[0], ArtifactError) and "cannot write" in str(results[0])
@@ -311,17 +311,17 @@ def _enospc(*args, **kwargs):
 
 
 def test_disk_full_in_a_stage_removes_its_partial_and_keeps_finished_artifacts(tmp_path):
-    def numbers(cfg, inputs, out):
+    def numbers(inputs, upstream, out):
         (out / "numbers.json").write_text("[1, 2]")
         return {}
 
-    def big(cfg, inputs, out):
+    def big(inputs, upstream, out):
         (out / "half.bin").write_bytes(b"x" * 100)
         _enospc()
 
     stages = {
-        "numbers": Stage("numbers", numbers, reads=("data",)),
-        "big": Stage("big", big, reads=("data",), needs=("numbers",)),
+        "numbers": Stage("numbers", numbers, inputs=DataInputs),
+        "big": Stage("big", big, inputs=DataInputs, needs=("numbers",)),
     }
     store = ArtifactStore(tmp_path / "artifacts")
     with pytest.raises(ArtifactError, match="disk full while writing artifact big/") as info:
@@ -333,7 +333,7 @@ def test_disk_full_in_a_stage_removes_its_partial_and_keeps_finished_artifacts(t
 
 
 def test_disk_full_writing_the_manifest_leaves_no_artifact(tmp_path, monkeypatch):
-    stages = {"numbers": Stage("numbers", lambda c, i, o: {}, reads=("data",))}
+    stages = {"numbers": Stage("numbers", lambda c, i, o: {}, inputs=DataInputs)}
     store = ArtifactStore(tmp_path)
     monkeypatch.setattr("mlx_interp.engine.cache.write_json_atomic", _enospc)
     with pytest.raises(ArtifactError, match="disk full"):

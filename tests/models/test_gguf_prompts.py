@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mlx_interp.apps.cli import run_experiment
-from mlx_interp.engine.dag import ConfigError
+from mlx_interp.engine.dag import ConfigError, stage_inputs
 from mlx_interp.stages import prompts
 from tests.helpers import compose_config, write_dataset
 
@@ -48,7 +48,7 @@ def test_chat_format_without_template_is_named(tmp_path, monkeypatch):
     cfg = compose_config(["model=tiny_random", f"concept.dataset={dataset}"])
     plain = OmegaConf.to_container(cfg, resolve=True)
     with pytest.raises(ConfigError, match="no chat template.*model.prompt_format=plain"):
-        prompts.run(plain, {}, tmp_path)
+        prompts.run(stage_inputs(prompts.STAGE, plain), {}, tmp_path)
 
 
 def test_sentencepiece_tokenizer_from_metadata():

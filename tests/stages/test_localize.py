@@ -227,7 +227,7 @@ def test_patching_attention_and_mlp_outputs(arch):
         assert rec[-1, obj] == pytest.approx(0.0, abs=1e-4)
         assert abs(rec[-1, last]) > 1e-3
     with pytest.raises(PatchingError, match="kinds"):
-        patching_recovery(*args, kinds=("heads",))
+        patching_recovery(*args, kinds=("pattern",))
 
 
 def test_patch_site_writes_the_values_where_the_mask_is_and_nothing_else():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlx_interp.analysis.directions import DirectionError, DirectionSet
+from mlx_interp.engine.schema import DirectionsConfig, ModelConfig
 from mlx_interp.stages import directions as stage
 
 D, N = 48, 200
@@ -47,15 +49,16 @@ def _artifacts(tmp_path, shift: float):
     return {"prompts": tmp_path / "prompts", "capture": tmp_path / "capture"}, planted
 
 
-CFG = {
-    "directions": {
-        "method": {"_target_": "mlx_interp.analysis.directions.MeanDiff"},
-        "contrast": {"pos": "red", "neg": "green"},
-        "fit_split": "all",
-        "compare_methods": True,
-    },
-    "seed": 0,
-}
+CFG = stage.DirectionsInputs(
+    directions=DirectionsConfig(
+        method={"_target_": "mlx_interp.analysis.directions.MeanDiff"},
+        contrast={"pos": "red", "neg": "green"},
+        fit_split="all",
+        compare_methods=True,
+    ),
+    seed=0,
+    model=ModelConfig(),  # not read: the site is the captured last token
+)
 
 
 def test_planted_direction_is_found_where_it_is_planted(tmp_path):
@@ -75,7 +78,10 @@ def test_planted_direction_is_found_where_it_is_planted(tmp_path):
 
 def test_unknown_contrast_condition_is_a_clear_error(tmp_path):
     inputs, _ = _artifacts(tmp_path, shift=1.0)
-    cfg = {**CFG, "directions": {**CFG["directions"], "contrast": {"pos": "blue", "neg": "green"}}}
+    cfg = dataclasses.replace(
+        CFG,
+        directions=dataclasses.replace(CFG.directions, contrast={"pos": "blue", "neg": "green"}),
+    )
     (tmp_path / "out").mkdir()
     with pytest.raises(DirectionError, match="'blue' has no prompts"):
         stage.run(cfg, inputs, tmp_path / "out")
