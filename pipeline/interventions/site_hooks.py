@@ -45,6 +45,7 @@ from mlx_interp.models.anatomy import AnatomyError, anatomy_of
 
 __all__ = [
     "SiteTarget",
+    "flat_width",
     "head_shape",
     "position_clock",
     "resolve_sites",
@@ -171,6 +172,18 @@ def site_width(model: Any, site: Site) -> int | None:
     if site.kind == "logits":
         return anatomy.vocab_size
     return anatomy.d_model
+
+
+def flat_width(model: Any, site: Site) -> int | None:
+    """Entries per position of ``site``'s value flattened (q: n_heads * head_dim; k, v:
+    n_kv_heads * head_dim); None for scores and patterns (one per key token)."""
+    if site.kind in KEY_AXIS_KINDS:
+        return None
+    if site.kind in ("q", "k", "v"):
+        parts = anatomy_of(model).layer(site.layer)
+        heads = parts.n_heads if site.kind == "q" else parts.n_kv_heads
+        return heads * parts.head_dim
+    return site_width(model, site)
 
 
 def resolve_sites(model: Any, sites: Sequence[Any] | str | Site) -> list[Site]:
