@@ -41,6 +41,7 @@ from mlx_interp.interventions.sites import (
     resolve_sites,
 )
 from mlx_interp.interventions.steering import LayerEdit, steer
+from mlx_interp.interventions.token_positions import row_lengths
 from mlx_interp.io.control_vectors import export_control_vector, import_control_vector
 from mlx_interp.io.prompts import render
 from mlx_interp.models.anatomy import Anatomy, anatomy_of
@@ -227,9 +228,9 @@ class Model:
 
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, not {max_tokens!r}")
-        return generate(
-            self.model, self.tokenizer, self.tokens(prompt, chat), max_tokens=max_tokens
-        )
+        tokens = self.tokens(prompt, chat)
+        with row_lengths([len(tokens)]):  # edits at positions: -1 is the prompt's last token
+            return generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens)
 
 
 def load(

@@ -236,3 +236,17 @@ def test_the_library_pages_task_blocks_run(model):
         np.array(model.model(mx.array([model.tokens("Grass is")]))[0, -1]),
         atol=1e-4,
     )
+
+
+def test_generate_under_a_positioned_edit_edits_the_prompts_last_token(model):
+    """mlx-lm's generate runs the prompt in two forwards; -1 is still its last token."""
+    tokens = model.tokens("Grass is")
+    edit = {("resid_post", 1): lambda h: h[..., ::-1] * 20.0}  # reversed and scaled
+    with model.edit(edit, positions="last"):
+        text = model.generate("Grass is", max_tokens=4, chat=False)
+    seq = list(tokens)
+    with model.edit(edit, positions=len(tokens) - 1):
+        for _ in range(4):
+            seq.append(int(mx.argmax(model.model(mx.array([seq]))[0, -1]).item()))
+    assert text.strip() == model.tokenizer.decode(seq[len(tokens) :]).strip()
+    assert text != model.generate("Grass is", max_tokens=4, chat=False)

@@ -198,6 +198,7 @@ def resolve_sites(model: Any, sites: Sequence[Any] | str | Site) -> list[Site]:
     resolved = set()
     for site in map(parse_site, sites):
         (layer,) = resolve_layers([site.layer], n_layers)
+        layer = {"embed": 0, "logits": n_layers - 1}.get(site.kind, layer)  # the model's ends
         site = Site(layer, site.kind)
         site_target(model, site)  # raises SiteError naming what exists
         resolved.add(site)

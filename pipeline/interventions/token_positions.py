@@ -7,8 +7,10 @@ one list per row (``[[3, 5], [2]]``). A :class:`PositionClock` installed on the 
 body reads each forward's KV-cache offset, so an index means the same token in a whole
 prompt forward, a prefix-cached suffix and a decode step (a decode step is edited only if
 its token is one of the positions). Each row's prompt length is what :func:`row_lengths`
-declares around a right-padded batch (``run_with_cache`` does), else the width of the
-forward that starts at position 0.
+declares (``run_with_cache`` does for its right-padded batch, ``Model.generate`` for its
+prompt), else the width of the forward that starts at position 0: mlx-lm's own
+``generate_step`` runs all but the last prompt token first, so around it declare the
+prompt's length (``with row_lengths([len(prompt)])``) or give absolute indices.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class PositionClock:
         self.offsets = offsets
         if not offsets.any():  # a new prompt
             declared = _DECLARED[-1] if _DECLARED else None
-            fits = declared is not None and len(declared) == batch and declared.max() <= width
+            fits = declared is not None and len(declared) == batch
             self.lengths = declared if fits else np.full(batch, width, dtype=np.int64)
         elif self.lengths is None or len(self.lengths) != batch:
             self.lengths = offsets + width  # joined mid-sequence: the tokens so far
