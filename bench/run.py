@@ -293,8 +293,8 @@ def section_parquet() -> dict:
     return parquet_vs_npsave()
 
 
-def mlx_interp(args: list[str], env: dict | None = None) -> tuple[float, str]:
-    """Run the CLI; (wall seconds, stdout)."""
+def run_cli(args: list[str], env: dict | None = None) -> tuple[float, str]:
+    """Run `mlx-interp` with ``args`` in a subprocess; (wall seconds, stdout)."""
     exe = Path(sys.executable).with_name("mlx-interp")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlx_interp.apps.cli"]
     start = time.perf_counter()
@@ -341,8 +341,8 @@ def section_experiment(tmp: Path, full: bool) -> dict:
     fixes (reference BLAS, 4-bit weights) on the same reduced job."""
     out = tmp / "fixed"
     args = [f"paths.outputs={out}", *REDUCED]
-    first, _ = mlx_interp(args)
-    second, stdout = mlx_interp(args)
+    first, _ = run_cli(args)
+    second, stdout = run_cli(args)
     result = {
         "reduced": " ".join(REDUCED),
         "first_run_s": first,
@@ -355,7 +355,7 @@ def section_experiment(tmp: Path, full: bool) -> dict:
         # quoted: a bare false would reach the config as a bool
         unfixed = [f"paths.outputs={tmp / 'unfixed'}", *REDUCED, "model.dequantize='false'"]
         try:
-            result["unfixed_run_s"], _ = mlx_interp(unfixed, {"MLX_INTERP_BLAS": "none"})
+            result["unfixed_run_s"], _ = run_cli(unfixed, {"MLX_INTERP_BLAS": "none"})
         except RuntimeError as err:
             result["unfixed_error"] = str(err)
     return result

@@ -38,7 +38,6 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-VERSION = "2"  # 2: last-token capture reuses the shared prefix's KV cache
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -248,8 +247,8 @@ STAGE = Stage(
     run=run,
     inputs=CaptureInputs,
     needs=("prompts",),
-    version=VERSION,
     fingerprint=fingerprint,
     resumable=True,  # part files of a killed attempt are reused
     sharded=True,  # under mlx.launch each rank captures its share of the batches
+    writes=("activations", "meta.json"),
 )

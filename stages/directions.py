@@ -31,8 +31,6 @@ from mlx_interp.io.activations import activation_matrix, read_activations
 from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.direction_sites import SITE_NOTES, site_activations
 
-VERSION = "2"  # 2: directions.site (last | object | answer)
-
 
 @dataclass(frozen=True)
 class DirectionsInputs:
@@ -141,6 +139,6 @@ STAGE = Stage(
     run=run,
     inputs=DirectionsInputs,
     needs=("prompts", "capture"),
-    version=VERSION,
     fingerprint=fingerprint,
+    writes=("directions.safetensors", "directions.json"),
 )

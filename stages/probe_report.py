@@ -1,10 +1,8 @@
-"""Stages `probe_report` and `contamination_report`: report.md, report.json and PNG plots.
+"""Stage `probe_report`: the probes' report.md, report.json and PNG plots.
 
-probe_report (sycophancy_3way, sycophancy_confound): per contrast the best layer's CV
-accuracy with its permutation p-value and the chance line, the per-layer accuracy plot,
-the transfer table (the confound diagnostic) and the cosines between difference directions
-(heatmap). contamination_report (rubric_contamination): mean cosine to the clean prompt per
-domain and variant with bootstrap CIs, and which paired differences are significant.
+Used by sycophancy_3way and sycophancy_confound: per contrast the best layer's CV accuracy
+with its permutation p-value and the chance line, the per-layer accuracy plot, the transfer
+table (the confound diagnostic) and the cosines between difference directions (heatmap).
 
 ``report.reference`` (from the experiment config) holds the original study's figures, shown
 beside the measured ones; they are never used in a computation.
@@ -13,7 +11,6 @@ beside the measured ones; they are never used in a computation.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,36 +18,18 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.dag import Stage, summary_headline
 from mlx_interp.engine.schema import ModelConfig, ReportConfig
+from mlx_interp.stages.tables import fmt, fmt_p, md_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-VERSION = "1"
-
 
 @dataclass(frozen=True)
-class ReportInputs:
+class ProbeReportInputs:
     model: ModelConfig  # its name
     report: ReportConfig  # plots, and the original study's figures shown beside ours
-
-
-def _f(x: float, nd: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
-def _p(x: float) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.3g}"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
-
-
-# --- probes -------------------------------------------------------------------------------
 
 
 def compute_probe_report(
@@ -58,7 +37,7 @@ def compute_probe_report(
     transfer: pd.DataFrame,
     cosines: pd.DataFrame,
     info: dict,
-    inputs: ReportInputs,
+    inputs: ProbeReportInputs,
 ) -> dict:
     """The report dict: best layers, per-layer accuracy, transfer at the best layer, cosines."""
     alpha = float(info["alpha"])
@@ -161,16 +140,16 @@ def probe_markdown(r: dict) -> str:
                 name,
                 c["n"],
                 c["layer"],
-                f"{_f(c['accuracy_mean'])} ± {_f(c['accuracy_sd'])}",
-                _p(c["permutation_p"]),
-                _f(c["chance_threshold"]),
+                f"{fmt(c['accuracy_mean'])} ± {fmt(c['accuracy_sd'])}",
+                fmt_p(c["permutation_p"]),
+                fmt(c["chance_threshold"]),
                 f"{c['n_layers_significant']}/{len(c['per_layer'])}"
                 if r["n_permutations"]
                 else "not run",
                 ref.get("accuracy", {}).get(name, ""),
             ]
         )
-    lines += _table(
+    lines += md_table(
         [
             "contrast",
             "prompts",
@@ -197,7 +176,7 @@ def probe_markdown(r: dict) -> str:
         if own.get("permutation_p", 0.0) >= r["alpha"]:
             lines += [
                 f"**This probe is not better than chance at its best layer (permutation p "
-                f"{_p(own['permutation_p'])}), so these rates say nothing about the "
+                f"{fmt_p(own['permutation_p'])}), so these rates say nothing about the "
                 "conditions.**",
                 "",
             ]
@@ -212,7 +191,7 @@ def probe_markdown(r: dict) -> str:
                     f"{orig[cond]}%" if cond in orig else "",
                 ]
             )
-        lines += _table(["condition", "positive", "rate (95% CI)", "original (Qwen 7B)"], rows)
+        lines += md_table(["condition", "positive", "rate (95% CI)", "original (Qwen 7B)"], rows)
         lines += [""]
     if r["cosines"]:
         lines += [
@@ -229,15 +208,15 @@ def probe_markdown(r: dict) -> str:
             rows.append(
                 [
                     f"{c['a']} vs {c['b']}",
-                    f"{_f(c['mean_mid_to_late'], 2)} (layers {c['mid_to_late_layers'][0]}-"
+                    f"{fmt(c['mean_mid_to_late'], 2)} (layers {c['mid_to_late_layers'][0]}-"
                     f"{c['mid_to_late_layers'][1]})",
-                    f"{_f(c['max'], 2)} at layer {c['max_layer']} "
-                    f"({_f(c['max_ci95'][0], 2)}-{_f(c['max_ci95'][1], 2)})",
-                    f"{_f(pl['split_half'][0], 2)} / {_f(pl['split_half'][1], 2)}",
+                    f"{fmt(c['max'], 2)} at layer {c['max_layer']} "
+                    f"({fmt(c['max_ci95'][0], 2)}-{fmt(c['max_ci95'][1], 2)})",
+                    f"{fmt(pl['split_half'][0], 2)} / {fmt(pl['split_half'][1], 2)}",
                     ref.get("cosine", {}).get(f"{c['a']}~{c['b']}", ""),
                 ]
             )
-        lines += _table(
+        lines += md_table(
             [
                 "directions",
                 "mean cosine, mid-to-late layers",
@@ -358,7 +337,7 @@ def plot_transfer(r: dict, path: Path) -> Path:
     return path
 
 
-def run_probes(inputs: ReportInputs, upstream: dict[str, Path], out: Path) -> dict:
+def run(inputs: ProbeReportInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage entry: the probes' report; needs probes."""
     src = upstream["probes"]
     info = json.loads((src / "probes.json").read_text())
@@ -387,205 +366,12 @@ def run_probes(inputs: ReportInputs, upstream: dict[str, Path], out: Path) -> di
     }
 
 
-# --- contamination --------------------------------------------------------------------------
-
-
-def compute_contamination_report(
-    table: pd.DataFrame, diffs: pd.DataFrame, info: dict, inputs: ReportInputs
-) -> dict:
-    layer = int(info["layer"])
-    at = table[table["layer"] == layer]
-    cells = {
-        f"{r.domain}|{r.variant}": {
-            "domain": r.domain,
-            "variant": r.variant,
-            "n": int(r.n),
-            "cosine": float(r.cosine),
-            "ci95": [float(r.lo), float(r.hi)],
-            "shift": float(r.shift),
-        }
-        for r in at.itertuples()
-    }
-    d_at = diffs[diffs["layer"] == layer]
-    differences = [
-        {
-            "a": r.a,
-            "b": r.b,
-            "domain": r.domain,
-            "n": int(r.n),
-            "diff": float(r.diff),
-            "ci95": [float(r.lo), float(r.hi)],
-            "significant": bool(r.significant),
-        }
-        for r in d_at.itertuples()
-    ]
-    pooled = table[table["domain"] == "all"]
-    per_layer = {
-        v: {int(r.layer): [float(r.cosine), float(r.lo), float(r.hi)] for r in g.itertuples()}
-        for v, g in pooled.groupby("variant")
-    }
-    sig_layers = {
-        f"{a}-{b}": sorted(
-            diffs[
-                (diffs["a"] == a)
-                & (diffs["b"] == b)
-                & (diffs["domain"] == "all")
-                & diffs["significant"]
-            ]["layer"]
-            .astype(int)
-            .tolist()
-        )
-        for a, b in info["compare"]
-    }
-    return {
-        "model": inputs.model.name,
-        "layer": layer,
-        "layers": info["layers"],
-        "reference_variant": info["reference"],
-        "n_bootstrap": info["n_bootstrap"],
-        "confidence": info["confidence"],
-        "n_base_prompts": info["n_base_prompts"],
-        "domains": info["domains"],
-        "mean_tokens_per_variant": info["mean_tokens_per_variant"],
-        "cells": cells,
-        "differences": differences,
-        "per_layer_pooled": per_layer,
-        "significant_layers_pooled": sig_layers,
-        "reference": inputs.report.reference,
-    }
-
-
-def contamination_markdown(r: dict) -> str:
-    conf = f"{r['confidence']:.0%}"
-    variants = sorted({c["variant"] for c in r["cells"].values()})
-    domains = [*r["domains"], "all"]
-    lines = [
-        f"# Rubric contamination: {r['model']}",
-        "",
-        f"Cosine between the last-token state of each task prompt and the same prompt with "
-        f"a rubric, random padding of equal token length, or a wrong-domain rubric, at layer "
-        f"{r['layer']} ({r['n_base_prompts']} task prompts over {len(r['domains'])} domains). "
-        f"{conf} bootstrap CIs from {r['n_bootstrap']} resamples of the prompts. Mean tokens "
-        f"per prompt: "
-        + ", ".join(f"{k or 'none'} {v}" for k, v in r["mean_tokens_per_variant"].items())
-        + ".",
-        "",
-        f"## Cosine to the {r['reference_variant']} prompt (1 = unchanged)",
-        "",
-    ]
-    rows = []
-    for d in domains:
-        row = [d]
-        for v in variants:
-            c = r["cells"].get(f"{d}|{v}")
-            row.append(f"{c['cosine']:.3f} ({c['ci95'][0]:.3f}-{c['ci95'][1]:.3f})" if c else "")
-        rows.append(row)
-    lines += _table(["domain", *variants], rows)
-    lines += [
-        "",
-        "## Paired differences of cosine (a - b; negative: a moved the state further)",
-        "",
-    ]
-    rows = [
-        [
-            f"{d['a']} - {d['b']}",
-            d["domain"],
-            d["n"],
-            f"{d['diff']:+.4f} ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})",
-            "yes" if d["significant"] else "no",
-        ]
-        for d in r["differences"]
-    ]
-    lines += _table(["difference", "domain", "prompts", f"mean ({conf} CI)", "significant"], rows)
-    lines += ["", "Layers where the pooled difference is significant:", ""]
-    for k, v in r["significant_layers_pooled"].items():
-        lines.append(f"- {k}: {v if v else 'none'}")
-    ref = r["reference"]
-    if ref:
-        lines += ["", "Original study (Qwen 7B): " + json.dumps(ref)]
-    lines += ["", "Per layer: `contamination.png`."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_contamination(r: dict, path: Path) -> Path:
-    """Left: pooled cosine per layer for each variant (CI band). Right: by domain at the
-    headline layer."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for v, per in sorted(r["per_layer_pooled"].items()):
-        layers = sorted(per)
-        cos = [per[k][0] for k in layers]
-        (line,) = ax1.plot(layers, cos, "o-", ms=3, label=v)
-        ax1.fill_between(
-            layers,
-            [per[k][1] for k in layers],
-            [per[k][2] for k in layers],
-            color=line.get_color(),
-            alpha=0.2,
-        )
-    ax1.axvline(r["layer"], color="grey", ls=":", lw=1)
-    ax1.set_xlabel("layer")
-    ax1.set_ylabel(f"cosine to {r['reference_variant']} prompt")
-    ax1.set_title("all domains pooled (band: 95% CI)", fontsize=9)
-    ax1.legend(fontsize=8)
-    variants = sorted({c["variant"] for c in r["cells"].values()})
-    domains = r["domains"]
-    width = 0.8 / max(len(variants), 1)
-    for i, v in enumerate(variants):
-        vals = [r["cells"][f"{d}|{v}"] for d in domains]
-        cos = np.array([c["cosine"] for c in vals])
-        err = np.array([[c["cosine"] - c["ci95"][0], c["ci95"][1] - c["cosine"]] for c in vals])
-        ax2.bar(np.arange(len(domains)) + i * width, cos, width, yerr=err.T, capsize=2, label=v)
-    ax2.set_xticks(
-        np.arange(len(domains)) + width * (len(variants) - 1) / 2,
-        domains,
-        rotation=20,
-        ha="right",
-        fontsize=8,
-    )
-    lo = min(c["ci95"][0] for c in r["cells"].values())
-    ax2.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax2.set_title(f"by domain at layer {r['layer']}", fontsize=9)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def run_contamination(inputs: ReportInputs, upstream: dict[str, Path], out: Path) -> dict:
-    """Stage entry: the contamination report; needs contamination."""
-    src = upstream["contamination"]
-    info = json.loads((src / "contamination.json").read_text())
-    r = compute_contamination_report(
-        pd.read_parquet(src / "contamination.parquet"),
-        pd.read_parquet(src / "differences.parquet"),
-        info,
-        inputs,
-    )
-    if inputs.report.plots:
-        plot_contamination(r, out / "contamination.png")
-    (out / "report.json").write_text(json.dumps(r, indent=2))
-    (out / "report.md").write_text(contamination_markdown(r))
-    rubric = r["cells"].get("all|rubric")
-    return {
-        "headline": {
-            "name": f"rubric shift (1 - cosine) at layer {r['layer']}",
-            "value": rubric["shift"] if rubric else float("nan"),
-        }
-    }
-
-
-PROBE_REPORT = Stage(
+STAGE = Stage(
     name="probe_report",
-    run=run_probes,
-    inputs=ReportInputs,
+    run=run,
+    inputs=ProbeReportInputs,
     needs=("probes",),
-    version=VERSION,
-)
-CONTAMINATION_REPORT = Stage(
-    name="contamination_report",
-    run=run_contamination,
-    inputs=ReportInputs,
-    needs=("contamination",),
-    version=VERSION,
+    writes=("report.json", "report.md"),
+    report=("report.md", "report.json", "*.png"),
+    headline=summary_headline,
 )

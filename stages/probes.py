@@ -42,8 +42,6 @@ from mlx_interp.engine.dag import Stage
 from mlx_interp.engine.schema import ProbesConfig
 from mlx_interp.io.activations import layer_matrices
 
-VERSION = "1"
-
 
 @dataclass(frozen=True)
 class ProbesInputs:
@@ -254,5 +252,5 @@ STAGE = Stage(
     run=run,
     inputs=ProbesInputs,
     needs=("prompts", "capture"),
-    version=VERSION,
+    writes=("probes.parquet", "transfer.parquet", "cosines.parquet", "probes.json"),
 )

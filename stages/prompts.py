@@ -36,7 +36,6 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-VERSION = "2"
 # Content-neutral words for the padding variant (no grading, rubric or task vocabulary).
 PADDING_WORDS = (
     "apple river window garden pencil cloud table morning bottle orange yellow silver "
@@ -314,6 +313,6 @@ STAGE = Stage(
     name="prompts",
     run=run,
     inputs=PromptsInputs,
-    version=VERSION,
     fingerprint=fingerprint,
+    writes=("prompts.parquet",),
 )

@@ -17,12 +17,11 @@ import numpy as np
 import pandas as pd
 
 from mlx_interp.analysis.stats import SwapStats, binomial_test, mean_sd
-from mlx_interp.engine.dag import Stage
+from mlx_interp.engine.dag import Headline, Stage
 from mlx_interp.engine.schema import ModelConfig, ReportConfig, ScoreConfig
 from mlx_interp.stages.report_plots import plot_layers, plot_random_baseline
 from mlx_interp.stages.report_text import render_markdown
 
-VERSION = "4"  # 4: held-out split beside in-sample
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "model": "Qwen2.5-7B-Instruct-4bit",
     "swap": "102/112 (91.1%)",
@@ -339,6 +338,17 @@ def run(inputs: ReportInputs, upstream: dict[str, Path], out: Path) -> dict:
     }
 
 
+def headline(summary: dict) -> Headline:
+    """The swap rate on the questions the unsteered model answered right (and on all)."""
+    rate = summary["swap_rate_answered_right"]
+    return Headline(
+        "swap rate (answered right unsteered)",
+        rate,
+        f"swap rate {rate:.3f} (answered right unsteered), {summary['swap_rate_all']:.3f} "
+        f"(all), binomial p {summary['binomial_p']:.3g}",
+    )
+
+
 def _np(value):
     if isinstance(value, np.generic):
         return value.item()
@@ -350,5 +360,7 @@ STAGE = Stage(
     run=run,
     inputs=ReportInputs,
     needs=("directions", "baseline", "steer"),
-    version=VERSION,
+    writes=("report.json", "report.md"),
+    report=("report.md", "report.json", "*.png"),
+    headline=headline,
 )

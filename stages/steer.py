@@ -49,8 +49,6 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-VERSION = "4"  # 4: positions last/object, split column
-
 
 @dataclass(frozen=True)
 class BaselineInputs:
@@ -277,14 +275,14 @@ BASELINE = Stage(
     run=run_baseline,
     inputs=BaselineInputs,
     needs=("prompts",),
-    version=VERSION,
     fingerprint=fingerprint,
+    writes=("baseline.parquet",),
 )
 STAGE = Stage(
     name="steer",
     run=run_steer,
     inputs=SteerInputs,
     needs=("prompts", "directions"),
-    version=VERSION,
     fingerprint=fingerprint,
+    writes=("generations.parquet", "steer.json"),
 )

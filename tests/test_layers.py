@@ -30,18 +30,16 @@ LAYERS = [
     ("stages", ["mlx_interp.stages"]),
     ("apps", ["mlx_interp.apps"]),
 ]
-# modules of stages/ that are DAG stages (the rest are helpers of one stage, e.g. plots)
-STAGE_MODULES = {
-    "capture",
-    "contamination",
-    "directions",
-    "localize",
-    "probe_report",
-    "probes",
-    "prompts",
-    "report",
-    "steer",
-}
+
+
+def _stage_modules() -> set[str]:
+    """Modules of stages/ that declare DAG stages (the rest are helpers, e.g. plots)."""
+    from mlx_interp.stages import STAGES
+
+    return {stage.run.__module__.rpartition(".")[2] for stage in STAGES.values()}
+
+
+STAGE_MODULES = _stage_modules()
 
 
 def _modules() -> dict[str, Path]:

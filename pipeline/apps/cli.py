@@ -52,7 +52,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     if group.rank != 0:  # rank 0 alone writes the (shared) run directory
         return summary
     try:
-        _fill_run_dir(run_dir, results, summary)
+        _fill_run_dir(run_dir, results, summary, STAGES)
         from mlx_interp.engine.cache import write_json_atomic
 
         write_json_atomic(run_dir / PROVENANCE, provenance(plain))
@@ -67,7 +67,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _fill_run_dir(run_dir: Path, results: dict, summary: dict) -> None:
+def _fill_run_dir(run_dir: Path, results: dict, summary: dict, stages: dict) -> None:
     """Links to the artifacts, the reports' files and run.json in the run directory."""
     from mlx_interp.engine.cache import MANIFEST, write_json_atomic
 
@@ -78,11 +78,11 @@ def _fill_run_dir(run_dir: Path, results: dict, summary: dict) -> None:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(res.path, target_is_directory=True)
-    reports = [n for n in results if n == "report" or n.endswith("_report")]
-    for name in reports:  # a report's files belong in the run directory itself
-        for src in sorted(results[name].path.iterdir()):
-            if src.suffix in (".md", ".json", ".png") and src.name != MANIFEST:
-                shutil.copy2(src, run_dir / src.name)
+    for name, res in results.items():  # a report's files belong in the run directory itself
+        for pattern in stages[name].report:
+            for src in sorted(res.path.glob(pattern)):
+                if src.is_file() and src.name != MANIFEST:
+                    shutil.copy2(src, run_dir / src.name)
     write_json_atomic(run_dir / "run.json", summary)
 
 
@@ -112,7 +112,9 @@ def main(cfg: DictConfig) -> float | None:
             raise
         log.exception("job failed")
         return record_failure(run_dir, err)
+    from mlx_interp.engine.dag import headlines
     from mlx_interp.engine.distributed import world
+    from mlx_interp.stages import STAGES
 
     if world().rank != 0:  # under mlx.launch: rank 0 reports for all
         return None
@@ -129,25 +131,12 @@ def main(cfg: DictConfig) -> float | None:
             f"({meta.get('n_prompts')} prompts x {len(meta.get('layers', []))} layers, "
             f"d_model {meta.get('d_model')}, positions={meta.get('positions')})"
         )
-    if "report" in summary:
-        head = summary["report"]["summary"]
-        print(
-            f"report: {run_dir / 'report.md'}  swap rate {head['swap_rate_answered_right']:.3f} "
-            f"(answered right unsteered), {head['swap_rate_all']:.3f} (all), "
-            f"binomial p {head['binomial_p']:.3g}"
-        )
-    for name, s in summary.items():  # probe and contamination reports name their headline
-        head = s["summary"].get("headline") if name.endswith("_report") else None
-        if head:
-            print(f"report: {run_dir / 'report.md'}  {head['name']} {head['value']:.3f}")
+    heads = headlines(STAGES, summary)
+    for name, head in heads.items():  # each report stage's headline, as it declares it
+        print(f"report: {run_dir / STAGES[name].report[0]}  {head.line()}")
     print(f"run directory: {run_dir}  (config: .hydra/config.yaml, log: {_log_name()})")
     log.info("BLAS in use: %s", info.name)
-    if "report" in summary:
-        return float(summary["report"]["summary"]["swap_rate_answered_right"])
-    for name, s in summary.items():
-        if name.endswith("_report") and s["summary"].get("headline"):
-            return float(s["summary"]["headline"]["value"])
-    return None
+    return next((float(h.value) for h in heads.values()), None)  # the first, for sweepers
 
 
 def record_failure(run_dir: Path, err: BaseException) -> None:

@@ -73,16 +73,18 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
 
 
 def _report_headlines(run: dict) -> dict:
-    """The headline of each ``*_report`` stage of a job (probes, contamination): its name,
-    its value, and the probes' best CV accuracy per contrast; "no report" when none."""
+    """The headline of each report stage of a job (probes, contamination: the stages that
+    declare one): its name, its value, and the probes' best CV accuracy per contrast; "no
+    report" when none."""
+    from mlx_interp.engine.dag import headlines
+    from mlx_interp.stages import STAGES
+
     row: dict[str, Any] = {}
-    for name, stage in run.items():
-        summary = stage.get("summary") or {}
-        if not name.endswith("_report") or not summary.get("headline"):
-            continue
-        row["headline"] = summary["headline"]["name"]
-        row["headline_value"] = summary["headline"]["value"]
-        row.update({f"best_{c}": v for c, v in (summary.get("best") or {}).items()})
+    for name, head in headlines(STAGES, run).items():
+        row["headline"] = head.name
+        row["headline_value"] = head.value
+        best = (run[name].get("summary") or {}).get("best") or {}
+        row.update({f"best_{c}": v for c, v in best.items()})
     return row or {"status": "no report"}
 
 

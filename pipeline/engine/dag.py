@@ -3,8 +3,10 @@
 A stage is a pure function ``run(inputs, upstream, out) -> summary``: ``inputs`` is its
 declared inputs dataclass (schema types, built by :mod:`mlx_interp.engine.inputs` from its
 own config slice), ``upstream`` maps upstream stage names to their artifact folders, ``out``
-is the folder it writes into. Its cache key hashes {stage, code version, the plain config
-slice (the inputs' fields), fingerprints of the files the inputs name, upstream keys}.
+is the folder it writes into. Its cache key hashes {stage, the hash of its code (its module
+and the project modules it imports, :mod:`mlx_interp.engine.code_hash`), the plain config
+slice (the inputs' fields), fingerprints of the files the inputs name, upstream keys}; the
+artifact's manifest records those parts, so a changed key can be explained.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mlx_interp.engine.cache import Artifact, ArtifactStore, hash_key
-from mlx_interp.engine.distributed import Group
+from mlx_interp.engine.code_hash import code_digest, stage_sources
+from mlx_interp.engine.distributed import Group, current_shard
 from mlx_interp.engine.inputs import input_keys, typed
 from mlx_interp.errors import ConfigError
 
@@ -33,6 +36,7 @@ class PipelineError(ConfigError):
 
 __all__ = [
     "ConfigError",
+    "Headline",
     "PipelineError",
     "Stage",
     "StageResult",
@@ -43,33 +47,81 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class Headline:
+    """A report stage's headline number: printed by the CLI, returned to sweepers."""
+
+    name: str  # what the number is, e.g. "pressure best CV accuracy"
+    value: float
+    text: str = ""  # the CLI's line after the report's path; default "<name> <value:.3f>"
+
+    def line(self) -> str:
+        return self.text or f"{self.name} {self.value:.3f}"
+
+
+def summary_headline(summary: dict) -> Headline | None:
+    """The headline a stage put in its summary as ``{"headline": {"name", "value"}}``."""
+    head = summary.get("headline")
+    return Headline(str(head["name"]), float(head["value"])) if head else None
+
+
+def headlines(stages: Mapping[str, Stage], run: Mapping[str, Any]) -> dict[str, Headline]:
+    """Stage name -> Headline of every stage of a run that declares one, in run order; ``run``
+    maps stage names to their ``run.json`` entries (``{"summary": ..., ...}``)."""
+    out = {}
+    for name, entry in run.items():
+        stage = stages.get(name)
+        if stage is not None and stage.headline is not None:
+            head = stage.headline(entry.get("summary") or {})
+            if head is not None:
+                out[name] = head
+    return out
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One node of the DAG.
+    """One node of the DAG, declared by its stage module (``STAGE = Stage(...)``).
 
     run: ``run(inputs, upstream, out) -> summary`` (see the module docstring).
     inputs: a frozen dataclass whose fields are the top-level config keys the stage reads,
         typed by the schema (``model: ModelConfig``, ``seed: int``); :attr:`reads` is derived.
     needs: upstream stage names whose artifacts this stage reads.
-    version: bump when the code changes what the stage writes.
     fingerprint: inputs -> dict of content hashes of files they name (dataset, weights).
     resumable: the stage reuses complete files of an interrupted attempt (kept on disk full).
     sharded: under mlx.launch every rank computes its share (``distributed.current_shard()``)
         into the one artifact; otherwise one rank computes it and the others wait.
+    writes: the files (glob patterns, relative to the artifact folder) every run of the stage
+        writes; the runner refuses to complete an artifact that lacks one.
+    report: the files (glob patterns) copied into the run folder: set for a report stage.
+    headline: summary -> the report's headline number (or None), for the CLI and sweepers;
+        a function of the summary, so a cached artifact has it too.
     """
 
     name: str
     run: StageFn
     inputs: type
     needs: tuple[str, ...] = ()
-    version: str = "1"
     fingerprint: Callable[[Any], dict] | None = None
     resumable: bool = False
     sharded: bool = False
+    writes: tuple[str, ...] = ()
+    report: tuple[str, ...] = ()
+    headline: Callable[[dict], Headline | None] | None = None
 
     @property
     def reads(self) -> tuple[str, ...]:
         """The top-level config keys that form this stage's slice: its inputs' fields."""
         return input_keys(self.inputs)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Module -> sha256 of the file, for the module of ``run`` and the project modules
+        it imports (transitively); computed once per process."""
+        return stage_sources(self.run.__module__)
+
+    @property
+    def code(self) -> str:
+        """One hash of :attr:`sources`: the code part of the stage's cache key."""
+        return code_digest(self.sources)
 
 
 @dataclass
@@ -119,25 +171,32 @@ def stage_inputs(stage: Stage, cfg_slice: Mapping[str, Any]) -> Any:
     return typed(stage.inputs, cfg_slice)
 
 
-def stage_key(
+def key_parts(
     stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str], inputs: Any = None
-) -> str:
-    """Content key of a stage's artifact (``inputs``: the typed slice, when already built)."""
+) -> dict:
+    """What a stage's key hashes: its name, its code's hash, its config slice, the
+    fingerprints of the files its inputs name and its upstream keys (``inputs``: the typed
+    slice, when already built)."""
     if stage.fingerprint is None:
         fingerprints = {}
     else:
         fingerprints = stage.fingerprint(
             stage_inputs(stage, cfg_slice) if inputs is None else inputs
         )
-    return hash_key(
-        {
-            "stage": stage.name,
-            "version": stage.version,
-            "config": cfg_slice,
-            "files": fingerprints,
-            "inputs": dict(sorted(upstream_keys.items())),
-        }
-    )
+    return {
+        "stage": stage.name,
+        "code": stage.code,
+        "config": cfg_slice,
+        "files": fingerprints,
+        "inputs": dict(sorted(upstream_keys.items())),
+    }
+
+
+def stage_key(
+    stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str], inputs: Any = None
+) -> str:
+    """Content key of a stage's artifact: the hash of :func:`key_parts`."""
+    return hash_key(key_parts(stage, cfg_slice, upstream_keys, inputs))
 
 
 def stage_keys(
@@ -150,6 +209,16 @@ def stage_keys(
         upstream = {n: keys[n] for n in stage.needs}
         keys[name] = stage_key(stage, config_slice(cfg, stage), upstream)
     return keys
+
+
+def check_writes(stage: Stage, out: Path) -> None:
+    """Every file the stage declares it writes is in ``out`` (a stage bug otherwise)."""
+    missing = [pattern for pattern in stage.writes if not any(out.glob(pattern))]
+    if missing:
+        raise RuntimeError(
+            f"stage {stage.name!r} did not write {missing} into {out}, though its Stage "
+            "declares them (writes=...): fix the stage or its declaration"
+        )
 
 
 def run_stages(
@@ -171,16 +240,26 @@ def run_stages(
     for name in order:
         stage = stages[name]
         upstream = {n: keys[n] for n in stage.needs}
-        key = stage_key(stage, slices[name], upstream, typed_inputs[name])
+        parts = key_parts(stage, slices[name], upstream, typed_inputs[name])
+        key = hash_key(parts)
         keys[name] = key
         paths = {n: results[n].path for n in stage.needs}
         started = time.time()
 
         def compute(out: Path, stage=stage, name=name, paths=paths) -> dict | None:
             log.info("stage %s: computing -> %s", name, out)
-            return stage.run(typed_inputs[name], paths, out)
+            summary = stage.run(typed_inputs[name], paths, out)
+            if current_shard().rank == 0:  # under mlx.launch rank 0 writes the shared files
+                check_writes(stage, out)
+            return summary
 
-        record = {"upstream": upstream}
+        # the key's parts, so that a changed key can be explained (mlx-interp-reproduce)
+        record = {
+            "upstream": upstream,
+            "code": stage.sources,
+            "config": slices[name],
+            "files": parts["files"],
+        }
         if stage.sharded and group is not None and group.size > 1:
             art: Artifact = store.build_sharded(name, key, compute, group, record=record)
         else:

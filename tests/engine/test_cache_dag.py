@@ -116,6 +116,16 @@ def test_failed_stage_leaves_no_artifact(tmp_path):
     assert all(p.name.endswith(".partial") for p in key_dirs)  # never renamed into place
 
 
+def test_a_declared_file_the_stage_did_not_write_fails_it(tmp_path):
+    def forgetful(inputs, upstream, out):
+        (out / "one.json").write_text("1")
+
+    declared = Stage("forgetful", forgetful, inputs=DataInputs, writes=("one.json", "two.*"))
+    with pytest.raises(RuntimeError, match=r"did not write \['two.\*'\]"):
+        run_stages({"forgetful": declared}, ["forgetful"], {"data": {}}, ArtifactStore(tmp_path))
+    assert not [p for p in (tmp_path / "forgetful").iterdir() if len(p.name) == 64]
+
+
 def test_unknown_stage_and_cycle_are_named_errors():
     with pytest.raises(PipelineError, match="unknown stage 'nope'"):
         execution_order(STAGES, ["nope"])
