@@ -89,7 +89,10 @@ def _vector(name: str, value: Any, index: int, site: Site, shapes: list[tuple]) 
             "use a direction computed on this model's activations"
         )
     if not np.all(np.isfinite(array)):
-        raise SteeringError(f"edit {index} at {site}: {name} contains NaN or inf")
+        raise SteeringError(
+            f"edit {index} at {site}: {name} contains NaN or inf; recompute it from finite "
+            "activations (a NaN often means an empty class when taking a mean)"
+        )
     return (array if per_row else array.reshape(-1)).astype(np.float32)
 
 
