@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import patching as patching_bench  # noqa: E402
+from bench import stages  # noqa: E402
 from bench.stats import best_of, interleaved, ratio  # noqa: E402
 
 SECTIONS = (
@@ -38,6 +39,8 @@ SECTIONS = (
     "experiment",
     "memory",
     "patching",  # bench/patching.py: heatmaps beside TransformerLens and nnsight
+    "stages",  # bench/stages.py: stages / capture, sweeps after a cached run (issue 18)
+    "load",  # bench/stages.py: second model load (model load cache)
 )
 # the reduced default experiment behind the cached re-run and the with/without-fixes figure
 REDUCED = ["steer.n_random=2", "steer.confirm_n=0"]
@@ -235,6 +238,7 @@ WORKERS = {
     "forward": worker_forward,
     "generate": worker_generate,
     "batch": worker_batch,
+    "load": stages.worker_load,
 }
 
 
@@ -597,7 +601,7 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
             ),
         ]
     rows += patching_bench.figures(res["patching"]) if "patching" in res else []
-    return rows
+    return rows + stages.figures(res, ratio)
 
 
 def print_table(rows) -> None:
@@ -679,6 +683,8 @@ def main() -> None:
             ("experiment", lambda: section_experiment(tmp, args.full)),
             ("memory", lambda: section_memory(tmp)),
             ("patching", patching_bench.section),
+            ("stages", lambda: stages.section_stages(tmp, run_cli)),
+            ("load", lambda: stages.section_load(tmp, run_worker)),
         ]
         for name, step in steps:
             if name not in only:

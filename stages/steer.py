@@ -84,16 +84,27 @@ def words_of(score: ScoreConfig) -> list[str]:
 
 
 def _score(
-    scorer, lm, df: pd.DataFrame, score: ScoreConfig, steering: Steering, pad: int
+    scorer,
+    lm,
+    df: pd.DataFrame,
+    score: ScoreConfig,
+    settings: list[Steering],
+    pad: int,
+    pairs: list[tuple[int, int]] | None = None,
 ) -> list[dict]:
+    """One dict per (row of ``df``, setting) pair (default: every row under every setting),
+    all settings as rows of batched forwards on the rows' unsteered states where possible
+    (``Scorer.score_settings``)."""
     # controls have no own swap word: they get placeholder words, and their margin is unused
     original = [c if c in score.swap else words_of(score)[0] for c in df["condition"]]
     target = [score.swap.get(c, words_of(score)[-1]) for c in df["condition"]]
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = None
-    if steering.edits and steering.positions == "object":
+    if any(s.edits and s.positions == "object" for s in settings):
         spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist())
-    return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad, spans=spans)
+    return scorer.score_settings(
+        lm, tokens, original, target, words_of(score), settings, pairs, pad_id=pad, spans=spans
+    )
 
 
 def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> pd.DataFrame:
@@ -160,7 +171,7 @@ def _fluency_rows(lm, swap, score, steering, direction) -> list[pd.DataFrame]:
     if sample.empty:
         return []
     gen = GenerateScorer(max_tokens=score.fluency.max_tokens)
-    answers = _score(gen, lm, sample, score, steering, lm.pad_id)
+    answers = _score(gen, lm, sample, score, [steering], lm.pad_id)
     return [_rows(sample, answers, direction, "fluency")]
 
 
@@ -180,11 +191,11 @@ def run_baseline(inputs: BaselineInputs, upstream: dict[str, Path], out: Path) -
     with tqdm(total=3, desc="baseline", unit="step", leave=False) as bar:
         bar.set_postfix_str("logit scores")
         frames = [
-            _rows(both, _score(logit, lm, both, score, UNSTEERED, lm.pad_id), "none", "logit")
+            _rows(both, _score(logit, lm, both, score, [UNSTEERED], lm.pad_id), "none", "logit")
         ]
         bar.update()
         bar.set_postfix_str("greedy answers")
-        answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
+        answers = _score(gen, lm, both, score, [UNSTEERED], lm.pad_id)
         frames.append(_rows(both, answers, "none", "generate"))
         bar.update()
         bar.set_postfix_str("long answers (fluency)")
@@ -227,22 +238,28 @@ def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict
     pad = lm.pad_id
     positions = steer.positions
     main = Steering(_edits(ds, layers), mode, alpha, positions)
-    frames = [_rows(swap, _score(scorer, lm, swap, score, main, pad), "main", scorer.kind)]
-    if len(controls):
-        ctrl = _score(scorer, lm, controls, score, main, pad)
-        frames.append(_rows(controls, ctrl, "main", scorer.kind))
     randoms = ds.random_like(steer.n_random, seed=inputs.seed)
-    for i, rnd in enumerate(tqdm(randoms, desc="random directions", leave=False)):
-        steering = Steering(_edits(rnd, layers), mode, alpha, positions)
-        res = _score(scorer, lm, swap, score, steering, pad)
-        frames.append(_rows(swap, res, f"random-{i:02d}", scorer.kind))
+    settings = [main] + [Steering(_edits(r, layers), mode, alpha, positions) for r in randoms]
+    # the main direction on every question and control, each random one on the questions:
+    # all as rows of batched forwards that reuse the questions' unsteered states
+    both = pd.concat([swap, controls], ignore_index=True)
+    n_swap = len(swap)
+    pairs = [(p, 0) for p in range(len(both))]
+    pairs += [(p, s) for s in range(1, len(settings)) for p in range(n_swap)]
+    results = _score(scorer, lm, both, score, settings, pad, pairs)
+    frames = [_rows(swap, results[:n_swap], "main", scorer.kind)]
+    if len(controls):
+        frames.append(_rows(controls, results[n_swap : len(both)], "main", scorer.kind))
+    for i in range(len(randoms)):
+        at = len(both) + i * n_swap
+        frames.append(_rows(swap, results[at : at + n_swap], f"random-{i:02d}", scorer.kind))
     confirm_n = min(steer.confirm_n, len(swap))
     if confirm_n and scorer.kind != "generate":
         rng = np.random.default_rng(inputs.seed)
         sample = swap.iloc[np.sort(rng.choice(len(swap), confirm_n, replace=False))]
         sample = pd.concat([sample, controls], ignore_index=True)
         gen = GenerateScorer(max_tokens=score.max_tokens)
-        answers = _score(gen, lm, sample, score, main, pad)
+        answers = _score(gen, lm, sample, score, [main], pad)
         frames.append(_rows(sample, answers, "main", "generate"))
     frames += _fluency_rows(lm, swap, score, main, "main")
     table = add_fluency(pd.concat(frames, ignore_index=True), spec)

@@ -58,16 +58,24 @@ def object_span(tokenizer: Any, tokens: Sequence[int], obj: str) -> tuple[int, i
 
 
 def position_mask(
-    rule: str, lengths: Sequence[int], offset: int, spans: Sequence[tuple[int, int]] | None
+    rule: str,
+    lengths: Sequence[int],
+    offset: int,
+    spans: Sequence[tuple[int, int]] | None,
+    prefix: int = 0,
 ) -> np.ndarray:
     """bool ``[batch, max(lengths) - offset]``: which prompt positions ``rule`` edits.
 
     Column ``j`` is absolute token ``offset + j`` (``offset`` = tokens already in the KV
-    cache); ``lengths`` are full prompt lengths; ``spans`` the object spans (``object``)."""
-    if rule not in PER_ROW:
-        raise PositionError(f"position_mask is for the per-row rules {PER_ROW}, not {rule!r}")
+    cache); ``lengths`` are full prompt lengths; ``spans`` the object spans (``object``);
+    ``prefix`` the shared prefix's length (``suffix``, on models whose prefix cannot be
+    cached and run apart: it is masked instead)."""
+    if rule not in (*PER_ROW, "suffix"):
+        raise PositionError(f"position_mask is for the rules {PER_ROW} and suffix, not {rule!r}")
     width = max(lengths) - offset
     absolute = offset + np.arange(width)[None, :]  # [1, width]
+    if rule == "suffix":
+        return np.broadcast_to(absolute >= prefix, (len(lengths), width)).copy()
     if rule == "last":
         return absolute == (np.asarray(lengths)[:, None] - 1)
     if spans is None or len(spans) != len(lengths):
@@ -99,6 +107,16 @@ class GatedMode(WrappingMode):
 
     def __init__(self, inner: Any, gate: PositionGate):
         self.inner, self.gate = inner, gate
+
+    @property
+    def every_layer(self) -> bool:
+        """The inner mode's: an every-layer edit stays one under the gate."""
+        return bool(getattr(self.inner, "every_layer", False))
+
+    def for_layer(self, layer: int) -> GatedMode:
+        """The inner mode bound to ``layer`` (a conditional mode's probe), same gate."""
+        bind = getattr(self.inner, "for_layer", None)
+        return GatedMode(bind(layer), self.gate) if bind else self
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float

@@ -175,15 +175,21 @@ def _greedy_one(model, seq, max_tokens, eos, p, cache0) -> list[int]:
     instead splits the prompt forward in two: a per-row position mask needs it whole."""
     cache = expand_cache(cache0, 1) if cache0 is not None else make_prompt_cache(model)
     logits = model(mx.array([list(seq[p:])], dtype=mx.int32), cache=cache)[:, -1]
+    token = mx.argmax(logits, axis=-1)  # [1]
+    mx.async_eval(token)
     ids: list[int] = []
     for step in range(max_tokens):
-        token = int(mx.argmax(logits, axis=-1).item())
-        if token in eos:
+        ahead = None
+        if step < max_tokens - 1:  # queue the next step before waiting for this token
+            ahead = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+            mx.async_eval(ahead)
+        value = int(token.item())
+        if value in eos:
             break
-        ids.append(token)
-        if step == max_tokens - 1:
+        ids.append(value)
+        if ahead is None:
             break
-        logits = model(mx.array([[token]], dtype=mx.int32), cache=cache)[:, -1]
+        token = ahead
     return ids
 
 
