@@ -19,7 +19,6 @@ Modes are chosen by name (:data:`MODES`: one per file of ``conf/steer/mode/``) o
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -341,6 +340,11 @@ class ConditionalMode(WrappingMode):
         return mx.where(gate, self.inner(h, vector, center, alpha), h)
 
 
+def add_norm() -> NormPreservingMode:
+    """``add``, then each position rescaled to its norm before the edit."""
+    return NormPreservingMode("add")
+
+
 MODES: dict[str, Any] = {  # one name per file of conf/steer/mode/ (checked by a test)
     "add": AddMode,
     "subtract": SubtractMode,
@@ -348,7 +352,7 @@ MODES: dict[str, Any] = {  # one name per file of conf/steer/mode/ (checked by a
     "ablate": AblateMode,
     "ablate_all": AblateAllLayersMode,
     "reflect_norm": NormPreservingMode,  # inner defaults to reflect
-    "add_norm": partial(NormPreservingMode, "add"),
+    "add_norm": add_norm,
     "conditional": ConditionalMode,  # needs its probe: build it from conf/steer/mode/conditional
 }
 PLAIN_MODES = [name for name in MODES if name != "conditional"]  # built with no arguments
