@@ -173,9 +173,9 @@ def plot_contamination(r: dict, path: Path) -> Path:
     width = 0.8 / max(len(variants), 1)
     for i, v in enumerate(variants):
         vals = [r["cells"][f"{d}|{v}"] for d in domains]
-        cos = np.array([c["cosine"] for c in vals])
+        bars = np.array([c["cosine"] for c in vals])
         err = np.array([[c["cosine"] - c["ci95"][0], c["ci95"][1] - c["cosine"]] for c in vals])
-        ax2.bar(np.arange(len(domains)) + i * width, cos, width, yerr=err.T, capsize=2, label=v)
+        ax2.bar(np.arange(len(domains)) + i * width, bars, width, yerr=err.T, capsize=2, label=v)
     ax2.set_xticks(
         np.arange(len(domains)) + width * (len(variants) - 1) / 2,
         domains,

@@ -42,11 +42,13 @@ def site_activations(
     cond = prompts["condition"].to_numpy()
     if site == "answer":
         seqs, spans, words = answer_sequences(lm.tokenizer, tokens, [pos, neg])
-        words = np.asarray(words)
+        word = np.asarray(words)
         acts = residuals_at(lm.model, seqs, spans, layers, lm.pad_id)
-        return acts, words == pos, words == neg
+        return acts, word == pos, word == neg
     if site == "object":
-        spans = object_spans(lm.tokenizer, tokens, prompts["meta"].tolist())
+        spans = object_spans(
+            lm.tokenizer, tokens, prompts["meta"].tolist(), prompts["prompt_id"].tolist()
+        )
     else:
         spans = [(len(t) - 1, len(t)) for t in tokens]
     acts = residuals_at(lm.model, tokens, spans, layers, lm.pad_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,12 +68,26 @@ def fingerprint(inputs: DirectionsInputs) -> dict:
     return {"model": model_fingerprint(inputs.model)}
 
 
+def split_problem(prompts: pd.DataFrame, split: str) -> None:
+    """A fit split no prompt is in: say why (the dataset marks every row) and how to fix it."""
+    present = sorted(set(prompts["split"]))
+    if split in present:
+        return
+    raise DirectionError(
+        f"directions.fit_split={split} but every prompt is in split {present[0]!r}, none in "
+        f"{split!r} (a row's split is its `split` key; rows without one are train, and "
+        f"prompts.test_fraction marks a share of those test): mark some rows split: {split}, "
+        "set prompts.test_fraction, or set directions.fit_split=all"
+    )
+
+
 def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage entry: a direction per layer; needs prompts and capture."""
     dcfg = inputs.directions
     pos_name, neg_name = dcfg.contrast["pos"], dcfg.contrast["neg"]
     prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     if dcfg.fit_split != "all":
+        split_problem(prompts, dcfg.fit_split)
         prompts = prompts[prompts["split"] == dcfg.fit_split]
     prompts = prompts[prompts["condition"].isin([pos_name, neg_name])]
     for name in (pos_name, neg_name):
@@ -106,7 +121,7 @@ def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
         others = {name: extract(acts, is_pos, is_neg, name, contrast) for name in METHODS}
     per_layer = {}
     for layer in main.layers:
-        entry = {"norm": main.norms()[layer]}
+        entry: dict[str, Any] = {"norm": main.norms()[layer]}
         entry.update(
             separability(
                 acts[layer][is_pos | is_neg],

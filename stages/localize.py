@@ -77,7 +77,7 @@ def run_logit_lens(inputs: LensInputs, upstream: dict[str, Path], out: Path) -> 
     lm = load_model(inputs.model)
     swap = _swap_prompts(pd.read_parquet(upstream["prompts"] / "prompts.parquet"), score)
     tokens = [list(map(int, t)) for t in swap["tokens"]]
-    spans = object_spans(lm.tokenizer, tokens, swap["meta"].tolist())
+    spans = object_spans(lm.tokenizer, tokens, swap["meta"].tolist(), swap["prompt_id"].tolist())
     ids = {w: word_token_ids(lm.tokenizer, w) for w in set(score.swap) | set(score.swap.values())}
     plus = [ids[c] for c in swap["condition"]]
     minus = [ids[score.swap[c]] for c in swap["condition"]]

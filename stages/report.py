@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -176,7 +177,7 @@ def _controls(baseline, generations, cfg) -> dict:
     steered = generations[
         (generations["direction"] == "main") & generations["condition"].isin(cfg["controls"])
     ]
-    out = {"n": int(base["prompt_id"].nunique())}
+    out: dict[str, Any] = {"n": int(base["prompt_id"].nunique())}
     for kind in ("logit", "generate"):
         b = base[base["scorer"] == kind].set_index("prompt_id")
         s = steered[steered["scorer"] == kind].set_index("prompt_id")

@@ -78,6 +78,19 @@ def eval_prompts(prompts: pd.DataFrame, score: ScoreConfig) -> tuple[pd.DataFram
     return swap, controls
 
 
+def check_controls(prompts: pd.DataFrame, score: ScoreConfig) -> None:
+    """Every ``score.controls`` condition is one the prompts have: else the controls would be
+    silently unchecked (``{'n': 0}`` in the report)."""
+    known = sorted(set(prompts["condition"]))
+    unknown = [c for c in score.controls if c not in known]
+    if unknown:
+        raise ScoringError(
+            f"score.controls names condition(s) {unknown} that the prompts do not have; they "
+            f"have {known}: fix score.controls (e.g. score.controls=[{known[-1]}], or [] for "
+            "none) or concept.conditions"
+        )
+
+
 def words_of(score: ScoreConfig) -> list[str]:
     """The target words the scorers look for (the swap conditions' words)."""
     return sorted(set(score.swap) | set(score.swap.values()))
@@ -101,7 +114,7 @@ def _score(
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = None
     if any(s.edits and s.positions == "object" for s in settings):
-        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist())
+        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist(), df["prompt_id"].tolist())
     return scorer.score_settings(
         lm, tokens, original, target, words_of(score), settings, pairs, pad_id=pad, spans=spans
     )
@@ -145,7 +158,9 @@ def fluency_prompts(
     if "split" in swap and (swap["split"] == "test").any():  # held out: loops on test rows
         swap = swap[swap["split"] == "test"].reset_index(drop=True)
     n = min(n, len(swap))
-    picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
+    picks: np.ndarray | list[int] = (
+        np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
+    )
     sample = swap.iloc[picks].reset_index(drop=True)
     texts = [f.instruction.format(text=t) for t in sample["text"]]
     sample["tokens"] = [render(tokenizer, t, fmt, None, [])[1] for t in texts]
@@ -230,6 +245,7 @@ def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict
     alpha = float(steer.alpha)
     lm = load_model(inputs.model)
     prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
+    check_controls(prompts, score)
     swap, controls = eval_prompts(prompts, score)
     ds = DirectionSet.load(upstream["directions"] / "directions.safetensors")
     layers = steer_layers(steer, ds, lm.n_layers)

@@ -277,7 +277,7 @@ class DirectionSet:
         return self + (-self._check_layers(other))
 
     def __mul__(self, scalar: float) -> DirectionSet:
-        if not np.isscalar(scalar):
+        if not isinstance(scalar, int | float | np.integer | np.floating):
             return NotImplemented
         if scalar < 0:
             return -(self * -scalar)
@@ -313,6 +313,14 @@ class DirectionSet:
         unknown = sorted(set(provenance) - set(PROVENANCE))
         if unknown:
             raise DirectionError(f"unknown provenance {unknown}: use {list(PROVENANCE)}")
+        path = Path(path).expanduser()
+        folder = path.parent
+        if not folder.is_dir():  # else safetensors' error names a temporary file
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise DirectionError(
+                f"cannot save directions to {path}: the folder {folder} {what}; create it "
+                f"first (mkdir -p {folder}) or give a path in an existing folder"
+            )
         tensors = {}
         for prefix, arrays in zip(
             PREFIXES, (self.vectors, self.pos_means, self.neg_means), strict=True
@@ -446,7 +454,7 @@ def extract(
     params = {k: v for k, v in vars(fitter).items() if isinstance(v, (int, float, str, bool))}
     meta = {"n_pos": int(is_pos.sum()), "n_neg": int(is_neg.sum()), "params": params}
     name = getattr(fitter, "name", type(fitter).__name__)
-    return DirectionSet(vectors, pos_means, neg_means, name, tuple(contrast), meta)
+    return DirectionSet(vectors, pos_means, neg_means, name, (contrast[0], contrast[1]), meta)
 
 
 def cosine_matrix(sets: Mapping[str, DirectionSet], layer: int) -> tuple[list[str], np.ndarray]:

@@ -349,9 +349,9 @@ def mean_diff_cosines(
 
     point = cosines({c: x.mean(0) for c, x in xs.items()})
     boots = np.empty((int(n_bootstrap), len(names), len(names)))
-    for b in range(int(n_bootstrap)):
+    for r in range(int(n_bootstrap)):
         means = {c: x[rng.integers(0, len(x), len(x))].mean(0) for c, x in xs.items()}
-        boots[b] = cosines(means)
+        boots[r] = cosines(means)
     halves = []
     for _ in range(20):
         perm = {c: rng.permutation(len(x)) for c, x in xs.items()}

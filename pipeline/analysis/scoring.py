@@ -130,7 +130,9 @@ def _run_per_row(lm, tokens, steering: Steering, spans, batch_size: int, fn) -> 
                 gate.set(None)
             for i, result in zip(rows, results, strict=True):
                 out[i] = result  # a duplicated lone prompt writes the same result twice
-    return out
+    done = [r for r in out if r is not None]
+    assert len(done) == len(out), "every row is scored once"
+    return done
 
 
 UNSTEERED = Steering(edits=(), mode=None, alpha=0.0)
@@ -161,8 +163,8 @@ class Scorer:
         if steering.edits and per_row:
 
             def run_rows(rows, prefix):
-                pick = [[seq[i] for i in rows] for seq in (tokens, original, target)]
-                return self.score(lm, *pick, words, pad_id, prefix)
+                toks, orig, targ = ([seq[i] for i in rows] for seq in (tokens, original, target))
+                return self.score(lm, toks, orig, targ, words, pad_id, prefix)
 
             rows = _run_per_row(lm, tokens, steering, spans, self.batch_size, run_rows)
         else:
@@ -180,7 +182,10 @@ class Scorer:
     def check(self, rows: list[dict]) -> None:
         """Refuse the rows of one setting that cannot be trusted (all answers empty...)."""
 
-    max_new = 0  # greedy tokens the fast path generates per row (GenerateScorer: its length)
+    @property
+    def max_new(self) -> int:
+        """Greedy tokens the fast path generates per row (GenerateScorer: its length)."""
+        return 0
 
     def score_settings(
         self,
@@ -244,10 +249,12 @@ class Scorer:
             mine = [p for p, q in pairs if q == s]
             if not mine:
                 continue
-            pick = [[seq[p] for p in mine] for seq in (tokens, original, target)]
+            toks, orig, targ = ([seq[p] for p in mine] for seq in (tokens, original, target))
             rows = self(
                 lm,
-                *pick,
+                toks,
+                orig,
+                targ,
                 words,
                 setting,
                 pad_id=pad_id,

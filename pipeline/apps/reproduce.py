@@ -5,8 +5,9 @@ config Hydra saved (``.hydra/config.yaml``), ``run.json`` (every stage's artifac
 path) and ``provenance.json`` (package, MLX and Python versions, BLAS, seed, model file
 checksum). This tool runs that config again, in a fresh artifact store (default) or reusing
 the cache (``--reuse-cache``), into a new run folder, then compares every artifact file's
-sha256 (from the manifests) and every number of the reports' JSON files. It prints
-``identical`` (exit 0) or each difference (exit 1); bad input is one ``error:`` line (exit 2).
+sha256 (from the manifests), every number of the reports' JSON files and the run folders'
+report texts and plots (``report.md``, ``*.png``) byte for byte. It prints ``identical``
+(exit 0) or each difference (exit 1); bad input is one ``error:`` line (exit 2).
 
 Artifact keys are compared too, but a different key is not a different result: each one is
 explained from the key's parts that the manifests record (the stage's code, its config
@@ -141,7 +142,7 @@ def same_safetensors(a: Path, b: Path) -> bool:
 
 def compare_runs(original: Path, rerun: Path) -> list[str]:
     """Differences of results between two run folders: the stages run, artifact file
-    checksums, report numbers (keys: :func:`key_notes`)."""
+    checksums, report numbers, report texts and plots (keys: :func:`key_notes`)."""
     diffs: list[str] = []
     runs = [json.loads((d / "run.json").read_text(encoding="utf-8")) for d in (original, rerun)]
     for stage in sorted(set(runs[0]) | set(runs[1])):
@@ -169,6 +170,7 @@ def compare_runs(original: Path, rerun: Path) -> list[str]:
                 if same_safetensors(*pair):
                     continue
             diffs.append(f"stage {stage}: {rel} differs (sha256)")
+    diffs += report_files_differ(original, rerun)
     for report in sorted(original.glob("*.json")):
         if report.name in ("run.json", PROVENANCE):
             continue
@@ -181,6 +183,35 @@ def compare_runs(original: Path, rerun: Path) -> list[str]:
         ):
             diffs.append(f"{report.name}: {d}")
     return diffs
+
+
+REPORT_FILES = ("*.md", "*.png")  # compared whole; the reports' JSON number by number
+
+
+def report_files_differ(original: Path, rerun: Path) -> list[str]:
+    """The run folders' report texts and plots (``report.md``, ``*.png``), byte for byte:
+    a report edited by hand, or a plot drawn differently, is a difference."""
+    diffs = []
+    names = {p.name for pattern in REPORT_FILES for d in (original, rerun) for p in d.glob(pattern)}
+    for name in sorted(names):
+        a, b = original / name, rerun / name
+        if not (a.is_file() and b.is_file()):
+            diffs.append(f"{name}: only in {'the original' if a.is_file() else 'the re-run'}")
+        elif a.read_bytes() != b.read_bytes():
+            diffs.append(f"{name}: differs from the re-run's{_first_line_differing(a, b)}")
+    return diffs
+
+
+def _first_line_differing(a: Path, b: Path) -> str:
+    """`` (line N: 'original' vs 're-run')`` for two texts, else nothing."""
+    if a.suffix != ".md":
+        return " (bytes)"
+    lines = [p.read_text(encoding="utf-8", errors="replace").splitlines() for p in (a, b)]
+    for i in range(max(map(len, lines))):
+        x, y = (ls[i] if i < len(ls) else "" for ls in lines)
+        if x != y:
+            return f" (line {i + 1}: {x[:60]!r} vs {y[:60]!r})"
+    return " (line endings)"
 
 
 def environment_notes(original: Path, rerun: Path) -> list[str]:
@@ -199,7 +230,7 @@ def reproduce(
     run_dir: Path, out: Path, reuse_cache: bool
 ) -> tuple[list[str], list[str], list[str]]:
     """Re-run ``run_dir``'s config into ``out``; (differences, key notes, environment notes)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from mlx_interp.apps.cli import run_experiment
     from mlx_interp.engine.schema import register_configs
@@ -214,6 +245,8 @@ def reproduce(
         raise ReproduceError(f"--out {out} is not empty; give a new folder")
     register_configs()
     cfg = OmegaConf.load(saved)
+    if not isinstance(cfg, DictConfig):
+        raise ReproduceError(f"{saved} is not a config mapping; is this a run folder?")
     if not reuse_cache:
         OmegaConf.update(cfg, "paths.artifacts", str(out / "artifacts_store"), merge=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     keys_too = f"; {len(keys)} artifact key(s) differ, as noted" if keys else ""
     print(
-        f"identical: {out} reproduces {run_dir} (every artifact checksum and report "
-        f"number{keys_too})"
+        f"identical: {out} reproduces {run_dir} (every artifact checksum, report number, "
+        f"report.md and plot{keys_too})"
     )
     return 0
 

@@ -37,6 +37,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -288,9 +289,8 @@ def sweep(args: argparse.Namespace) -> int:
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_container(
-            compose("config", overrides=["experiment=color_swap", *args.overrides]), resolve=True
-        )
+        composed = compose("config", overrides=["experiment=color_swap", *args.overrides])
+        cfg = cast(dict[str, Any], OmegaConf.to_container(composed, resolve=True))
     start = time.perf_counter()
     root = typed(RootConfig, cfg)
     lm = load_model(root.model)
@@ -332,7 +332,9 @@ def sweep(args: argparse.Namespace) -> int:
     fold = fold_of(cond, FOLDS, int(cfg["seed"]))
     is_fit = np.isin(cond, words)
     grid = parse_grid(args.grid or default_grid(cfg["model"]["name"]))
-    sets, fold_sets, sides = {}, [{} for _ in range(FOLDS)], []
+    sets: dict = {}
+    fold_sets: list[dict] = [{} for _ in range(FOLDS)]
+    sides: list = []
     for site in sorted({p[0] for p in grid}):
         acts, is_pos, is_neg = site_activations(lm, fit, site, "red", "green")
         per_row = len(is_pos) // len(fit)  # 2 rows per question for the answer contrast

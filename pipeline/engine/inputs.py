@@ -17,12 +17,15 @@ import functools
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mlx_interp.engine.schema import Choice
 from mlx_interp.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a schema dataclass
 
 __all__ = ["choice_fields", "input_keys", "typed"]
 

@@ -28,7 +28,7 @@ import numpy as np
 from mlx_interp.interventions.modes import SteeringError, make_mode
 from mlx_interp.interventions.positions import POSITIONS, PositionError
 from mlx_interp.interventions.prefix import MIN_PREFIX, common_prefix_len
-from mlx_interp.interventions.rowcache import cache_refusal, fresh_caches
+from mlx_interp.interventions.rowcache import cache_refusal, filled_kv, fresh_caches
 from mlx_interp.interventions.rows import RowSteering, run_rows
 from mlx_interp.interventions.steering import LayerEdit, steer
 from mlx_interp.interventions.unsteered import (
@@ -193,6 +193,7 @@ def steer_rows(
         results.update(plan.run(group, None, max_tokens, eos, pad_id, rows_cap))
     busy = [(p, s) for p, s in pairs if steered[s]]
     if busy:
+        assert row_mode is not None  # busy rows are those of edited settings
         layer_edits = [
             LayerEdit(layer, row_mode.vectors[layer][0], _first(row_mode.centers[layer]))
             for layer in layers
@@ -270,7 +271,6 @@ class _Plan:
         width = max(len(row.run) for row in group)
         columns = used + max(_own_width(row.own) for row in group) + width + max_tokens
         step = _row_batch(columns, self.model, rows_cap)
-        settings = getattr(edits, "select_rows", None)
         out = {}
         for start in range(0, len(group), step):
             batch = group[start : start + step]
@@ -284,7 +284,7 @@ class _Plan:
                 caches = fresh_caches(self.n_layers, len(batch), extra)
             gate = None
             if edits is not None:
-                edits.select(settings[start : start + step])
+                edits.select(edits.select_rows[start : start + step])
                 gate = np.zeros((len(batch), max(len(r) for r in runs)), bool)
                 for b, row in enumerate(batch):
                     gate[b, : len(row.run)] = True if row.gate is None else row.gate
@@ -328,7 +328,8 @@ def _steered_prefixes(model: Any, tokens: Sequence[int], row_mode: RowSteering):
     out = {}
     for s in range(n):
         kv = [
-            (mx.contiguous(c.keys[s : s + 1]), mx.contiguous(c.values[s : s + 1])) for c in caches
+            (mx.contiguous(k[s : s + 1]), mx.contiguous(v[s : s + 1]))
+            for k, v in (filled_kv(c) for c in caches)
         ]
         out[s] = PrefixState(tuple(int(t) for t in tokens), kv)
     mx.eval([pair for state in out.values() for pair in state.kv])

@@ -102,7 +102,7 @@ def capture_layers(
             pass
 
 
-def padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]]:
+def padded_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[mx.array, list[int]]:
     """Right-pad ``sequences`` with ``pad_id``: tokens ``[batch, max_len]`` and lengths."""
     if not sequences:
         raise ValueError("a capture needs at least one sequence")

@@ -290,7 +290,7 @@ class ConditionalMode(WrappingMode):
         self.intercept = 0.0
         if coef is not None:
             self._set_probe(coef, 0.0 if intercept is None else intercept)
-        elif probe_layer is not None:
+        elif probe_layer is not None and probe_path is not None:
             self._set_probe(*load_probe(probe_path, contrast, int(probe_layer)))
 
     def _set_probe(self, coef: Any, intercept: Any) -> None:
@@ -314,6 +314,7 @@ class ConditionalMode(WrappingMode):
         bound = ConditionalMode.__new__(ConditionalMode)
         bound.__dict__.update(self.__dict__)
         bound.probe_layer = layer
+        assert self.probe_path is not None  # without coef, the probe comes from a file
         bound._set_probe(*load_probe(self.probe_path, self.contrast, layer))
         return bound
 

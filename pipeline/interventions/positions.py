@@ -133,17 +133,26 @@ class GatedMode(WrappingMode):
         return self.inner(h, vector, center, alpha) if self.gate.generated else h
 
 
-def object_spans(tokenizer: Any, tokens: Sequence[Sequence[int]], metas: Sequence[str]):
-    """``[start, end)`` of each prompt's object (the ``object`` key of its JSON ``meta``)."""
+def object_spans(
+    tokenizer: Any,
+    tokens: Sequence[Sequence[int]],
+    metas: Sequence[str],
+    ids: Sequence[str] | None = None,
+):
+    """``[start, end)`` of each prompt's object (the ``object`` key of its JSON ``meta``);
+    ``ids`` (the prompts' ids) name a prompt without one."""
     import json
 
     spans = []
-    for seq, meta in zip(tokens, metas, strict=True):
+    for i, (seq, meta) in enumerate(zip(tokens, metas, strict=True)):
         obj = json.loads(meta).get("object") if meta else None
         if not isinstance(obj, str) or not obj.strip():
+            which = f"prompt {ids[i]!r}" if ids is not None else f"prompt number {i}"
             raise PositionError(
-                f"a prompt has no `object` in its dataset row (meta {meta!r}); positions and "
-                "directions at the object need every row to name its object"
+                f"{which} has no `object` in its dataset row; positions and directions at the "
+                "object (steer.positions=object, directions.site=object, the localize stages) "
+                "need every row of the dataset to name its object (key `object`); or use "
+                "steer.positions=all and directions.site=last"
             )
         spans.append(object_span(tokenizer, seq, obj))
     return spans

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -156,7 +156,7 @@ def batched_last_logits(
         )
         for row, i in zip(np.array(logits.astype(mx.float32)), idx, strict=True):
             out[int(i)] = row
-    return np.stack(out)
+    return np.stack(cast(list[np.ndarray], out))  # every row filled
 
 
 def eos_ids(tokenizer: Any) -> set[int]:
@@ -183,7 +183,7 @@ def _greedy_one(model, seq, max_tokens, eos, p, cache0) -> list[int]:
         if step < max_tokens - 1:  # queue the next step before waiting for this token
             ahead = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
             mx.async_eval(ahead)
-        value = int(token.item())
+        value = int(token)
         if value in eos:
             break
         ids.append(value)
@@ -231,7 +231,7 @@ def _greedy_batch(model, suffixes, max_tokens, eos, cache0, pad_id) -> list[list
     ids: list[list[int]] = [[] for _ in range(n)]
     active = list(range(n))  # row of the batch -> index into ids
     for step in range(max_tokens):
-        tokens = token.tolist()
+        tokens = cast(list[int], token.tolist())
         keep = []
         for row, tok in enumerate(tokens):
             if tok in eos:
@@ -280,4 +280,5 @@ def greedy_generate(
     for i, seq in enumerate(seqs):
         if answers[i] is None:
             answers[i] = _greedy_one(model, seq, max_tokens, eos, p, cache0)
-    return [(tokenizer.decode(ids), ids) for ids in answers]
+    done = cast(list[list[int]], answers)  # every prompt answered
+    return [(tokenizer.decode(ids), ids) for ids in done]

@@ -83,7 +83,12 @@ class RowContext:
     def advance(self, n: int, lengths: Sequence[int] | mx.array | None = None) -> None:
         """Record a forward of ``n`` columns, of which the first ``lengths[b]`` are row b's
         real tokens (None: all ``n``); the rest are padding, never seen again."""
-        lengths = mx.full((self.batch,), n, mx.int32) if lengths is None else mx.array(lengths)
+        if lengths is None:
+            lengths = mx.full((self.batch,), n, mx.int32)
+        else:  # as given: an mx or numpy array, or a list of ints
+            lengths = mx.array(
+                lengths if isinstance(lengths, mx.array | np.ndarray) else list(lengths)
+            )
         j = mx.arange(n, dtype=mx.int32)[None, :]
         new = mx.where(j < lengths[:, None], self.next_pos[:, None] + j, -1)
         if self.filled + n > self.capacity:
@@ -116,34 +121,37 @@ class RowKV(_BaseCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         start, n = self.context.filled, keys.shape[2]
-        if self.keys is None:
+        k, v = self.keys, self.values
+        if k is None or v is None:
             columns = max(self.context.capacity, start + n)
-            self.keys = mx.zeros((*keys.shape[:2], columns, keys.shape[3]), keys.dtype)
-            self.values = mx.zeros((*values.shape[:2], columns, values.shape[3]), values.dtype)
-        if start + n > self.keys.shape[2]:
-            grow = start + n - self.keys.shape[2]
-            pad_k = mx.zeros((*self.keys.shape[:2], grow, self.keys.shape[3]), self.keys.dtype)
-            pad_v = mx.zeros(
-                (*self.values.shape[:2], grow, self.values.shape[3]), self.values.dtype
-            )
-            self.keys = mx.concatenate([self.keys, pad_k], axis=2)
-            self.values = mx.concatenate([self.values, pad_v], axis=2)
-        self.keys[..., start : start + n, :] = keys
-        self.values[..., start : start + n, :] = values
-        return self.keys[..., : start + n, :], self.values[..., : start + n, :]
+            k = mx.zeros((*keys.shape[:2], columns, keys.shape[3]), keys.dtype)
+            v = mx.zeros((*values.shape[:2], columns, values.shape[3]), values.dtype)
+        if start + n > k.shape[2]:
+            grow = start + n - k.shape[2]
+            pad_k = mx.zeros((*k.shape[:2], grow, k.shape[3]), k.dtype)
+            pad_v = mx.zeros((*v.shape[:2], grow, v.shape[3]), v.dtype)
+            k = mx.concatenate([k, pad_k], axis=2)
+            v = mx.concatenate([v, pad_v], axis=2)
+        k[..., start : start + n, :] = keys
+        v[..., start : start + n, :] = values
+        self.keys, self.values = k, v
+        return k[..., : start + n, :], v[..., : start + n, :]
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         return self.context.mask(n, window_size)
 
     def keep(self, rows: mx.array) -> None:
-        self.keys, self.values = self.keys[rows], self.values[rows]
+        if self.keys is not None and self.values is not None:  # else nothing stored yet
+            self.keys, self.values = self.keys[rows], self.values[rows]
 
     def empty(self) -> bool:
         return False
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        if self.keys is None or self.values is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
 
     @property
     def state(self):
@@ -175,3 +183,9 @@ def fresh_caches(n_layers: int, batch: int, columns: int) -> list[RowKV]:
     room for ``columns`` tokens (arrays made at the first forward)."""
     context = RowContext(np.full((batch, columns), -1, np.int32), 0, [0] * batch)
     return [RowKV(context, None, None) for _ in range(n_layers)]
+
+
+def filled_kv(cache: RowKV) -> tuple[mx.array, mx.array]:
+    """(keys, values) of a cache that a forward has filled."""
+    assert cache.keys is not None and cache.values is not None, "a forward fills the cache"
+    return cache.keys, cache.values

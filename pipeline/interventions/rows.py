@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -47,7 +47,7 @@ class RowSteering(WrappingMode):
         self.select_rows: list[int] = []  # the setting of each row of a group (batches slice it)
         self.gate: mx.array | None = None
         self.decode = True
-        self._arrays: dict[tuple, mx.array | None] = {}
+        self._arrays: dict[tuple, tuple[mx.array, mx.array | None]] = {}
 
     @property
     def every_layer(self) -> bool:
@@ -60,7 +60,7 @@ class RowSteering(WrappingMode):
 
     def keep(self, kept: Sequence[int]) -> None:
         """Rows ``kept`` of the batch stay (the others finished)."""
-        self.select(self.rows[np.asarray(kept, dtype=np.int64)])
+        self.select(self.rows[np.asarray(kept, dtype=np.int64)].tolist())
 
     def arrays(self, layer: int, dtype: Any) -> tuple[mx.array, mx.array | None]:
         """(vectors, centers) ``[batch, 1, d]`` of the current rows at ``layer``."""
@@ -192,7 +192,7 @@ def _greedy(model, caches, logits, max_tokens, eos, edits) -> list[list[int]]:
             caches[0].context.advance(1)
             mx.async_eval(ahead)
         keep = []
-        for row, tok in enumerate(token.tolist()):
+        for row, tok in enumerate(cast(list[int], token.tolist())):
             if tok in eos:
                 continue
             ids[active[row]].append(tok)

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.interventions.prefix import MIN_PREFIX, common_prefix_len, last_logits
-from mlx_interp.interventions.rowcache import RowKV, fresh_caches, row_caches
+from mlx_interp.interventions.rowcache import RowKV, filled_kv, fresh_caches, row_caches
 from mlx_interp.models.anatomy import anatomy_of
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def prefix_state(model: Any, tokens: Sequence[int], store: StateStore | None = S
         return known
     caches = fresh_caches(len(anatomy_of(model).layers), 1, len(tokens))
     _body(model)(mx.array([list(tokens)], dtype=mx.int32), cache=caches)
-    kv = [(mx.contiguous(c.keys), mx.contiguous(c.values)) for c in caches]
+    kv = [(mx.contiguous(k), mx.contiguous(v)) for k, v in map(filled_kv, caches)]
     mx.eval(kv)
     state = PrefixState(tuple(int(t) for t in tokens), kv)
     if store is not None:
@@ -224,7 +224,7 @@ def assemble(
                 raise ValueError("a batch with neither prefix nor own states needs no assembly")
             pieces.append(mx.zeros((batch, ref.shape[1], extra, ref.shape[3]), ref.dtype))
             pair.append(mx.concatenate(pieces, axis=2))
-        layers.append(tuple(pair))
+        layers.append((pair[0], pair[1]))
     return row_caches(layers, positions, length + width, [length + u for u in used])
 
 
@@ -271,9 +271,10 @@ def prompt_states(
             logits = last_logits(model, tokens, [n - 1 for n in lengths], caches).astype(mx.float32)
             filled = caches[0].context.filled
             made = []
+            kv = [filled_kv(c) for c in caches]
             for b, (j, n) in enumerate(zip(rows, lengths, strict=True)):
-                keys = mx.stack([c.keys[b, :, filled : filled + n] for c in caches])
-                values = mx.stack([c.values[b, :, filled : filled + n] for c in caches])
+                keys = mx.stack([k[b, :, filled : filled + n] for k, _ in kv])
+                values = mx.stack([v[b, :, filled : filled + n] for _, v in kv])
                 made.append(PromptState(tuple(todo[j]), prefix, keys, values, logits[b]))
             mx.eval([(s.keys, s.values, s.logits) for s in made])
             for j, state in zip(rows, made, strict=True):
