@@ -44,7 +44,7 @@ def _instantiate(spec: Mapping, registry: Registry) -> Any:
     try:
         return instantiate(spec, _convert_="all")
     except Exception as err:
-        cause = err
+        cause: BaseException = err
         while cause.__cause__ is not None:  # Hydra wraps the constructor's own error
             cause = cause.__cause__
         raise registry.error(

@@ -68,7 +68,9 @@ def _heads(x: mx.array, count: int) -> mx.array:
 
 def explicit_attention(parts: LayerParts) -> Callable[..., mx.array]:
     """The explicit forward of ``parts.attn`` as a hooked ``__call__`` body."""
-    n_heads, n_kv, head_dim = parts.n_heads, parts.n_kv_heads, parts.head_dim
+    n_heads, n_kv, head_dim, scale = parts.n_heads, parts.n_kv_heads, parts.head_dim, parts.scale
+    if not (n_heads and n_kv and head_dim and scale):
+        raise AnatomyError(f"layer {parts.index}: the attention's head counts are unknown")
 
     def forward(module: Any, hooks: ModuleHooks, x: mx.array, mask: Any = None, cache: Any = None):
         if cache is not None and hasattr(cache, "bits"):
@@ -92,7 +94,7 @@ def explicit_attention(parts: LayerParts) -> Callable[..., mx.array]:
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         keys = expand_kv(k, n_heads, axis=1).astype(mx.float32)
-        scores = (q.astype(mx.float32) * parts.scale) @ keys.swapaxes(-1, -2)
+        scores = (q.astype(mx.float32) * scale) @ keys.swapaxes(-1, -2)
         if parts.attn_softcap:
             scores = mx.tanh(scores / parts.attn_softcap) * parts.attn_softcap
         scores = hooks.apply("attn_scores", _apply_mask(scores, mask))
@@ -151,9 +153,9 @@ def verify(anatomy: Anatomy, index: int, what: str) -> None:
     base = hooks.base if hooks is not None else type(module)
     try:
         with hooks_suspended():
-            expected = base.__call__(module, x, mask, None)
-            got = make(parts)(module, ModuleHooks(base), x, mask, None)
-            expected, got = (np.array(a.astype(mx.float32)) for a in (expected, got))
+            own = base.__call__(module, x, mask, None)
+            mine = make(parts)(module, ModuleHooks(base), x, mask, None)
+            expected, got = (np.array(a.astype(mx.float32)) for a in (own, mine))
     except Exception as err:  # a part missing or of the wrong shape
         raise AnatomyError(
             f"layer {index}: the explicit {what} forward cannot run on {type(module).__name__} "

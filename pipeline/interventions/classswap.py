@@ -171,7 +171,7 @@ def hooks_of(module: Any) -> ModuleHooks | None:
     """The :class:`ModuleHooks` of ``module`` if it is hooked (its class or one above it)."""
     for cls in type(module).__mro__:
         found = cls.__dict__.get(_HOOKS)
-        if found is not None:
+        if isinstance(found, ModuleHooks):
             return found
     return None
 
@@ -190,9 +190,9 @@ def hooked(
     The first hook on a module swaps its ``__class__`` for a one-off subclass (named
     ``prefix`` + the class name) that runs the hooks; later ones join it; the original class
     is restored when the last hook leaves, also after an exception. No module is replaced."""
-    hooks = hooks_of(module)
-    if hooks is None:
-        hooks = ModuleHooks(type(module))
+    found = hooks_of(module)
+    hooks: ModuleHooks = found if found is not None else ModuleHooks(type(module))
+    if found is None:
         cls = subclass_with_call(type(module), prefix, _hooked_call(hooks))
         setattr(cls, _HOOKS, hooks)
         module.__class__ = cls
@@ -210,7 +210,7 @@ def hooked(
         if not added:
             hooks.points.pop(point, None)
         if not hooks.points and type(module).__dict__.get(_HOOKS) is hooks:
-            module.__class__ = hooks.base
+            module.__class__ = hooks.base  # the last hook left: the original class back
 
 
 @contextmanager

@@ -20,7 +20,7 @@ Modes are chosen by name (:data:`MODES`: one per file of ``conf/steer/mode/``) o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 import numpy as np
@@ -56,8 +56,15 @@ class SteeringError(ConfigError):
 class SteeringMode(Protocol):
     """What every steering mode provides (:class:`Mode` gives the defaults)."""
 
-    needs_center: bool  # True: every edit must carry a center (reflect)
-    every_layer: bool  # True: applied at the same kind of site in every layer
+    @property
+    def needs_center(self) -> bool:
+        """True: every edit must carry a center (reflect)."""
+        ...
+
+    @property
+    def every_layer(self) -> bool:
+        """True: applied at the same kind of site in every layer."""
+        ...
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -71,10 +78,16 @@ class SteeringMode(Protocol):
 class Mode:
     """Base of the modes: no center needed, edits only its own layer, one copy for all."""
 
-    needs_center: ClassVar[bool] = False
-    every_layer: ClassVar[bool] = False
+    @property
+    def needs_center(self) -> bool:
+        return False
 
-    def for_layer(self, layer: int) -> Mode:
+    @property
+    def every_layer(self) -> bool:
+        return False
+
+    def for_layer(self, layer: int) -> Any:
+        """The mode that edits ``layer`` (this one: most modes need no binding)."""
         return self
 
 
@@ -82,8 +95,11 @@ class CallableMode(Mode):
     """A plain function ``fn(h, vector, center, alpha) -> h'`` as a mode (no hooks)."""
 
     def __init__(self, fn: Any, needs_center: bool = False):
-        self.fn = fn
-        self.needs_center = bool(needs_center)  # type: ignore[misc]
+        self.fn, self._needs_center = fn, bool(needs_center)
+
+    @property
+    def needs_center(self) -> bool:
+        return self._needs_center
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -110,8 +126,6 @@ def _along(x: mx.array, u: mx.array) -> mx.array:
 class AddMode(Mode):
     """``h + alpha * vector``: push every position along the direction."""
 
-    needs_center: ClassVar[bool] = False
-
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
     ) -> mx.array:
@@ -120,8 +134,6 @@ class AddMode(Mode):
 
 class SubtractMode(Mode):
     """``h - alpha * vector``: push every position against the direction."""
-
-    needs_center: ClassVar[bool] = False
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -137,7 +149,9 @@ class ReflectMode(Mode):
     ``center`` is their midpoint and ``vector`` their difference); ``alpha`` scales the move.
     """
 
-    needs_center: ClassVar[bool] = True
+    @property
+    def needs_center(self) -> bool:
+        return True
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -155,8 +169,6 @@ class ReflectMode(Mode):
 class AblateMode(Mode):
     """``h - alpha * (h . u) u`` with ``u = vector / |vector|``; ``alpha = 1`` projects it out."""
 
-    needs_center: ClassVar[bool] = False
-
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
     ) -> mx.array:
@@ -173,7 +185,9 @@ class AblateAllLayersMode(AblateMode):
     so no layer can write it back. ``alpha = 1`` removes it fully.
     """
 
-    every_layer: ClassVar[bool] = True
+    @property
+    def every_layer(self) -> bool:
+        return True
 
 
 class WrappingMode(Mode):
@@ -183,7 +197,7 @@ class WrappingMode(Mode):
     inner: Any
 
     @property
-    def needs_center(self) -> bool:  # type: ignore[override]
+    def needs_center(self) -> bool:
         return self.inner.needs_center
 
 

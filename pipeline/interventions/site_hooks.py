@@ -133,7 +133,7 @@ def site_target(model: Any, site: Site, flat: bool = False) -> SiteTarget:
         if kind == "mlp_post":
             return SiteTarget(need(parts.down_proj, "down_proj", "down projection", index), "input")
         if parts.gate_up_proj is not None:  # phi3: [gate | up] in one projection
-            view, put = _halves(kind == "mlp_pre", parts.d_mlp)
+            view, put = _halves(kind == "mlp_pre", int(parts.d_mlp or 0))
             return SiteTarget(parts.gate_up_proj, "output", view=view, put=put)
         if kind == "mlp_pre" and parts.gated:
             return SiteTarget(parts.gate_proj, "output")
@@ -156,7 +156,7 @@ def head_shape(model: Any, layer: int) -> tuple[int, int]:
     """``(n_heads, head_dim)`` of the attention at (resolved) ``layer``, from the anatomy."""
     site_target(model, Site(layer, "z"))  # a SiteError naming what is missing
     parts = anatomy_of(model).layer(layer)
-    return parts.n_heads, parts.head_dim
+    return int(parts.n_heads or 0), int(parts.head_dim or 0)  # both known: checked above
 
 
 def site_width(model: Any, site: Site) -> int | None:
@@ -182,7 +182,7 @@ def flat_width(model: Any, site: Site) -> int | None:
     if site.kind in ("q", "k", "v"):
         parts = anatomy_of(model).layer(site.layer)
         heads = parts.n_heads if site.kind == "q" else parts.n_kv_heads
-        return heads * parts.head_dim
+        return int(heads or 0) * int(parts.head_dim or 0)
     return site_width(model, site)
 
 
@@ -218,7 +218,7 @@ def site_hook(
         except AnatomyError as err:
             raise SiteError(str(err)) from err
     hook = fn
-    if target.view is not None:
+    if target.view is not None and target.put is not None:
         view, put = target.view, target.put
 
         def hook(value: mx.array) -> mx.array:

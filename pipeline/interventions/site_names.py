@@ -188,7 +188,7 @@ def parse_site(name: str | Site | tuple[str, int]) -> Site:
     if tl is not None and tl.group(2) in _TL:
         return Site(int(tl.group(1)), _TL[tl.group(2)])
     match = _PATTERN.match(text)
-    kind = _BY_SUFFIX.get(match.group(2)) if match is not None else None
-    if kind is None:
+    named = _BY_SUFFIX.get(match.group(2)) if match is not None else None
+    if match is None or named is None:
         raise SiteError(f"cannot parse site {name!r}; valid forms: {EXAMPLES}")
-    return Site(int(match.group(1)), kind)
+    return Site(int(match.group(1)), named)

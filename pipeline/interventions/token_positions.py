@@ -115,6 +115,8 @@ class PositionClock:
 
     def __call__(self, args: tuple, kwargs: dict) -> None:
         tokens = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
+        if tokens is None:
+            return  # a call without its input: not a forward to place
         cache = kwargs.get("cache", args[self.cache_arg] if len(args) > self.cache_arg else None)
         if isinstance(cache, (list, tuple)):
             cache = cache[0] if cache else None
@@ -150,6 +152,9 @@ def where_positions(
     elsewhere the value passes unchanged. ``fn`` itself when positions are all."""
     if positions.every:
         return fn
+
+    if clock is None:
+        raise PositionError("edits at chosen positions need a position clock on the model")
 
     def at_positions(value: mx.array) -> mx.array:
         batch, width = value.shape[0], value.shape[seq_axis]
