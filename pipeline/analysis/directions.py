@@ -14,12 +14,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from mlx_interp.analysis.stats import finite_rows
 from mlx_interp.errors import MlxInterpError
+from mlx_interp.factory import Registry, build
 
 FORMAT = "mlx-interp.directions/1"
 PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{layer}"
@@ -171,19 +172,27 @@ class LogisticDirection:
 METHODS: dict[str, type] = {"mean_diff": MeanDiff, "pca": PCADiff, "logistic": LogisticDirection}
 
 
-def make_method(name_or_cfg: Any) -> Any:
-    """A method from a name (``"pca"``), a ``{"_target_": ...}`` config, or an instance."""
-    if isinstance(name_or_cfg, str):
-        if name_or_cfg not in METHODS:
-            raise DirectionError(f"unknown method {name_or_cfg!r}: choose one of {sorted(METHODS)}")
-        return METHODS[name_or_cfg]()
-    if hasattr(name_or_cfg, "keys") and "_target_" in name_or_cfg:
-        from hydra.utils import instantiate
+@runtime_checkable
+class DirectionMethod(Protocol):
+    """What a direction method provides: ``fit(pos, neg, pairs) -> [d]``."""
 
-        return instantiate(name_or_cfg)
-    if hasattr(name_or_cfg, "fit"):
-        return name_or_cfg
-    raise DirectionError(f"cannot make a direction method from {name_or_cfg!r}")
+    def fit(self, pos: np.ndarray, neg: np.ndarray, pairs: np.ndarray | None = None) -> Any: ...
+
+
+METHOD_REGISTRY = Registry(
+    what="method",
+    plural="methods",
+    names=METHODS,
+    error=DirectionError,
+    accepts=lambda obj: isinstance(obj, DirectionMethod),
+    example="mlx_interp.analysis.directions.PCADiff",
+)
+
+
+def make_method(name_or_cfg: Any) -> Any:
+    """A method from a name (``"pca"``), a ``{"_target_": ...}`` config, or an instance
+    (the one factory, :func:`mlx_interp.factory.build`)."""
+    return build(name_or_cfg, METHOD_REGISTRY)
 
 
 @dataclass(eq=False)  # arrays have no single truth value; == is identity

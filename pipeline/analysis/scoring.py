@@ -22,6 +22,7 @@ import numpy as np
 
 from mlx_interp.analysis.stats import require_finite
 from mlx_interp.errors import ConfigError, UntrustedResultError
+from mlx_interp.factory import Registry, build
 from mlx_interp.interventions.batched_steering import FastPathRefused, steer_rows
 from mlx_interp.interventions.positions import (
     PER_ROW,
@@ -364,17 +365,16 @@ class GenerateScorer(Scorer):
 SCORERS = {"logit": LogitScorer, "generate": GenerateScorer}
 
 
-def make_scorer(cfg: Any) -> Scorer:
-    """A scorer from a name or a ``_target_`` config."""
-    if isinstance(cfg, str):
-        if cfg not in SCORERS:
-            raise ScoringError(f"unknown scorer {cfg!r}; valid scorers: {sorted(SCORERS)}")
-        return SCORERS[cfg]()
-    from hydra.utils import instantiate
+SCORER_REGISTRY = Registry(
+    what="scorer",
+    plural="scorers",
+    names=SCORERS,
+    error=ScoringError,
+    accepts=lambda obj: isinstance(obj, Scorer),
+    example="mlx_interp.analysis.scoring.LogitScorer",
+)
 
-    try:
-        return instantiate(cfg)
-    except Exception as err:
-        raise ScoringError(
-            f"cannot build the scorer {dict(cfg)}: {err}; use steer.scorer=logit or generate"
-        ) from err
+
+def make_scorer(cfg: Any) -> Scorer:
+    """A scorer from a name or a ``_target_`` config (the one factory)."""
+    return build(cfg, SCORER_REGISTRY)

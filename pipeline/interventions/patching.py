@@ -71,7 +71,7 @@ def kind_name(kind: str) -> str:
 def patch_site(model: Any, site: Site, mask: mx.array, values: mx.array) -> Iterator[None]:
     """Inside, ``site``'s output ``[batch, seq, d_model]`` takes ``values`` where ``mask``
     [batch, seq] is true (forwards of another shape are left alone)."""
-    if site.kind not in PATCH_KINDS:
+    if site.kind not in {Site(0, kind).kind for kind in PATCH_KINDS}:  # resid = resid_post...
         raise PatchingError(f"cannot patch site kind {site.kind!r}; use one of {PATCH_KINDS}")
     module = site_module(model, site)
     original = type(module)

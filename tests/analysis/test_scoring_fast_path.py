@@ -14,7 +14,12 @@ import pytest
 from mlx_interp.analysis.scoring import UNSTEERED, GenerateScorer, LogitScorer, Steering
 from mlx_interp.interventions import unsteered
 from mlx_interp.interventions.batched_steering import FastPathRefused, steer_rows
-from mlx_interp.interventions.modes import MODES, ConditionalMode, NormPreservingMode, make_mode
+from mlx_interp.interventions.modes import (
+    PLAIN_MODES,
+    ConditionalMode,
+    NormPreservingMode,
+    make_mode,
+)
 from mlx_interp.interventions.steering import LayerEdit
 from tests.tiny_models import tiny_model
 
@@ -53,14 +58,14 @@ class RawLogits(LogitScorer):
 
 def _modes(d: int) -> dict:
     rng = np.random.default_rng(11)
-    modes = {name: make_mode(name) for name in MODES}
+    modes = {name: make_mode(name) for name in PLAIN_MODES}
     modes["add_norm"] = NormPreservingMode("add")
     coef = -rng.standard_normal(d).astype(np.float32)  # fires at some positions, not all
     modes["conditional"] = ConditionalMode("reflect", coef=coef, intercept=0.0)
     return modes
 
 
-MODE_NAMES = [*MODES, "add_norm", "conditional"]
+MODE_NAMES = list(dict.fromkeys([*PLAIN_MODES, "add_norm", "conditional"]))
 
 
 def _model(arch: str, window: int = 64):
