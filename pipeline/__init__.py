@@ -1,6 +1,6 @@
 """mlx-interp: capture, directions, probes and steering for MLX language models.
 
-The whole public face is five names (see ``mlx_interp.api``)::
+The whole public face is four names (see ``mlx_interp.api``)::
 
     import mlx_interp as mi
 

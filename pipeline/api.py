@@ -22,20 +22,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 from mlx_interp.analysis.directions import DirectionSet, extract
 from mlx_interp.errors import ConfigError, MlxInterpError
+from mlx_interp.interventions.cache_run import run_with_cache
 from mlx_interp.interventions.capture import POSITIONS
+from mlx_interp.interventions.edits import SiteEdit, edit_sites, steer_sites
+from mlx_interp.interventions.site_hooks import KEY_AXIS_KINDS
 from mlx_interp.interventions.sites import (
-    SHORTHAND,
+    KINDS,
     Site,
     SiteError,
     capture_sites_batch,
+    kind_of,
     parse_site,
     resolve_sites,
 )
 from mlx_interp.interventions.steering import LayerEdit, steer
+from mlx_interp.interventions.token_positions import row_lengths
 from mlx_interp.io.control_vectors import export_control_vector, import_control_vector
 from mlx_interp.io.prompts import render
 from mlx_interp.models.anatomy import Anatomy, anatomy_of
@@ -43,7 +49,7 @@ from mlx_interp.models.loading import LoadedModel, load_model, model_config
 
 __all__ = ["ActivationCache", "Direction", "Model", "load"]
 
-_KINDS = {**SHORTHAND, **{kind: kind for kind in SHORTHAND.values()}}  # resid_post or resid
+_ALL_KINDS = ("embed", *(k for k in KINDS if k not in ("embed", "logits")), "logits")
 
 
 class Model:
@@ -99,6 +105,12 @@ class Model:
         if positions not in POSITIONS:
             raise ConfigError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
         chosen = resolve_sites(self.model, self._site_names(sites, layers))
+        keyed = [site.name for site in chosen if site.kind in KEY_AXIS_KINDS]
+        if keyed:
+            raise ConfigError(
+                f"record keeps one vector per prompt and position; {keyed[0]} has one value "
+                "per key token: use model.run_with_cache(prompts, sites=...) for patterns"
+            )
         seqs = [self.tokens(p, chat) for p in prompts]
         parts: dict[str, list] = {site.name: [] for site in chosen}
         for start in range(0, len(seqs), batch_size):
@@ -121,11 +133,93 @@ class Model:
         picked = [picked] if isinstance(picked, int) else list(picked)
         names: list = []
         for site in sites:
-            if isinstance(site, str) and site in _KINDS:
-                names += [Site(layer, _KINDS[site]) for layer in picked]
+            kind = kind_of(site)
+            if kind in ("embed", "logits"):
+                names.append(site)
+            elif kind is not None:
+                names += [Site(layer, kind) for layer in picked]
             else:
                 names.append(site)
         return names
+
+    def _sequences(self, prompts: Any, chat: bool | None) -> list[list[int]]:
+        """Token ids of one prompt or a list: text (in the chat template with ``chat``) or
+        token ids as given."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ConfigError("give at least one prompt (text or a list of token ids)")
+        seqs = []
+        for prompt in prompts:
+            if isinstance(prompt, str) and prompt.strip():
+                seqs.append(self.tokens(prompt, chat))
+            elif (
+                not isinstance(prompt, str)
+                and len(prompt)
+                and all(isinstance(t, (int, np.integer)) for t in prompt)
+            ):
+                seqs.append([int(t) for t in prompt])
+            else:
+                raise ConfigError(f"a prompt is non-empty text or token ids, not {prompt!r}")
+        return seqs
+
+    def run_with_cache(
+        self,
+        prompts: Any,
+        sites: Any = None,
+        layers: Sequence[int] | int | None = None,
+        positions: Any = "all",
+        chat: bool | None = False,
+        as_numpy: bool = False,
+    ) -> tuple[Any, ActivationCache]:
+        """One right-padded forward of ``prompts``: ``(logits, cache)``.
+
+        ``prompts``: text, token ids, or a list of either. ``sites``: names or kinds as in
+        :meth:`record` (kinds at every layer in ``layers``); None records every kind.
+        ``positions``: ``all`` (``[batch, seq, ...]``, pad tokens NaN: each row's real length
+        is ``cache.lengths``), ``last`` (each row's last token: ``[batch, ...]``), an int, a
+        list of ints (negative counts from each row's end) or one list per row. The logits
+        are ``[batch, max_len, vocab]`` with pad tokens NaN.
+
+        Values are ``mx.array`` by default: they go straight back into the model (an edit,
+        a patch) and into MLX maths without a copy; ``as_numpy=True`` gives float32 numpy
+        arrays (``np.asarray`` of an mx value also works).
+        """
+        names = self._site_names(sites if sites is not None else list(_ALL_KINDS), layers)
+        seqs = self._sequences(prompts, chat)
+        logits, values, lengths = run_with_cache(
+            self.model, seqs, names, positions, self.loaded.pad_id, as_numpy
+        )
+        return logits, ActivationCache(values, seqs, positions, self.n_layers, lengths)
+
+    def to_str_tokens(self, prompt: Any, chat: bool | None = False) -> list:
+        """Each token of ``prompt`` (text or ids; a list of them gives a list) as text."""
+        if not isinstance(prompt, str) and prompt and not isinstance(prompt[0], (int, np.integer)):
+            return [self.to_str_tokens(p, chat) for p in prompt]
+        ids = self._sequences(prompt, chat)[0]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    @contextmanager
+    def edit(
+        self, edits: Mapping[Any, Any], positions: Any = None, mode: Any = None, alpha: float = 1.0
+    ) -> Iterator[None]:
+        """Edit sites in every forward inside the ``with`` block (generation included).
+
+        Without ``mode``, ``edits`` maps sites to functions of their value (``{"blocks.5.
+        attn.hook_z": lambda z: z * 0}``); with a ``mode`` (``add``, ``reflect``... or a
+        ``_target_`` config), to vectors, or ``(vector, center)`` pairs, applied with
+        ``alpha``. ``positions``: None (all), ``last``, ints or per-row lists."""
+        if mode is None:
+            with edit_sites(self.model, edits, positions):
+                yield
+            return
+        steering = []
+        for site, value in edits.items():
+            vector, center = value if isinstance(value, tuple) else (value, None)
+            steering.append(SiteEdit(site, vector, center, positions))
+        with steer_sites(self.model, steering, mode, alpha):
+            yield
 
     def generate(self, prompt: str, max_tokens: int = 48, chat: bool | None = None) -> str:
         """Greedy continuation of ``prompt`` as text: in the chat template when ``chat``; by
@@ -134,9 +228,9 @@ class Model:
 
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, not {max_tokens!r}")
-        return generate(
-            self.model, self.tokenizer, self.tokens(prompt, chat), max_tokens=max_tokens
-        )
+        tokens = self.tokens(prompt, chat)
+        with row_lengths([len(tokens)]):  # edits at positions: -1 is the prompt's last token
+            return generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens)
 
 
 def load(
@@ -164,16 +258,28 @@ class RecordedSiteError(MlxInterpError, KeyError):
 
 
 class ActivationCache(Mapping):
-    """Recorded activations by site; index like TransformerLens's cache.
+    """Recorded values by site; index like TransformerLens's cache.
 
-    ``cache["resid_post", 8]``, ``cache["layers.8.mlp"]``, ``cache["blocks.-1.hook_resid_post"]``
-    give ``[n_prompts, d_model]`` (heads: ``[n_prompts, n_heads, head_dim]``) for ``last`` and
-    ``mean`` positions, or a list of ``[n_tokens_i, ...]`` arrays for ``all``.
+    ``cache["resid_post", 8]``, ``cache["layers.8.mlp"]``, ``cache["blocks.-1.hook_resid_post"]``,
+    ``cache["pattern", 3]``, ``cache["embed"]``. From :meth:`Model.record`: numpy ``[n_prompts,
+    width]`` (heads: ``[n_prompts, n_heads, head_dim]``) for ``last`` and ``mean`` positions,
+    or a list of ``[n_tokens_i, ...]`` arrays for ``all``. From :meth:`Model.run_with_cache`:
+    the batch's values (``mx.array`` unless ``as_numpy``), pad tokens NaN, each row's real
+    length in ``lengths``.
     """
 
-    def __init__(self, values: dict[Site, Any], prompts: list[str], positions: str, n_layers: int):
+    def __init__(
+        self,
+        values: dict[Site, Any],
+        prompts: list,
+        positions: Any,
+        n_layers: int,
+        lengths: list[int] | None = None,
+    ):
         self._values = {site.name: value for site, value in values.items()}
+        self._sites = {site.name: site for site in values}
         self.prompts, self.positions, self.n_layers = prompts, positions, n_layers
+        self.lengths = lengths
 
     def _key(self, key: Any) -> str:
         site = parse_site(key)
@@ -197,6 +303,26 @@ class ActivationCache(Mapping):
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self.prompts)} prompts, {self.positions}, {list(self)})"
+
+    def stack(self, kind: str, layers: Sequence[int] | None = None) -> Any:
+        """The values of one kind (``resid_post``, ``pattern``...) over layers, stacked on a
+        new first axis ``[n_layers, ...]`` in layer order (``layers``: those, else every
+        recorded one); mx or numpy like the values."""
+        wanted = kind_of(kind)
+        if wanted is None:
+            raise SiteError(f"{kind!r} is not a site kind; e.g. resid_post, pattern, z, mlp_post")
+        found = sorted(s for s in self._sites.values() if s.kind == wanted)
+        if layers is not None:
+            keep = {
+                layer % self.n_layers for layer in ([layers] if isinstance(layers, int) else layers)
+            }
+            found = [s for s in found if s.layer in keep]
+        if not found:
+            raise RecordedSiteError(f"no {wanted} values were recorded; recorded: {sorted(self)}")
+        values = [self._values[s.name] for s in found]
+        if isinstance(values[0], list):
+            raise ConfigError("positions='all' from record gives one array per prompt: no stack")
+        return mx.stack(values) if isinstance(values[0], mx.array) else np.stack(values)
 
 
 class Direction(DirectionSet):

@@ -128,14 +128,23 @@ def ensure_fast_blas() -> BlasInfo:
     return _INFO
 
 
-def log_blas() -> BlasInfo:
-    """Log which BLAS is in use; a warning with the fix when it is the reference one; a
-    :class:`~mlx_interp.errors.ConfigError` when the one ``MLX_INTERP_BLAS`` names is unusable."""
+def usable_blas() -> BlasInfo:
+    """The BLAS in use; a :class:`~mlx_interp.errors.ConfigError` naming the fix when the one
+    ``MLX_INTERP_BLAS`` names does not load. The entry points call it at start (through
+    :func:`log_blas`) and the library before it loads a model, so a wrong path is never a
+    silent 10-20x slower run."""
     info = ensure_fast_blas()
     if info.name == "unusable":
         from mlx_interp.errors import ConfigError
 
         raise ConfigError(info.reason)
+    return info
+
+
+def log_blas() -> BlasInfo:
+    """Log which BLAS is in use; a warning with the fix when it is the reference one; a
+    :class:`~mlx_interp.errors.ConfigError` when the one ``MLX_INTERP_BLAS`` names is unusable."""
+    info = usable_blas()
     if info.name == "reference" and sys.platform.startswith("linux"):
         log.warning("BLAS: %s", info.reason)
     else:

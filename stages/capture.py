@@ -30,6 +30,7 @@ from mlx_interp.engine.schema import CaptureConfig, ModelConfig
 from mlx_interp.errors import MlxInterpError
 from mlx_interp.interventions.capture import capture_batch, resolve_layers
 from mlx_interp.interventions.prefix import shared_prefix
+from mlx_interp.interventions.site_hooks import flat_width
 from mlx_interp.interventions.sites import capture_sites_batch, resolve_sites
 from mlx_interp.io.activations import batch_table, site_table, write_part
 from mlx_interp.models.anatomy import anatomy_of
@@ -37,7 +38,6 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-VERSION = "2"  # 2: last-token capture reuses the shared prefix's KV cache
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -115,7 +115,20 @@ def run(inputs: CaptureInputs, upstream: dict[str, Path], out: Path) -> dict:
     pad_id = lm.pad_id
     act_dir = out / "activations"
     act_dir.mkdir(exist_ok=True)
-    site_names = [s.name for s in resolve_sites(lm.model, ccfg.sites)] if ccfg.sites else []
+    chosen = resolve_sites(lm.model, ccfg.sites) if ccfg.sites else []
+    widths = {s.name: flat_width(lm.model, s) for s in chosen}
+    per_key = [name for name, width in widths.items() if width is None]
+    if per_key:  # the artifact holds one vector of one width per (prompt, position)
+        raise ConfigError(
+            f"capture.sites: {per_key[0]} has one value per key token, not one vector per "
+            "position; record attention patterns with Model.run_with_cache instead"
+        )
+    if len(set(widths.values())) > 1:
+        raise ConfigError(
+            f"capture.sites mixes vector widths ({widths}); the sites/ parts hold one width: "
+            "capture sites of another width in a run of their own"
+        )
+    site_names = list(widths)
     site_dir = out / "sites"
     if site_names:
         site_dir.mkdir(exist_ok=True)
@@ -234,7 +247,6 @@ STAGE = Stage(
     run=run,
     inputs=CaptureInputs,
     needs=("prompts",),
-    version=VERSION,
     fingerprint=fingerprint,
     resumable=True,  # part files of a killed attempt are reused
     sharded=True,  # under mlx.launch each rank captures its share of the batches

@@ -28,8 +28,6 @@ from mlx_interp.engine.schema import ContaminationConfig
 from mlx_interp.errors import ConfigError
 from mlx_interp.io.activations import layer_matrices, resolve_probe_layers
 
-VERSION = "1"
-
 
 @dataclass(frozen=True)
 class ContaminationInputs:
@@ -174,7 +172,6 @@ STAGE = Stage(
     run=run,
     inputs=ContaminationInputs,
     needs=("prompts", "capture"),
-    version=VERSION,
     writes=(
         "cosines.parquet",
         "contamination.parquet",

@@ -24,8 +24,6 @@ from mlx_interp.stages.tables import md_table
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-VERSION = "1"
-
 
 @dataclass(frozen=True)
 class ContaminationReportInputs:
@@ -175,9 +173,9 @@ def plot_contamination(r: dict, path: Path) -> Path:
     width = 0.8 / max(len(variants), 1)
     for i, v in enumerate(variants):
         vals = [r["cells"][f"{d}|{v}"] for d in domains]
-        cos = np.array([c["cosine"] for c in vals])
+        bars = np.array([c["cosine"] for c in vals])
         err = np.array([[c["cosine"] - c["ci95"][0], c["ci95"][1] - c["cosine"]] for c in vals])
-        ax2.bar(np.arange(len(domains)) + i * width, cos, width, yerr=err.T, capsize=2, label=v)
+        ax2.bar(np.arange(len(domains)) + i * width, bars, width, yerr=err.T, capsize=2, label=v)
     ax2.set_xticks(
         np.arange(len(domains)) + width * (len(variants) - 1) / 2,
         domains,
@@ -223,7 +221,6 @@ STAGE = Stage(
     run=run,
     inputs=ContaminationReportInputs,
     needs=("contamination",),
-    version=VERSION,
     writes=("report.json", "report.md"),
     report=("report.md", "report.json", "*.png"),
     headline=summary_headline,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mlx_interp.analysis.directions import DirectionError
+from mlx_interp.analysis.directions import DirectionError, DirectionSet
 from mlx_interp.analysis.lens import answer_direction
 from mlx_interp.analysis.scoring import word_token_ids
 from mlx_interp.analysis.sides import AxisSide, SideProbe
@@ -61,7 +61,9 @@ def role_spans(lm, prompts: pd.DataFrame, role: str) -> list[tuple[int, int]]:
     """``[start, end)`` per prompt: the object's tokens, or the last token."""
     tokens = [list(map(int, t)) for t in prompts["tokens"]]
     if role == "object":
-        return object_spans(lm.tokenizer, tokens, prompts["meta"].tolist())
+        return object_spans(
+            lm.tokenizer, tokens, prompts["meta"].tolist(), prompts["prompt_id"].tolist()
+        )
     return [(len(t) - 1, len(t)) for t in tokens]
 
 
@@ -83,3 +85,14 @@ def side_reader(lm, method: str, C: float, contrast):
         pos_ids, neg_ids = (word_token_ids(lm.tokenizer, w) for w in contrast)
         return AxisSide(answer_direction(lm.model, pos_ids, neg_ids))
     return SideProbe(C=float(C))
+
+
+def answer_axis_set(lm, ds: DirectionSet) -> DirectionSet:
+    """``ds`` with each layer's vector replaced by the answer words' axis (the unembedding of
+    the pos word minus the neg word through the final norm: the same axis at every layer),
+    scaled to the vector's norm; the class means (and so the centre) are kept."""
+    pos_ids, neg_ids = (word_token_ids(lm.tokenizer, w) for w in ds.contrast)
+    axis = answer_direction(lm.model, pos_ids, neg_ids)
+    axis = axis / np.linalg.norm(axis)
+    vectors = {layer: axis * np.linalg.norm(v) for layer, v in ds.vectors.items()}
+    return DirectionSet(vectors, ds.pos_means, ds.neg_means, "unembed", ds.contrast, ds.meta)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,13 +37,12 @@ from mlx_interp.io.activations import activation_matrix, read_activations
 from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.direction_sites import (
     SITE_NOTES,
+    answer_axis_set,
     read_at,
     role_spans,
     side_reader,
     site_activations,
 )
-
-VERSION = "2"  # 2: directions.site (last | object | answer)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def separability(x: np.ndarray, is_pos: np.ndarray, unit: np.ndarray, seed: int)
 def fingerprint(inputs: DirectionsInputs) -> dict:
     """The model matters when the activations are read from it (sites other than last)."""
     d = inputs.directions
-    if d.site == "last" and d.kind == "resid" and d.gate is None:
+    if d.site == "last" and d.kind == "resid" and d.gate is None and d.method != "unembed":
         return {}
     return {"model": model_fingerprint(inputs.model)}
 
@@ -132,12 +132,26 @@ def fit_gate(lm, prompts: pd.DataFrame, gate, contrast, out: Path) -> dict:
     }
 
 
+def split_problem(prompts: pd.DataFrame, split: str) -> None:
+    """A fit split no prompt is in: say why (the dataset marks every row) and how to fix it."""
+    present = sorted(set(prompts["split"]))
+    if split in present:
+        return
+    raise DirectionError(
+        f"directions.fit_split={split} but every prompt is in split {present[0]!r}, none in "
+        f"{split!r} (a row's split is its `split` key; rows without one are train, and "
+        f"prompts.test_fraction marks a share of those test): mark some rows split: {split}, "
+        "set prompts.test_fraction, or set directions.fit_split=all"
+    )
+
+
 def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
     """Stage entry: a direction per layer; needs prompts and capture."""
     dcfg = inputs.directions
     pos_name, neg_name = dcfg.contrast["pos"], dcfg.contrast["neg"]
     prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     if dcfg.fit_split != "all":
+        split_problem(prompts, dcfg.fit_split)
         prompts = prompts[prompts["split"] == dcfg.fit_split]
     fit_prompts = prompts.reset_index(drop=True)  # every condition: a gate also reads others
     prompts = prompts[prompts["condition"].isin([pos_name, neg_name])]
@@ -160,7 +174,11 @@ def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
             lm, prompts, site, pos_name, neg_name, layers, SITE_KIND[str(kind)]
         )
     contrast = (pos_name, neg_name)
-    main = extract(acts, is_pos, is_neg, make_method(dcfg.method), contrast)
+    if dcfg.method == "unembed":  # the answer words' axis, centred at the class midpoint
+        mean_diff = extract(acts, is_pos, is_neg, make_method("mean_diff"), contrast)
+        main = answer_axis_set(load_model(inputs.model), mean_diff)
+    else:
+        main = extract(acts, is_pos, is_neg, make_method(dcfg.method), contrast)
     main.meta.update(
         {
             "prompt_ids": len(prompts),
@@ -182,7 +200,7 @@ def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
         others = {name: extract(acts, is_pos, is_neg, name, contrast) for name in METHODS}
     per_layer = {}
     for layer in main.layers:
-        entry = {"norm": main.norms()[layer]}
+        entry: dict[str, Any] = {"norm": main.norms()[layer]}
         entry.update(
             separability(
                 acts[layer][is_pos | is_neg],
@@ -216,7 +234,6 @@ STAGE = Stage(
     run=run,
     inputs=DirectionsInputs,
     needs=("prompts", "capture"),
-    version=VERSION,
     fingerprint=fingerprint,
     writes=("directions.safetensors", "directions.json"),
 )

@@ -3,7 +3,7 @@
 logit_lens (reads model, score, localize; needs prompts): for every swap question, per layer
 and position role (the object's last token, the tokens after it, the last token), the logit
 difference own colour minus the other colour read through the final norm and unembedding
-(pipeline/lens.py). Writes lens.parquet (prompt_id, condition, layer, role, logit_diff).
+(mlx_interp.analysis.lens). Writes lens.parquet (prompt_id, condition, layer, role, logit_diff).
 
 patching (reads model, score, localize; needs prompts): clean questions (``localize.clean``)
 paired with corrupted ones (``localize.corrupt``) of the same template (the text with the
@@ -38,7 +38,6 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.report_plots import plot_lens, plot_patching
 from mlx_interp.stages.report_text import render_localization
 
-VERSION = "2"  # 2: lens reads only the answer ids; patching skips the `all` check
 ROLE_OF_POSITIONS = {"object": "object", "last": "last", "suffix": "all", "all": "all"}
 
 
@@ -78,7 +77,7 @@ def run_logit_lens(inputs: LensInputs, upstream: dict[str, Path], out: Path) -> 
     lm = load_model(inputs.model)
     swap = _swap_prompts(pd.read_parquet(upstream["prompts"] / "prompts.parquet"), score)
     tokens = [list(map(int, t)) for t in swap["tokens"]]
-    spans = object_spans(lm.tokenizer, tokens, swap["meta"].tolist())
+    spans = object_spans(lm.tokenizer, tokens, swap["meta"].tolist(), swap["prompt_id"].tolist())
     ids = {w: word_token_ids(lm.tokenizer, w) for w in set(score.swap) | set(score.swap.values())}
     plus = [ids[c] for c in swap["condition"]]
     minus = [ids[score.swap[c]] for c in swap["condition"]]
@@ -292,7 +291,6 @@ LOGIT_LENS = Stage(
     run=run_logit_lens,
     inputs=LensInputs,
     needs=("prompts",),
-    version=VERSION,
     fingerprint=fingerprint,
     writes=("lens.parquet",),
 )
@@ -301,7 +299,6 @@ PATCHING = Stage(
     run=run_patching,
     inputs=PatchingInputs,
     needs=("prompts",),
-    version=VERSION,
     fingerprint=fingerprint,
     writes=("patching.parquet", "pairs.json"),
 )
@@ -310,7 +307,6 @@ LOCALIZATION_REPORT = Stage(
     run=run_report,
     inputs=LocalizationReportInputs,
     needs=("logit_lens", "patching", "steer", "report"),
-    version=VERSION,
     writes=("localization.json", "localization.md"),
     report=("localization.md", "localization.json", "*.png"),
 )

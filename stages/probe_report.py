@@ -25,8 +25,6 @@ from mlx_interp.stages.tables import fmt, fmt_p, md_table
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-VERSION = "1"
-
 
 @dataclass(frozen=True)
 class ProbeReportInputs:
@@ -373,7 +371,6 @@ STAGE = Stage(
     run=run,
     inputs=ProbeReportInputs,
     needs=("probes",),
-    version=VERSION,
     writes=("report.json", "report.md"),
     report=("report.md", "report.json", "*.png"),
     headline=summary_headline,

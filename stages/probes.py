@@ -23,17 +23,16 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from mlx_interp.analysis.probes import (
-    LogisticProbe,
     ProbeError,
     cross_validate_layer,
     linear_weights,
+    make_probe,
     mean_diff_cosines,
     permutation_threshold,
     transfer_cv,
@@ -43,29 +42,11 @@ from mlx_interp.engine.dag import Stage
 from mlx_interp.engine.schema import ProbesConfig
 from mlx_interp.io.activations import layer_matrices
 
-VERSION = "1"
-
 
 @dataclass(frozen=True)
 class ProbesInputs:
     probes: ProbesConfig
     seed: int
-
-
-def make_probe(spec: Any) -> Any:
-    """A probe factory from ``"logistic"``, a ``{"_target_": ...}`` config or an instance."""
-    if spec is None or spec == "logistic":
-        return LogisticProbe()
-    if hasattr(spec, "keys") and "_target_" in spec:
-        from hydra.utils import instantiate
-
-        return instantiate(spec)
-    if hasattr(spec, "make"):
-        return spec
-    raise ProbeError(
-        f"cannot make a probe from {spec!r}: use probes.probe={{_target_: "
-        "mlx_interp.analysis.probes.LogisticProbe, C: 1.0}"
-    )
 
 
 def contrasts_from_config(pcfg: ProbesConfig, conditions: list[str]) -> dict[str, dict]:
@@ -271,6 +252,5 @@ STAGE = Stage(
     run=run,
     inputs=ProbesInputs,
     needs=("prompts", "capture"),
-    version=VERSION,
     writes=("probes.parquet", "transfer.parquet", "cosines.parquet", "probes.json"),
 )

@@ -36,7 +36,6 @@ from mlx_interp.models.loading import load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-VERSION = "2"
 # Content-neutral words for the padding variant (no grading, rubric or task vocabulary).
 PADDING_WORDS = (
     "apple river window garden pencil cloud table morning bottle orange yellow silver "
@@ -159,7 +158,9 @@ def expand_variants(
     """One row per (dataset row, kind): text with the rubric, padding or nothing added."""
     kinds = list(variants.kinds)
     placement, sep = variants.placement, variants.separator
-    rubrics = read_rubrics(resolve_dataset_path(variants.rubrics), conditions)
+    rubrics = read_rubrics(
+        resolve_dataset_path(variants.rubrics, "concept.variants.rubrics"), conditions
+    )
     order = sorted(rubrics)
     if "wrong_rubric" in kinds and len(order) < 2:
         raise DatasetError("wrong_rubric needs rubrics for at least 2 conditions")
@@ -209,7 +210,7 @@ def given_variants(df: pd.DataFrame) -> dict[str, list[str]]:
 def read_datasets(concept: ConceptConfig) -> tuple[pd.DataFrame, list[Path]]:
     """Rows of the concept's dataset and extra datasets (ids unique across files)."""
     paths = [resolve_dataset_path(concept.dataset)]
-    paths += [resolve_dataset_path(p) for p in concept.extra_datasets]
+    paths += [resolve_dataset_path(p, "concept.extra_datasets") for p in concept.extra_datasets]
     frames = [read_jsonl(p) for p in paths]
     df = pd.concat(frames, ignore_index=True)
     dup = df["id"][df["id"].duplicated()]
@@ -282,9 +283,14 @@ def fingerprint(inputs: PromptsInputs) -> dict:
         "model": model_fingerprint(inputs.model),
     }
     if concept.extra_datasets:
-        out["extra_sha256"] = [file_sha256(resolve_dataset_path(p)) for p in concept.extra_datasets]
+        out["extra_sha256"] = [
+            file_sha256(resolve_dataset_path(p, "concept.extra_datasets"))
+            for p in concept.extra_datasets
+        ]
     if concept.variants:
-        out["rubrics_sha256"] = file_sha256(resolve_dataset_path(concept.variants.rubrics))
+        out["rubrics_sha256"] = file_sha256(
+            resolve_dataset_path(concept.variants.rubrics, "concept.variants.rubrics")
+        )
     return out
 
 
@@ -324,7 +330,6 @@ STAGE = Stage(
     name="prompts",
     run=run,
     inputs=PromptsInputs,
-    version=VERSION,
     fingerprint=fingerprint,
     writes=("prompts.parquet",),
 )

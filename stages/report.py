@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,6 @@ from mlx_interp.stages.report_sections import (
 )
 from mlx_interp.stages.report_text import render_markdown
 
-VERSION = "4"  # 4: held-out split beside in-sample
 ORIGINAL = {  # the earlier study, Qwen2.5-7B-Instruct-4bit, alpha 1.5
     "model": "Qwen2.5-7B-Instruct-4bit",
     "swap": "102/112 (91.1%)",
@@ -207,7 +207,7 @@ def _controls(baseline, generations, cfg) -> dict:
     steered = generations[
         (generations["direction"] == "main") & generations["condition"].isin(cfg["controls"])
     ]
-    out = {"n": int(base["prompt_id"].nunique())}
+    out: dict[str, Any] = {"n": int(base["prompt_id"].nunique())}
     for kind in ("logit", "generate"):
         b = base[base["scorer"] == kind].set_index("prompt_id")
         s = steered[steered["scorer"] == kind].set_index("prompt_id")
@@ -391,7 +391,6 @@ STAGE = Stage(
     run=run,
     inputs=ReportInputs,
     needs=("directions", "baseline", "steer"),
-    version=VERSION,
     writes=("report.json", "report.md"),
     report=("report.md", "report.json", "*.png"),
     headline=headline,

@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["add_fluency", "fluency_prompts", "fluency_spec", "run_baseline", "run_steer"]
 
-VERSION = "4"  # 4: positions last/object, split column
-
 
 @dataclass(frozen=True)
 class BaselineInputs:
@@ -86,22 +84,46 @@ def eval_prompts(prompts: pd.DataFrame, score: ScoreConfig) -> tuple[pd.DataFram
     return swap, controls
 
 
+def check_controls(prompts: pd.DataFrame, score: ScoreConfig) -> None:
+    """Every ``score.controls`` condition is one the prompts have: else the controls would be
+    silently unchecked (``{'n': 0}`` in the report)."""
+    known = sorted(set(prompts["condition"]))
+    unknown = [c for c in score.controls if c not in known]
+    if unknown:
+        raise ScoringError(
+            f"score.controls names condition(s) {unknown} that the prompts do not have; they "
+            f"have {known}: fix score.controls (e.g. score.controls=[{known[-1]}], or [] for "
+            "none) or concept.conditions"
+        )
+
+
 def words_of(score: ScoreConfig) -> list[str]:
     """The target words the scorers look for (the swap conditions' words)."""
     return sorted(set(score.swap) | set(score.swap.values()))
 
 
 def _score(
-    scorer, lm, df: pd.DataFrame, score: ScoreConfig, steering: Steering, pad: int
+    scorer,
+    lm,
+    df: pd.DataFrame,
+    score: ScoreConfig,
+    settings: list[Steering],
+    pad: int,
+    pairs: list[tuple[int, int]] | None = None,
 ) -> list[dict]:
+    """One dict per (row of ``df``, setting) pair (default: every row under every setting),
+    all settings as rows of batched forwards on the rows' unsteered states where possible
+    (``Scorer.score_settings``)."""
     # controls have no own swap word: they get placeholder words, and their margin is unused
     original = [c if c in score.swap else words_of(score)[0] for c in df["condition"]]
     target = [score.swap.get(c, words_of(score)[-1]) for c in df["condition"]]
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = None
-    if steering.edits and steering.positions == "object":
-        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist())
-    return scorer(lm, tokens, original, target, words_of(score), steering, pad_id=pad, spans=spans)
+    if any(s.edits and s.positions == "object" for s in settings):
+        spans = object_spans(lm.tokenizer, tokens, df["meta"].tolist(), df["prompt_id"].tolist())
+    return scorer.score_settings(
+        lm, tokens, original, target, words_of(score), settings, pairs, pad_id=pad, spans=spans
+    )
 
 
 def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> pd.DataFrame:
@@ -116,14 +138,23 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     return out
 
 
-def _fluency_rows(lm, swap, score, steer_of, direction, sides=None) -> list[pd.DataFrame]:
-    """Open-ended answers; ``steer_of(side) -> Steering`` (side None when not gated)."""
+def _fluency_rows(lm, swap, score, settings, direction, side_of=None) -> list[pd.DataFrame]:
+    """Open-ended answers of a sample of ``swap`` under the main direction's setting(s)."""
     sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
     if sample.empty:
         return []
     gen = GenerateScorer(max_tokens=score.fluency.max_tokens)
-    answers = _score_sided(gen, lm, sample, score, steer_of, sides, lm.pad_id)
+    settings, pairs = _main_pairs(settings, side_of, sample["prompt_id"])
+    answers = _score(gen, lm, sample, score, settings, lm.pad_id, pairs)
     return [_rows(sample, answers, direction, "fluency")]
+
+
+def _main_pairs(settings, side_of, prompt_ids) -> tuple[list, list | None]:
+    """(settings, pairs) that steer each prompt by the main direction: its one setting, or,
+    with a gate (``side_of``), the setting of each prompt's side."""
+    if side_of is None:
+        return [settings[0]], None
+    return settings, [(p, side_of(pid, 0)) for p, pid in enumerate(prompt_ids)]
 
 
 def fingerprint(inputs: BaselineInputs | SteerInputs) -> dict:
@@ -142,15 +173,15 @@ def run_baseline(inputs: BaselineInputs, upstream: dict[str, Path], out: Path) -
     with tqdm(total=3, desc="baseline", unit="step", leave=False) as bar:
         bar.set_postfix_str("logit scores")
         frames = [
-            _rows(both, _score(logit, lm, both, score, UNSTEERED, lm.pad_id), "none", "logit")
+            _rows(both, _score(logit, lm, both, score, [UNSTEERED], lm.pad_id), "none", "logit")
         ]
         bar.update()
         bar.set_postfix_str("greedy answers")
-        answers = _score(gen, lm, both, score, UNSTEERED, lm.pad_id)
+        answers = _score(gen, lm, both, score, [UNSTEERED], lm.pad_id)
         frames.append(_rows(both, answers, "none", "generate"))
         bar.update()
         bar.set_postfix_str("long answers (fluency)")
-        frames += _fluency_rows(lm, swap, score, lambda side: UNSTEERED, "none")
+        frames += _fluency_rows(lm, swap, score, [UNSTEERED], "none")
         bar.update()
     table = add_fluency(pd.concat(frames, ignore_index=True), fluency_spec(score))
     table.to_parquet(out / "baseline.parquet", index=False)
@@ -177,6 +208,7 @@ def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict
     alpha = float(steer.alpha)
     lm = load_model(inputs.model)
     prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
+    check_controls(prompts, score)
     swap, controls = eval_prompts(prompts, score)
     ds = DirectionSet.load(upstream["directions"] / "directions.safetensors")
     layers = steer_layers(steer, ds, lm.n_layers)
@@ -185,34 +217,37 @@ def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict
     pad = lm.pad_id
     positions = steer.positions
     kind = SITE_KIND[ds.meta.get("kind", "resid")]  # edited where the direction was read
-    sides, gate_info = read_sides(lm, upstream["directions"], pd.concat([swap, controls]))
+    both = pd.concat([swap, controls], ignore_index=True)
+    sides, gate_info = read_sides(lm, upstream["directions"], both)
     if gate_info:  # the gate reads what precedes the first edit (one forward could do both)
         gate = Gate(gate_info["measured"], int(gate_info["layer"]))
         check_gate_precedes(gate, kind, layers, positions, "directions.gate with steer.layer")
-
-    def setting(d: DirectionSet):  # side -> Steering (side None: no gate)
-        return lambda side: Steering(edits_for(d, layers, kind, side), mode, alpha, positions)
-
-    main = setting(ds)
-
-    def scored(scorer, df, steer_of):
-        return _score_sided(scorer, lm, df, score, steer_of, sides, pad)
-
-    frames = [_rows(swap, scored(scorer, swap, main), "main", scorer.kind)]
-    if len(controls):
-        frames.append(_rows(controls, scored(scorer, controls, main), "main", scorer.kind))
     randoms = [same_heads(r, ds, lm) for r in ds.random_like(steer.n_random, seed=inputs.seed)]
-    for i, rnd in enumerate(tqdm(randoms, desc="random directions", leave=False)):
-        res = scored(scorer, swap, setting(rnd))
-        frames.append(_rows(swap, res, f"random-{i:02d}", scorer.kind))
+    settings, side_of = _sided_settings([ds, *randoms], layers, kind, mode, alpha, positions, sides)
+    # the main direction on every question and control, each random one on the questions:
+    # all as rows of batched forwards that reuse the questions' unsteered states
+    n_swap = len(swap)
+    ids = both["prompt_id"].tolist()
+    pairs = [(p, side_of(ids[p], 0)) for p in range(len(both))]
+    pairs += [(p, side_of(ids[p], d)) for d in range(1, len(randoms) + 1) for p in range(n_swap)]
+    results = _score(scorer, lm, both, score, settings, pad, pairs)
+    gated = side_of if sides is not None else None
+    frames = [_rows(swap, results[:n_swap], "main", scorer.kind)]
+    if len(controls):
+        frames.append(_rows(controls, results[n_swap : len(both)], "main", scorer.kind))
+    for i in range(len(randoms)):
+        at = len(both) + i * n_swap
+        frames.append(_rows(swap, results[at : at + n_swap], f"random-{i:02d}", scorer.kind))
     confirm_n = min(steer.confirm_n, len(swap))
     if confirm_n and scorer.kind != "generate":
         rng = np.random.default_rng(inputs.seed)
         sample = swap.iloc[np.sort(rng.choice(len(swap), confirm_n, replace=False))]
         sample = pd.concat([sample, controls], ignore_index=True)
         gen = GenerateScorer(max_tokens=score.max_tokens)
-        frames.append(_rows(sample, scored(gen, sample, main), "main", "generate"))
-    frames += _fluency_rows(lm, swap, score, main, "main", sides)
+        main_settings, main_pairs = _main_pairs(settings, gated, sample["prompt_id"])
+        answers = _score(gen, lm, sample, score, main_settings, pad, main_pairs)
+        frames.append(_rows(sample, answers, "main", "generate"))
+    frames += _fluency_rows(lm, swap, score, settings, "main", gated)
     table = add_fluency(pd.concat(frames, ignore_index=True), spec)
     table["swapped"] = _swapped(table, score)
     if sides is not None:
@@ -235,6 +270,26 @@ def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict
         info["gate"] = gate_info
     (out / "steer.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return info
+
+
+def _sided_settings(sets, layers, kind, mode, alpha, positions, sides):
+    """(settings, side_of): the Steering settings of each direction set in ``sets`` and a
+    function ``side_of(prompt_id, set index) -> setting index``. Without ``sides`` one setting
+    per set; with them two per set (the edit toward the other class, for prompts read as pos
+    and as neg) and one unsteered setting for prompts read as neither class."""
+
+    def steering(d: DirectionSet, side: str | None) -> Steering:
+        return Steering(edits_for(d, layers, kind, side), mode, alpha, positions)
+
+    if sides is None:
+        return [steering(d, None) for d in sets], lambda _pid, i: i
+    settings = [UNSTEERED] + [steering(d, side) for d in sets for side in ("pos", "neg")]
+
+    def side_of(pid, i: int) -> int:
+        side = sides[pid]
+        return 0 if side == "other" else 1 + 2 * i + (side == "neg")
+
+    return settings, side_of
 
 
 def read_sides(lm, directions: Path, df: pd.DataFrame) -> tuple[dict | None, dict]:
@@ -262,24 +317,6 @@ def same_heads(rnd: DirectionSet, ds: DirectionSet, lm) -> DirectionSet:
     return DirectionSet(vectors, rnd.pos_means, rnd.neg_means, rnd.method, rnd.contrast, rnd.meta)
 
 
-def _score_sided(scorer, lm, df, score, steer_of, sides, pad) -> list[dict]:
-    """``_score`` with each prompt steered by its side's setting (``steer_of(side)``); prompts
-    read as neither class are scored unsteered; ``sides`` None: one setting for all."""
-    if sides is None:
-        return _score(scorer, lm, df, score, steer_of(None), pad)
-    side = df["prompt_id"].map(sides).to_numpy()
-    results: list[dict | None] = [None] * len(df)
-    for name in ("pos", "neg", "other"):
-        idx = np.flatnonzero(side == name)
-        if not len(idx):
-            continue
-        steering = UNSTEERED if name == "other" else steer_of(name)
-        part = df.iloc[idx].reset_index(drop=True)
-        for i, result in zip(idx, _score(scorer, lm, part, score, steering, pad), strict=True):
-            results[i] = result
-    return results
-
-
 def _swapped(table: pd.DataFrame, score: ScoreConfig) -> pd.Series:
     """Swap verdict per row: logit margin > 0, or the answer names the target word."""
     target = table["condition"].map(score.swap)
@@ -294,7 +331,6 @@ BASELINE = Stage(
     run=run_baseline,
     inputs=BaselineInputs,
     needs=("prompts",),
-    version=VERSION,
     fingerprint=fingerprint,
     writes=("baseline.parquet",),
 )
@@ -303,7 +339,6 @@ STAGE = Stage(
     run=run_steer,
     inputs=SteerInputs,
     needs=("prompts", "directions"),
-    version=VERSION,
     fingerprint=fingerprint,
     writes=("generations.parquet", "steer.json"),
 )

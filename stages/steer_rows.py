@@ -42,7 +42,9 @@ def fluency_prompts(
     if "split" in swap and (swap["split"] == "test").any():  # held out: loops on test rows
         swap = swap[swap["split"] == "test"].reset_index(drop=True)
     n = min(n, len(swap))
-    picks = np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
+    picks: np.ndarray | list[int] = (
+        np.unique(np.linspace(0, len(swap) - 1, n).round().astype(int)) if n else []
+    )
     sample = swap.iloc[picks].reset_index(drop=True)
     texts = [f.instruction.format(text=t) for t in sample["text"]]
     sample["tokens"] = [render(tokenizer, t, fmt, None, [])[1] for t in texts]

@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mlx_interp.analysis.directions import DirectionSet, extract, make_method
-from mlx_interp.analysis.lens import answer_direction
-from mlx_interp.analysis.scoring import UNSTEERED, word_token_ids
+from mlx_interp.analysis.scoring import UNSTEERED
 from mlx_interp.analysis.settings import edits_for, head_effects, keep_heads, top_heads
 from mlx_interp.analysis.sides import side_labels
 from mlx_interp.analysis.sweep import SITE_KIND, Rules, choose, expand_grid, fold_of, ranked
@@ -43,7 +42,13 @@ from mlx_interp.errors import ConfigError, UntrustedResultError
 from mlx_interp.interventions.modes import MODES, make_mode
 from mlx_interp.interventions.sites import head_shape
 from mlx_interp.models.loading import load_model, model_fingerprint
-from mlx_interp.stages.direction_sites import read_at, role_spans, side_reader, site_activations
+from mlx_interp.stages.direction_sites import (
+    answer_axis_set,
+    read_at,
+    role_spans,
+    side_reader,
+    site_activations,
+)
 from mlx_interp.stages.sweep_scoring import (
     logit_rows,
     loop_rate,
@@ -53,7 +58,6 @@ from mlx_interp.stages.sweep_scoring import (
 )
 
 log = logging.getLogger(__name__)
-VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -81,13 +85,7 @@ def fit_set(lm, acts, is_pos, is_neg, method: str, contrast) -> DirectionSet:
     ds = extract(
         acts, is_pos, is_neg, _fitter(method if method != "unembed" else "mean_diff"), contrast
     )
-    if method != "unembed":
-        return ds
-    pos_ids, neg_ids = (word_token_ids(lm.tokenizer, w) for w in contrast)
-    axis = answer_direction(lm.model, pos_ids, neg_ids)
-    axis = axis / np.linalg.norm(axis)
-    vectors = {layer: axis * np.linalg.norm(v) for layer, v in ds.vectors.items()}
-    return DirectionSet(vectors, ds.pos_means, ds.neg_means, "unembed", ds.contrast)
+    return answer_axis_set(lm, ds) if method == "unembed" else ds
 
 
 class Fits:
@@ -396,7 +394,6 @@ STAGE = Stage(
     run=run,
     inputs=SweepInputs,
     needs=("prompts",),
-    version=VERSION,
     fingerprint=fingerprint,
     resumable=True,  # points of a killed run are kept (progress/) and reused
     writes=("sweep.parquet", "bounds.parquet", "sweep.json"),

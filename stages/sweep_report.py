@@ -21,16 +21,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mlx_interp.analysis.sweep import Rules, frontier  # noqa: E402
+from mlx_interp.analysis.sweep import Rules, frontier, ranked  # noqa: E402
 from mlx_interp.engine.dag import Stage, summary_headline  # noqa: E402
 from mlx_interp.engine.schema import ReportConfig  # noqa: E402
 
-VERSION = "1"
 SETTING = ["site", "measured", "method", "mode", "positions", "layer", "alpha", "heads", "gate"]
 
 
 def _pct(x) -> str:
     return "n/a" if x is None or x != x else f"{100 * float(x):.1f}%"
+
+
+def _at(rate, where: str) -> str:
+    return f"{_pct(rate)} ({where})" if where else "none"
 
 
 def _setting(row) -> str:
@@ -88,11 +91,10 @@ def render(table: pd.DataFrame, bounds: pd.DataFrame, info: dict, classes: list[
     for r in front.to_dict("records"):
         lines.append(
             f"| {r['family']} | {r['points']} | {_pct(r['ceiling'])} ({r['ceiling_at']}; bleed "
-            f"{_pct(r['ceiling_bleed'])}) | {_pct(r['within_bleed'])} ({r['within_bleed_at']}) | "
-            f"{_pct(r['passing'])} {('(' + r['passing_at'] + ')') if r['passing_at'] else ''} | "
-            f"{_pct(r['bound'])} |"
+            f"{_pct(r['ceiling_bleed'])}) | {_at(r['within_bleed'], r['within_bleed_at'])} | "
+            f"{_at(r['passing'], r['passing_at'])} | {_pct(r['bound'])} |"
         )
-    checked = table.dropna(subset=["random"])
+    checked = ranked(table.dropna(subset=["random"]), Rules(max_bleed=1.0))
     lines += [
         "",
         "## Points checked for random directions and loops (rank order)",
@@ -207,7 +209,6 @@ STAGE = Stage(
     run=run,
     inputs=SweepReportInputs,
     needs=("sweep",),
-    version=VERSION,
     writes=("sweep.md",),
     report=("sweep.md", "*.png"),
     headline=summary_headline,

@@ -42,19 +42,11 @@ def reference_values(model: Any, tokens: Any, kind: str, layer: int) -> mx.array
     return got["v"]
 
 
-def metric_with_values(
-    model: Any,
-    corrupt: Any,
-    kind: str,
-    layer: int,
-    mask: Any,
-    head: Any,
-    source: mx.array,
-    plus: int,
-    minus: int,
-) -> float:
-    """Mean logit difference at the last token of a full, uncached forward of ``corrupt``
-    with ``source`` written into the site where ``mask`` [n, T] is true (and ``head``)."""
+def plain_patched_logits(
+    model: Any, corrupt: Any, kind: str, layer: int, mask: Any, head: Any, source: mx.array
+) -> mx.array:
+    """Last-token logits ``[n, vocab]`` of a full, uncached forward of ``corrupt`` with
+    ``source`` written into the site where ``mask`` [n, T] is true (and ``head``)."""
     mask = mx.array(mask)
     module = site_owner(model, kind, layer)
     original = type(module).__call__
@@ -77,7 +69,22 @@ def metric_with_values(
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     with swapped(module, "RefPatch", call):
-        logits = model(mx.array(corrupt))[:, -1].astype(mx.float32)
+        return model(mx.array(corrupt))[:, -1].astype(mx.float32)
+
+
+def metric_with_values(
+    model: Any,
+    corrupt: Any,
+    kind: str,
+    layer: int,
+    mask: Any,
+    head: Any,
+    source: mx.array,
+    plus: int,
+    minus: int,
+) -> float:
+    """Mean logit difference at the last token of :func:`plain_patched_logits`."""
+    logits = plain_patched_logits(model, corrupt, kind, layer, mask, head, source)
     return float(mx.mean(logits[:, plus] - logits[:, minus]).item())
 
 

@@ -130,3 +130,123 @@ def test_load_resolves_names_paths_and_refuses_the_rest(tmp_path):
             mi.load(bad)
     with pytest.raises(ModelLoadError, match="not found"):
         mi.load(tmp_path / "missing.gguf")
+
+
+# --- run_with_cache, to_str_tokens, edit -----------------------------------------------------
+
+
+def test_run_with_cache_equals_one_forward_per_prompt(model):
+    prompts = ["Grass is", "A fire truck is painted bright"]
+    logits, cache = model.run_with_cache(prompts, sites=["resid_post", "pattern"], layers=[1])
+    assert isinstance(logits, mx.array) and isinstance(cache["resid_post", 1], mx.array)
+    lengths = [len(model.tokens(p)) for p in prompts]
+    assert cache.lengths == lengths and logits.shape[:2] == (2, max(lengths))
+    for row, prompt in enumerate(prompts):
+        alone_logits, alone = model.run_with_cache(
+            prompt, sites=["resid_post", "pattern"], layers=[1]
+        )
+        n = lengths[row]
+        np.testing.assert_allclose(np.array(logits[row, :n]), np.array(alone_logits[0]), atol=1e-4)
+        np.testing.assert_allclose(
+            np.array(cache["blocks.1.hook_resid_post"][row, :n]),
+            np.array(alone["resid_post", 1][0]),
+            atol=1e-5,
+        )
+        pattern = np.array(cache["pattern", 1][row])  # [heads, query, key]
+        np.testing.assert_allclose(pattern[:, :n, :n], np.array(alone["pattern", 1][0]), atol=1e-5)
+    short = lengths[0]
+    assert np.isnan(np.array(cache["resid_post", 1][0, short:])).all()  # pads are NaN
+    assert np.isnan(np.array(logits[0, short:])).all()
+    assert not np.isnan(np.array(cache["resid_post", 1][1])).any()
+
+
+def test_run_with_cache_positions_stack_numpy_and_every_site(model):
+    _, cache = model.run_with_cache(["Grass is", "Snow is white"], positions="last", as_numpy=True)
+    n = model.n_layers
+    assert isinstance(cache["resid_post", 0], np.ndarray)
+    assert cache.stack("resid_post").shape == (n, 2, model.d_model)
+    assert cache.stack("pattern").shape[:3] == (n, 2, model.anatomy.n_heads)
+    assert cache["embed"].shape == (2, model.d_model) and cache["logits"].shape[0] == 2
+    assert cache.stack("k", layers=[0, -1]).shape == (2, 2, model.anatomy.n_kv_heads, 8)
+    full_logits, full = model.run_with_cache(["Grass is", "Snow is white"], sites="resid_mid")
+    rows = [len(model.tokens(p)) - 1 for p in ["Grass is", "Snow is white"]]
+    np.testing.assert_allclose(
+        cache["resid_mid", 2], np.array(full["resid_mid", 2])[[0, 1], rows], atol=1e-6
+    )
+    _, picked = model.run_with_cache(["Grass is", "Snow is white"], "mlp_post", [0], [0, -1])
+    assert picked["mlp_post", 0].shape == (2, 2, model.anatomy.d_mlp)
+    np.testing.assert_allclose(
+        np.array(picked["mlp_post", 0][:, 1]), cache["mlp_post", 0], atol=1e-6
+    )
+    with pytest.raises(KeyError, match="no z values"):
+        full.stack("z")
+
+
+def test_to_str_tokens_and_token_prompts(model):
+    pieces = model.to_str_tokens("Grass is green")
+    ids = model.tokens("Grass is green")
+    assert len(pieces) == len(ids) and "".join(pieces).endswith("Grass is green")
+    assert model.to_str_tokens(ids) == pieces
+    assert model.to_str_tokens(["Grass", "Snow is"]) == [
+        model.to_str_tokens("Grass"),
+        model.to_str_tokens("Snow is"),
+    ]
+    logits, _ = model.run_with_cache(ids, sites="resid_post", layers=[0])
+    np.testing.assert_array_equal(np.array(logits[0]), np.array(model.model(mx.array([ids]))[0]))
+
+
+def test_edit_functions_and_modes_on_the_public_face(model):
+    d = mi.Direction.train(model, PROMPTS[:2], PROMPTS[2:], layers=[1])
+    _, plain = model.run_with_cache("Grass is", sites="resid_post", layers=[1])
+    with model.edit({"blocks.1.hook_resid_post": lambda h: h * 0}, positions="last"):
+        _, zeroed = model.run_with_cache("Grass is", sites="resid_post", layers=[1])
+    got = np.array(zeroed["resid_post", 1][0])
+    assert np.abs(got[-1]).max() == 0 and np.array_equal(
+        got[:-1], np.array(plain["resid_post", 1][0])[:-1]
+    )
+    with model.edit({("resid_post", 1): d.vectors[1]}, mode="add", alpha=2.0):
+        _, added = model.run_with_cache("Grass is", sites="resid_post", layers=[1])
+    np.testing.assert_allclose(
+        np.array(added["resid_post", 1][0]),
+        np.array(plain["resid_post", 1][0]) + 2.0 * d.vectors[1],
+        atol=1e-5,
+    )
+    with pytest.raises(ConfigError, match="run_with_cache"):
+        model.record("Grass is", sites="pattern")
+    rec = model.record(["Grass is", "Snow"], sites=["mlp_post", "resid_pre", "q"], layers=[0])
+    assert rec["mlp_post", 0].shape == (2, model.anatomy.d_mlp)
+    assert rec["q", 0].shape == (2, model.anatomy.n_heads, model.anatomy.head_dim)
+
+
+def test_the_library_pages_task_blocks_run(model):
+    """Every ```python block of docs/library.md after the first (which loads SmolLM2), in
+    order, on the tiny random model."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "library.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    assert len(blocks) >= 6
+    namespace = {"mi": mi, "model": model}
+    for block in blocks[1:]:
+        exec(compile(block, str(page), "exec"), namespace)
+    assert namespace["cache"].stack("resid_post").shape[0] == 1
+    np.testing.assert_allclose(
+        np.array(namespace["logits"][0, -1]),
+        np.array(model.model(mx.array([model.tokens("Grass is")]))[0, -1]),
+        atol=1e-4,
+    )
+
+
+def test_generate_under_a_positioned_edit_edits_the_prompts_last_token(model):
+    """mlx-lm's generate runs the prompt in two forwards; -1 is still its last token."""
+    tokens = model.tokens("Grass is")
+    edit = {("resid_post", 1): lambda h: h[..., ::-1] * 20.0}  # reversed and scaled
+    with model.edit(edit, positions="last"):
+        text = model.generate("Grass is", max_tokens=4, chat=False)
+    seq = list(tokens)
+    with model.edit(edit, positions=len(tokens) - 1):
+        for _ in range(4):
+            seq.append(int(mx.argmax(model.model(mx.array([seq]))[0, -1]).item()))
+    assert text.strip() == model.tokenizer.decode(seq[len(tokens) :]).strip()
+    assert text != model.generate("Grass is", max_tokens=4, chat=False)

@@ -142,3 +142,34 @@ def test_bench_parquet_section_runs():
 
     res = parquet_vs_npsave(n=20, layers=3, d_model=16)
     assert res["float32"]["ratio"] > 0 and res["float16"]["parquet_mb_s"] > 0
+
+
+def test_stage_figures_from_a_run_log(tmp_path):
+    from bench import stages
+    from bench.stats import ratio as divide
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mlx_interp.log").write_text(
+        "[x][mlx_interp.engine.dag][INFO] - stage capture    computed in 12.0s  /a\n"
+        "[x][mlx_interp.engine.dag][INFO] - stage baseline   computed in 15.0s  /b\n"
+        "[x][mlx_interp.engine.dag][INFO] - stage steer      computed in 9.0s  /c\n"
+        "[x][mlx_interp.engine.dag][INFO] - stage report     cached\n"
+    )
+    times = stages.stage_seconds(run)
+    assert times == {"capture": 12.0, "baseline": 15.0, "steer": 9.0}
+    res = {
+        "stages": {
+            "default": {"wall_s": 48.0, "stages": times},
+            "sweep": {"wall_s": 30.0, "alphas": "2.0,2.5,3.0"},
+            "all": {"wall_s": 200.0, "stages": {"steer": 130.0}},
+            "all_sweep": {"wall_s": 270.0, "alphas": "2.0,2.5,3.0"},
+        },
+        "load": {"first_s": 4.0, "second_s": 0.8, "off_s": 4.1},
+    }
+    rows = {name: value for name, value, _, _ in stages.figures(res, divide)}
+    assert rows["steer stage / capture stage (default experiment, positions last)"] == 0.75
+    assert rows["baseline stage / capture stage"] == 1.25
+    assert rows["whole default run (fresh store, set up) / capture stage"] == 4.0
+    assert rows["second model load of SmolLM2, seconds (model load cache)"] == 0.8
+    assert stages.figures({}, divide) == []

@@ -17,7 +17,10 @@ FOLDERS = {"mlx_interp": ROOT / "pipeline", "mlx_interp.stages": ROOT / "stages"
 
 # lowest first; a module may import its own layer and the ones below it
 LAYERS = [
-    ("base", ["mlx_interp.blas", "mlx_interp.errors", "mlx_interp.resources"]),
+    (
+        "base",
+        ["mlx_interp.blas", "mlx_interp.errors", "mlx_interp.factory", "mlx_interp.resources"],
+    ),
     ("engine", ["mlx_interp.engine"]),
     ("models", ["mlx_interp.models"]),
     ("interventions", ["mlx_interp.interventions"]),

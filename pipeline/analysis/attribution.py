@@ -30,8 +30,8 @@ from mlx_interp.interventions.patching import (
     metric_gap,
     prepare_pairs,
 )
-from mlx_interp.interventions.prefix import last_logits
 from mlx_interp.interventions.resume import (
+    last_position_logits,
     n_heads_of,
     n_layers_of,
     record_base,
@@ -111,7 +111,8 @@ def attribution_patching(
     last = [width - 1] * pairs.clean.shape[0]
     recorded = [k for k in kinds if k in ("attn_out", "mlp_out", "z")]
     base = record_base(module, pairs.clean, last, ["resid_pre", *recorded], keep_kv=False)
-    m_clean = float(mx.mean(metric(base.logits)).item())
+    assert base.logits is not None  # record_base returns the clean logits
+    m_clean = float(mx.mean(metric(base.logits)))
     keys = [("resid_pre", i) for i in range(n_layers + 1)]
     keys += [(k, i) for k in recorded for i in range(n_layers)]
     deltas = {key: mx.zeros_like(_clean_value(base, key)) for key in keys}
@@ -119,11 +120,11 @@ def attribution_patching(
     def corrupted_metric(deltas: dict) -> tuple[mx.array, dict]:
         swaps = _with_deltas(module, deltas, kinds)
         with wrapped_calls(module, swaps["wrappers"]):
-            logits = last_logits(module, pairs.corrupt, last)
+            logits = last_position_logits(module, pairs.corrupt, last)
         return mx.mean(metric(logits)), swaps["seen"]
 
-    (m_corrupt, seen), grads = mx.value_and_grad(corrupted_metric)(deltas)
-    m_corrupt = float(m_corrupt.item())
+    (metric_corrupt, seen), grads = mx.value_and_grad(corrupted_metric)(deltas)
+    m_corrupt = float(metric_corrupt)
     gap = metric_gap(m_clean, m_corrupt)
     results = {}
     positions = list(range(width))

@@ -14,12 +14,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from mlx_interp.analysis.stats import finite_rows
 from mlx_interp.errors import MlxInterpError
+from mlx_interp.factory import Registry, build
 
 FORMAT = "mlx-interp.directions/1"
 PREFIXES = ("direction", "pos_mean", "neg_mean")  # tensor names: f"{prefix}.{layer}"
@@ -171,19 +172,27 @@ class LogisticDirection:
 METHODS: dict[str, type] = {"mean_diff": MeanDiff, "pca": PCADiff, "logistic": LogisticDirection}
 
 
-def make_method(name_or_cfg: Any) -> Any:
-    """A method from a name (``"pca"``), a ``{"_target_": ...}`` config, or an instance."""
-    if isinstance(name_or_cfg, str):
-        if name_or_cfg not in METHODS:
-            raise DirectionError(f"unknown method {name_or_cfg!r}: choose one of {sorted(METHODS)}")
-        return METHODS[name_or_cfg]()
-    if hasattr(name_or_cfg, "keys") and "_target_" in name_or_cfg:
-        from hydra.utils import instantiate
+@runtime_checkable
+class DirectionMethod(Protocol):
+    """What a direction method provides: ``fit(pos, neg, pairs) -> [d]``."""
 
-        return instantiate(name_or_cfg)
-    if hasattr(name_or_cfg, "fit"):
-        return name_or_cfg
-    raise DirectionError(f"cannot make a direction method from {name_or_cfg!r}")
+    def fit(self, pos: np.ndarray, neg: np.ndarray, pairs: np.ndarray | None = None) -> Any: ...
+
+
+METHOD_REGISTRY = Registry(
+    what="method",
+    plural="methods",
+    names=METHODS,
+    error=DirectionError,
+    accepts=lambda obj: isinstance(obj, DirectionMethod),
+    example="mlx_interp.analysis.directions.PCADiff",
+)
+
+
+def make_method(name_or_cfg: Any) -> Any:
+    """A method from a name (``"pca"``), a ``{"_target_": ...}`` config, or an instance
+    (the one factory, :func:`mlx_interp.factory.build`)."""
+    return build(name_or_cfg, METHOD_REGISTRY)
 
 
 @dataclass(eq=False)  # arrays have no single truth value; == is identity
@@ -268,7 +277,7 @@ class DirectionSet:
         return self + (-self._check_layers(other))
 
     def __mul__(self, scalar: float) -> DirectionSet:
-        if not np.isscalar(scalar):
+        if not isinstance(scalar, int | float | np.integer | np.floating):
             return NotImplemented
         if scalar < 0:
             return -(self * -scalar)
@@ -304,6 +313,14 @@ class DirectionSet:
         unknown = sorted(set(provenance) - set(PROVENANCE))
         if unknown:
             raise DirectionError(f"unknown provenance {unknown}: use {list(PROVENANCE)}")
+        path = Path(path).expanduser()
+        folder = path.parent
+        if not folder.is_dir():  # else safetensors' error names a temporary file
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise DirectionError(
+                f"cannot save directions to {path}: the folder {folder} {what}; create it "
+                f"first (mkdir -p {folder}) or give a path in an existing folder"
+            )
         tensors = {}
         for prefix, arrays in zip(
             PREFIXES, (self.vectors, self.pos_means, self.neg_means), strict=True
@@ -437,7 +454,7 @@ def extract(
     params = {k: v for k, v in vars(fitter).items() if isinstance(v, (int, float, str, bool))}
     meta = {"n_pos": int(is_pos.sum()), "n_neg": int(is_neg.sum()), "params": params}
     name = getattr(fitter, "name", type(fitter).__name__)
-    return DirectionSet(vectors, pos_means, neg_means, name, tuple(contrast), meta)
+    return DirectionSet(vectors, pos_means, neg_means, name, (contrast[0], contrast[1]), meta)
 
 
 def cosine_matrix(sets: Mapping[str, DirectionSet], layer: int) -> tuple[list[str], np.ndarray]:

@@ -6,9 +6,12 @@ final residual (TransformerLens's ``apply_ln_to_stack`` convention: one RMS scal
 component) and through the unembedding along ``W_U[plus] - W_U[minus]``, each component gets
 a share of the logit difference; the shares add up to the model's own logit difference, and
 ``remainder`` holds what is not a sum of components (a head bias, gemma2's soft-capping).
-Per head, each head's output through its slice of the output projection (a bias of the
-projection is not a head's, so the heads of a layer add up to its attention output minus that
-bias).
+Blocks that norm an output before adding it (gemma2/3, olmo2: ``post_attn_norm``,
+``post_mlp_norm`` of the anatomy) count what they add, the normed output. Per head, each
+head's output through its slice of the output projection (a bias of the projection is not a
+head's, so the heads of a layer add up to its attention output minus that bias), through a
+post-attention norm with its scale frozen at the attention output. A LayerNorm (gpt2) is
+refused.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_interp.analysis.lens import LensError, _head_rows, final_norm, unembed
+from mlx_interp.analysis.lens import LensError, _head_rows, final_norm, frozen_rms_scale, unembed
 from mlx_interp.interventions.capture import padded_batch
 from mlx_interp.interventions.patching import token_rows
-from mlx_interp.interventions.resume import _parts, n_layers_of, record_base
+from mlx_interp.interventions.resume import module_of, n_layers_of, record_base
+from mlx_interp.models.anatomy import anatomy_of
 
 __all__ = ["LogitAttribution", "direct_logit_attribution", "frozen_rms_scale"]
 
@@ -46,26 +50,6 @@ class LogitAttribution:
         labels = ["embed"] + [f"{k} {i}" for i in range(n_layers) for k in ("attn", "mlp")]
         blocks = np.stack([self.attn, self.mlp], axis=2).reshape(len(self.embed), -1)
         return labels, np.concatenate([self.embed[:, None], blocks], axis=1)
-
-
-def frozen_rms_scale(norm: Any, x: mx.array) -> tuple[mx.array, mx.array]:
-    """(``gain`` ``[d]``, ``scale`` ``[..., 1]``) with ``norm(x) == scale * gain * x`` for an
-    RMS norm, read from the norm itself (its epsilon and a ``1 + w`` gain included); refused
-    (:class:`LensError`) for a norm not of that form (a mean-subtracting LayerNorm)."""
-    x = x.astype(mx.float32)
-    big = 1e3
-    gain = norm(mx.full((1, x.shape[-1]), big, dtype=mx.float32))[0] / big
-    normed = norm(x)
-    gx = gain * x
-    squared = mx.maximum((gx * gx).sum(-1, keepdims=True), 1e-30)
-    scale = (normed * gx).sum(-1, keepdims=True) / squared
-    error = mx.abs(normed - scale * gx).max() / mx.maximum(mx.abs(normed).max(), 1e-30)
-    if error.item() > 1e-3:
-        raise LensError(
-            f"{type(norm).__name__} is not an RMS norm (norm(x) != scale * gain * x, relative "
-            f"error {error.item():.2g}); direct logit attribution supports RMS-normed models"
-        )
-    return gain, scale
 
 
 def _ids_per_prompt(ids: Any, n: int, what: str) -> list[int]:
@@ -120,46 +104,56 @@ def direct_logit_attribution(
 
     embed = share(at_position(run.resid[0]))
     attn, mlp, heads = [], [], []
+    anatomy = anatomy_of(module)
     for i in range(n_layers):
+        parts = anatomy.layer(i)
         a, m = at_position(run.sites[("attn_out", i)]), at_position(run.sites[("mlp_out", i)])
+        # a norm after the attention block (gemma2/3, olmo2), its scale frozen
+        post: float | mx.array = 1.0
+        if parts.post_attn_norm is not None:
+            gain_a, scale_a = frozen_rms_scale(parts.post_attn_norm, a)
+            post, a = gain_a * scale_a, parts.post_attn_norm(a).astype(mx.float32)
+        if parts.post_mlp_norm is not None:
+            m = parts.post_mlp_norm(m).astype(mx.float32)
         block = at_position(run.resid[i + 1]) - at_position(run.resid[i])
         _check_added(block, a, m, i)
         attn.append(share(a))
         mlp.append(share(m))
         if per_head:
-            heads.append(_head_shares(module, i, at_position(run.sites[("z", i)]), read))
+            z = at_position(run.sites[("z", i)])
+            heads.append(_head_shares(module, i, z, read * post))
     logits = unembed(module, final)
     index = mx.arange(len(rows))
     own = logits[index, mx.array(plus)] - logits[index, mx.array(minus)]
-    embed, own = np.array(embed), np.array(own.astype(mx.float32))
-    attn, mlp = np.array(mx.stack(attn, 1)), np.array(mx.stack(mlp, 1))
-    total = embed + attn.sum(1) + mlp.sum(1)
+    embed_np, own_np = np.array(embed), np.array(own.astype(mx.float32))
+    attn_np, mlp_np = np.array(mx.stack(attn, 1)), np.array(mx.stack(mlp, 1))
+    total = embed_np + attn_np.sum(1) + mlp_np.sum(1)
     return LogitAttribution(
-        embed,
-        attn,
-        mlp,
+        embed_np,
+        attn_np,
+        mlp_np,
         np.array(mx.stack(heads, 1)) if per_head else None,
-        own.astype(np.float64) - total,
-        own,
+        own_np.astype(np.float64) - total,
+        own_np,
     )
 
 
 def _check_added(block: mx.array, attn: mx.array, mlp: mx.array, layer: int) -> None:
-    """The block's change of the residual must be its attention plus MLP outputs (blocks
-    that norm an output before adding it, gemma2/3 and olmo2, are split elsewhere)."""
+    """The block's change of the residual must be what its attention and MLP add (their
+    outputs, through the post-norms the anatomy names): else the split would be wrong."""
     error = mx.abs(block - attn - mlp).max() / mx.maximum(mx.abs(block).max(), 1e-30)
-    if error.item() > 1e-3:
+    if not float(error) <= 1e-3:
         raise LensError(
-            f"layer {layer} adds more than its attention and MLP outputs to the residual (a "
-            "norm after each block: gemma2/3, olmo2); per-block direct logit attribution "
-            "supports pre-norm blocks (llama, mistral, qwen2/3, phi3) for now"
+            f"layer {layer} changes the residual by more than its attention and MLP add "
+            f"(relative error {error.item():.2g}); name the block's norms with the config key "
+            "model.anatomy (post_attn_norm, post_mlp_norm) if the model has others"
         )
 
 
 def _head_shares(model: Any, layer: int, z: mx.array, read: mx.array) -> mx.array:
     """``[n, n_heads]``: each head's output through the output projection (bias removed),
     dotted with ``read`` ``[n, d]``; ``z`` is ``[n, n_heads, head_dim]``."""
-    o_proj = _parts(model, layer, "z")
+    o_proj = module_of(model, layer, "z")
     n, n_heads, head_dim = z.shape
     one_hot = mx.eye(n_heads, dtype=z.dtype)[None, :, :, None]  # [1, H, H, 1]
     alone = (z[:, None, :, :] * one_hot).reshape(n, n_heads, n_heads * head_dim)

@@ -1,14 +1,14 @@
 """Logit lens: each layer's residual read through the model's final norm and unembedding.
 
 :func:`unembed` maps a residual ``[..., d_model]`` to logits ``[..., vocab]`` exactly as the
-model's own head does after its last layer (mlx-lm: ``model.model.norm``, then ``lm_head``
-or the tied embedding), so at the last layer the lens equals the model's logits (for models
-that transform the head's output further, e.g. gemma2's logit soft-capping, it equals them
-before that transform).
+model's own head does after its last layer (the anatomy's final norm, head and any logit
+soft-capping), so at the last layer the lens equals the model's logits.
 :func:`logit_lens` reads every layer (or some) at every position (or some) of a batch of
 prompts; :func:`lens_logit_diff` gives, per prompt, layer and position role, the logit
 difference of two answer words (max over each word's first-token spellings), for the
-logit_lens stage. Direct logit attribution is :mod:`mlx_interp.analysis.dla`.
+logit_lens stage. Both read the residuals of one recorded forward
+(:func:`mlx_interp.interventions.resume.record_base`). Direct logit attribution is
+:mod:`mlx_interp.analysis.dla`.
 """
 
 from __future__ import annotations
@@ -17,72 +17,69 @@ from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
-from mlx_interp.interventions.capture import (
-    capture_layers,
-    decoder_layers,
-    padded_batch,
-    resolve_layers,
-)
-from mlx_interp.interventions.classswap import model_width
+from mlx_interp.interventions.capture import padded_batch, resolve_layers
+from mlx_interp.interventions.patching import token_rows
 from mlx_interp.interventions.positions import ROLES, role_positions
 from mlx_interp.interventions.prefix import expand_cache, shared_prefix
+from mlx_interp.interventions.resume import n_layers_of, record_base
+from mlx_interp.models.anatomy import anatomy_of
 from mlx_interp.models.loading import ModelLoadError
 
 
 class LensError(ModelLoadError):
-    """A model whose final norm or unembedding cannot be found."""
+    """A model whose final norm or unembedding cannot be read as the lens needs."""
 
 
 def final_norm(model: Any) -> Any:
-    """The norm after the last layer."""
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    if norm is None:
-        raise LensError(
-            f"{type(model).__name__} has no model.norm: the logit lens needs an mlx-lm model "
-            "whose body ends in a final norm (llama, qwen2, mistral, ...)"
-        )
-    return norm
+    """The norm after the last layer (the anatomy's ``final_norm``)."""
+    return anatomy_of(model).final_norm
 
 
 def unembed(model: Any, h: mx.array) -> mx.array:
     """``[..., d_model]`` residual -> ``[..., vocab]`` logits via the final norm and head."""
-    inner = getattr(model, "model", None)
-    norm = getattr(inner, "norm", None)
-    if norm is None:
-        raise LensError(
-            f"{type(model).__name__} has no model.norm: the logit lens needs an mlx-lm model "
-            "whose body ends in a final norm (llama, qwen2, mistral, ...)"
-        )
-    h = norm(h)
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        return head(h)
-    embed = getattr(inner, "embed_tokens", None)
-    if embed is None or not hasattr(embed, "as_linear"):
-        raise LensError(f"{type(model).__name__} has neither lm_head nor tied embed_tokens")
-    return embed.as_linear(h)
+    return anatomy_of(model).unembed(h)
 
 
 def unembed_ids(model: Any, h: mx.array, ids: Sequence[int]) -> mx.array:
     """``[..., d_model]`` residual -> ``[..., len(ids)]``: the logits of ``ids`` only, equal
     to ``unembed(model, h)[..., ids]``. A plain (unquantized) head multiplies by its rows of
     ``ids`` alone; any other head runs whole."""
-    import mlx.nn as nn
-
+    anatomy = anatomy_of(model)
     index = mx.array(list(ids), dtype=mx.int32)
-    head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if head is None and type(embed) is nn.Embedding:
-        weight, bias = embed.weight, None
-    elif type(head) is nn.Linear:
-        weight, bias = head.weight, head.get("bias")
-    else:
+    head = anatomy.lm_head
+    layer = head if head is not None else anatomy.embed
+    if type(layer) not in (nn.Linear, nn.Embedding):
         return unembed(model, h)[..., index]
-    normed = model.model.norm(h)
-    out = normed @ weight[index].T
-    return out if bias is None else out + bias[index]
+    out = anatomy.final_norm(h) @ layer.weight[index].T
+    bias = layer.get("bias") if head is not None else None
+    out = out if bias is None else out + bias[index]
+    cap = anatomy.final_softcap
+    return mx.tanh(out / cap) * cap if cap else out
+
+
+def frozen_rms_scale(norm: Any, x: mx.array) -> tuple[mx.array, mx.array]:
+    """(``gain`` ``[d]``, ``scale`` ``[..., 1]``) with ``norm(x) == scale * gain * x`` for an
+    RMS norm, read from the norm itself: the gain is its output for a constant vector (large,
+    so that its epsilon does not count; a ``1 + w`` gain comes out right), the scale is fitted
+    at ``x`` (its epsilon included); refused
+    (:class:`LensError`) for a norm not of that form (a mean-subtracting LayerNorm)."""
+    x = x.astype(mx.float32)
+    gain = norm(mx.full((1, x.shape[-1]), 1e3, dtype=mx.float32))[0].astype(mx.float32)
+    normed = norm(x).astype(mx.float32)
+    gx = gain * x
+    squared = mx.maximum((gx * gx).sum(-1, keepdims=True), 1e-30)
+    scale = (normed * gx).sum(-1, keepdims=True) / squared
+    error = mx.abs(normed - scale * gx).max() / mx.maximum(mx.abs(normed).max(), 1e-30)
+    if not float(error) <= 1e-3:
+        raise LensError(
+            f"{type(norm).__name__} is not an RMS norm (norm(x) != scale * gain * x, relative "
+            f"error {error.item():.2g}): reading a residual through it linearly needs "
+            "norm(h) = h / rms(h) * gain"
+        )
+    return gain, scale
 
 
 def logit_lens(
@@ -100,12 +97,9 @@ def logit_lens(
     ``mlx_interp.Model``; ``layers``: default all (negative ok); ``positions``: default every
     position of the shortest prompt, negative ones count from each prompt's own end. At the
     last layer the lens is the model's logits."""
-    from mlx_interp.interventions.patching import token_rows
-    from mlx_interp.interventions.resume import record_base
-
     module, rows = token_rows(model, prompts, "prompts")
     tokens, lengths = padded_batch(rows, pad_id)
-    layers = resolve_layers(layers, len(decoder_layers(module)))
+    layers = resolve_layers(layers, n_layers_of(module))
     positions = list(range(min(lengths))) if positions is None else [int(p) for p in positions]
     picked = np.array([[p % n for p in positions] for n in lengths])  # [n, P]
     if any(not -n <= p < n for p in positions for n in lengths):
@@ -134,7 +128,7 @@ def lens_logit_diff(
     minus max logit over ``minus_ids[i]``, at the last object token (``object``), averaged
     over the tokens after it (``after``; NaN when there are none) and at the last token."""
     seqs = [[int(t) for t in s] for s in seqs]
-    n_layers = len(decoder_layers(model))
+    n_layers = n_layers_of(model)
     out = np.full((len(seqs), n_layers, len(ROLES)), np.nan, np.float32)
     p, cache0 = shared_prefix(model, seqs)
     if cache0 is not None and min(s for s, _ in spans) < p:
@@ -142,10 +136,10 @@ def lens_logit_diff(
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for begin in range(0, len(order), batch_size):
         rows = [int(i) for i in order[begin : begin + batch_size]]
-        tokens, _ = padded_batch([seqs[i][p:] for i in rows], pad_id)
+        tokens, lengths = padded_batch([seqs[i][p:] for i in rows], pad_id)
         cache = expand_cache(cache0, len(rows)) if cache0 is not None else None
-        with capture_layers(model, None) as rec:
-            model(tokens, **({} if cache is None else {"cache": cache}))
+        last = [n - 1 for n in lengths]
+        run = record_base(model, tokens, last, ["resid_pre"], keep_kv=False, cache=cache)
         picks = []  # (row in batch, position in suffix, prompt, role index)
         for r, i in enumerate(rows):
             roles = role_positions(spans[i], len(seqs[i]))
@@ -156,7 +150,7 @@ def lens_logit_diff(
         vocab = sorted({int(t) for i in rows for t in (*plus_ids[i], *minus_ids[i])})
         column = {t: c for c, t in enumerate(vocab)}
         for layer in range(n_layers):
-            h = rec.outputs[layer][row_idx, pos_idx]  # [picks, d_model]
+            h = run.resid[layer + 1][row_idx, pos_idx]  # [picks, d_model]
             logits = np.array(unembed_ids(model, h, vocab).astype(mx.float32))  # [picks, ids]
             sums = np.zeros((len(seqs), len(ROLES)))
             counts = np.zeros((len(seqs), len(ROLES)))
@@ -168,62 +162,25 @@ def lens_logit_diff(
             for i in rows:
                 seen = counts[i] > 0
                 out[i, layer, seen] = sums[i, seen] / counts[i, seen]
-        rec.outputs.clear()
     return out
 
 
 def _head_rows(model: Any, ids: Sequence[int]) -> np.ndarray:
     """float64 ``[len(ids), d_model]``: the unembedding rows of ``ids`` (the head's weight,
     or the tied embedding), dequantized when the head is quantized."""
-    import mlx.nn as nn
-
-    index = mx.array(list(ids), dtype=mx.int32)
-    inner = getattr(model, "model", None)
-    head = getattr(model, "lm_head", None)
-    layer = head if head is not None else getattr(inner, "embed_tokens", None)
-    if layer is None or not hasattr(layer, "weight"):
-        raise LensError(f"{type(model).__name__} has neither lm_head nor tied embed_tokens")
-    if isinstance(layer, nn.QuantizedLinear | nn.QuantizedEmbedding):
-        rows = mx.dequantize(
-            layer.weight[index],
-            layer.scales[index],
-            layer.biases[index] if layer.get("biases") is not None else None,
-            layer.group_size,
-            layer.bits,
-        )
-    else:
-        rows = layer.weight[index]
-    return np.array(rows.astype(mx.float32), dtype=np.float64)
+    return np.array(anatomy_of(model).head_rows(ids), dtype=np.float64)
 
 
 def norm_gain(model: Any) -> np.ndarray:
-    """float64 ``[d_model]``: the elementwise gain of the model's final RMS norm, read by
-    running the norm on a vector of ones (so a ``1 + w`` gain, as in Gemma, comes out right).
-    Refused for a norm that is not of that form (e.g. a mean-subtracting LayerNorm)."""
-    inner = getattr(model, "model", None)
-    norm = getattr(inner, "norm", None)
-    if norm is None:
-        raise LensError(f"{type(model).__name__} has no model.norm: cannot read its final norm")
-    d = model_width(model) or _d_model(model)
-    ones = mx.ones((1, d), dtype=mx.float32)
-    gain = np.array(norm(ones).astype(mx.float32), dtype=np.float64)[0]
-    doubled = np.array(norm(2 * ones).astype(mx.float32), dtype=np.float64)[0]
-    if not np.allclose(gain, doubled, rtol=1e-4, atol=1e-6) or not np.abs(gain).max() > 0:
-        raise LensError(
-            f"{type(norm).__name__} is not a scale-invariant RMS norm: the answer-word "
-            "direction needs norm(h) = h / rms(h) * gain"
-        )
-    return gain
-
-
-def _d_model(model: Any) -> int:
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if embed is not None and hasattr(embed, "weight"):
-        weight = embed.weight
-        if weight.dtype == mx.uint32:  # quantized: packed columns
-            return int(embed.scales.shape[-1] * embed.group_size)
-        return int(weight.shape[-1])
-    raise LensError(f"{type(model).__name__}: cannot tell its residual width")
+    """float64 ``[d_model]``: the elementwise gain of the model's final RMS norm (a ``1 + w``
+    gain, as in Gemma, comes out right). Refused for a norm that is not of that form (e.g. a
+    mean-subtracting LayerNorm)."""
+    anatomy = anatomy_of(model)
+    if anatomy.d_model is None:
+        raise LensError(f"{type(model).__name__} declares no width (d_model) to probe its norm")
+    x = 3 * mx.random.normal((4, anatomy.d_model), key=mx.random.key(0))
+    gain, _ = frozen_rms_scale(anatomy.final_norm, x)
+    return np.array(gain, dtype=np.float64)
 
 
 def answer_direction(model: Any, pos_ids: Sequence[int], neg_ids: Sequence[int]) -> np.ndarray:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from mlx_interp.analysis.stats import finite_rows
 from mlx_interp.errors import MlxInterpError
+from mlx_interp.factory import Registry, build
 
 
 class ProbeError(MlxInterpError, ValueError):
@@ -348,9 +349,9 @@ def mean_diff_cosines(
 
     point = cosines({c: x.mean(0) for c, x in xs.items()})
     boots = np.empty((int(n_bootstrap), len(names), len(names)))
-    for b in range(int(n_bootstrap)):
+    for r in range(int(n_bootstrap)):
         means = {c: x[rng.integers(0, len(x), len(x))].mean(0) for c, x in xs.items()}
-        boots[b] = cosines(means)
+        boots[r] = cosines(means)
     halves = []
     for _ in range(20):
         perm = {c: rng.permutation(len(x)) for c, x in xs.items()}
@@ -382,3 +383,26 @@ def mean_diff_cosines(
                 }
             )
     return out
+
+
+@runtime_checkable
+class ProbeFactory(Protocol):
+    """What a probe provides: ``make(seed)`` -> a fresh estimator for one fit."""
+
+    def make(self, seed: int) -> Any: ...
+
+
+PROBE_REGISTRY = Registry(
+    what="probe",
+    plural="probes",
+    names={"logistic": LogisticProbe},
+    error=ProbeError,
+    accepts=lambda obj: isinstance(obj, ProbeFactory),
+    example="mlx_interp.analysis.probes.LogisticProbe",
+)
+
+
+def make_probe(spec: Any) -> Any:
+    """A probe from ``"logistic"`` (also None), a ``_target_`` config or an instance (the
+    one factory, :func:`mlx_interp.factory.build`)."""
+    return build("logistic" if spec is None else spec, PROBE_REGISTRY)

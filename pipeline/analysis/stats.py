@@ -188,16 +188,13 @@ def bootstrap_diff_ci(
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return DiffInterval(estimate, estimate, estimate, estimate != 0)
 
-    if _takes_axis(statistic):
+    def diff_along(x, y, axis=-1):  # vectorized: scipy passes the resamples' axis
+        return statistic(x, axis=axis) - statistic(y, axis=axis)
 
-        def diff(x, y, axis=-1):
-            return statistic(x, axis=axis) - statistic(y, axis=axis)
+    def diff_once(x, y):
+        return statistic(x) - statistic(y)
 
-    else:
-
-        def diff(x, y):
-            return statistic(x) - statistic(y)
-
+    diff = diff_along if _takes_axis(statistic) else diff_once
     lo, hi = _bootstrap((a, b), diff, n_resamples, confidence, seed, method)
     return DiffInterval(estimate, lo, hi, bool(lo > 0 or hi < 0))
 

@@ -147,10 +147,11 @@ class ChatSession:
         )
 
     def set_enabled(self, on: bool) -> None:
-        if on and self.steering is None:
+        steering = self.steering
+        if on and steering is None:
             raise ChatError("no steering loaded: /steer FILE layer=N or /preset colorblind")
         self.enabled = on
-        self.say(f"steering {'on: ' + self.steering.short() if on else 'off'}")
+        self.say(f"steering on: {steering.short()}" if on and steering else "steering off")
 
     def cmd_temp(self, args: list[str]) -> None:
         try:
@@ -185,11 +186,13 @@ class ChatSession:
         from mlx_interp.io.control_vectors import load_directions
 
         path, options = parse_steer_args(args)
-        if path is None and self.steering is None:
-            raise ChatError("usage: /steer FILE [layer=N] [alpha=A] [mode=M]; /help for more")
-        dirset = load_directions(path) if path else self.steering.dirset
-        source = path or self.steering.source
         previous = self.steering if path is None else None
+        if path is not None:
+            dirset, source = load_directions(path), path
+        elif previous is not None:  # new layer/alpha/mode for the loaded set
+            dirset, source = previous.dirset, previous.source
+        else:
+            raise ChatError("usage: /steer FILE [layer=N] [alpha=A] [mode=M]; /help for more")
         self.activate(self._steering(dirset, source, options, previous))
 
     def _steering(
@@ -268,13 +271,13 @@ class ChatSession:
         from mlx_interp.interventions.steering import steer
 
         tokens = chat_tokens(self.loaded.tokenizer, self.system, self.shots + self.history, text)
-        on = self.enabled and self.steering is not None
-        label = f"model [{self.steering.short()}]> " if on else "model> "
+        steering = self.steering if self.enabled else None
+        label = f"model [{steering.short()}]> " if steering else "model> "
         print(label, end="", file=self.out, flush=True)
-        edits = self.steering.edits() if on else []
-        mode = self.steering.mode if on else "add"
-        alpha = self.steering.alpha if on else 0.0
-        if on and self.steering.positions == "last":  # as the steer stage places it
+        edits = steering.edits() if steering else []
+        mode = steering.mode if steering else "add"
+        alpha = steering.alpha if steering else 0.0
+        if steering and steering.positions == "last":  # as the steer stage places it
             from mlx_interp.interventions.positions import FromPosition
             from mlx_interp.interventions.steering import make_mode
 
@@ -320,6 +323,14 @@ def model_overrides(model: str | None) -> list[str]:
         return [f"model={model}"]
     if model.endswith(".gguf"):
         return ["model=gguf", f"model.path={model}", f"model.name={Path(model).stem}"]
+    if "/" not in model and not Path(model).expanduser().exists():
+        from mlx_interp.models.loading import ModelLoadError, source_for_path
+
+        names = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+        try:  # a bare word that is no conf/model name: the library's plain message
+            source_for_path(model)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{err} (conf/model names: {', '.join(names)})") from err
     name = Path(model.rstrip("/")).name or model
     return ["model=qwen2_5_7b_instruct_4bit", f"model.path={model}", f"model.name={name}"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mlx_interp.analysis.directions import DirectionSet
 from mlx_interp.resources import CONF_DIR  # noqa: E402
@@ -31,7 +31,7 @@ def compose(overrides: list[str]) -> dict:
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     validate_config(plain)
     return plain
 

@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import hydra  # noqa: E402  (after the BLAS)
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -39,7 +40,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     from mlx_interp.engine.validate import validate_config
     from mlx_interp.stages import STAGES
 
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     validate_config(plain)  # every knob checked before anything is computed
     store = ArtifactStore(Path(plain["paths"]["artifacts"]).expanduser().resolve())
     store.check_writable()
@@ -86,8 +87,38 @@ def _fill_run_dir(run_dir: Path, results: dict, summary: dict, stages: dict) -> 
     write_json_atomic(run_dir / "run.json", summary)
 
 
+def main() -> float | None:
+    """The console script: refuse an override Hydra's parser would reject without a hint
+    (a non-ASCII value outside quotes), then run :func:`hydra_main`."""
+    problem = unquoted_non_ascii(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return hydra_main()
+
+
+def unquoted_non_ascii(args: list[str]) -> str | None:
+    """An override whose non-ASCII value Hydra's lexer rejects: quoting the value fixes it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg or arg.isascii():
+            continue
+        try:
+            OverridesParser.create().parse_overrides([arg])
+        except OverrideParseException:
+            key, value = arg.split("=", 1)
+            return (
+                f"the override {arg} has non-ASCII characters outside quotes, which Hydra's "
+                f"override parser rejects; quote the value, in the shell as "
+                f"\"{key}='{value}'\" (in a sweep, quote each value)"
+            )
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("run directory: %s", run_dir)
     sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -97,7 +128,8 @@ def main(cfg: DictConfig) -> float | None:
     except MlxInterpError as err:  # bad input: one clear line, no traceback
         log.error("%s: %s", type(err).__name__, err)
         if sweep_job:  # the other points of the sweep run on; the summary lists this one
-            return record_failure(run_dir, err)
+            record_failure(run_dir, err)
+            return None
         sys.exit(report_error(err))
     except KeyboardInterrupt:
         log.error("interrupted")
@@ -111,7 +143,8 @@ def main(cfg: DictConfig) -> float | None:
         if not sweep_job:
             raise
         log.exception("job failed")
-        return record_failure(run_dir, err)
+        record_failure(run_dir, err)
+        return None
     from mlx_interp.engine.dag import headlines
     from mlx_interp.engine.distributed import world
     from mlx_interp.stages import STAGES
@@ -284,8 +317,9 @@ def _experiment_list(overrides) -> list[str] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for item in OverridesParser.create().parse_overrides(list(overrides)):
-        if item.key_or_group == "experiment" and isinstance(item.value(), list):
-            return [str(v) for v in item.value()]
+        value = item.value()
+        if item.key_or_group == "experiment" and isinstance(value, list):
+            return [str(v) for v in value]
     return None
 
 
@@ -315,7 +349,11 @@ def forced_groups(overrides: list[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    given = {o.key_or_group: o.value() for o in parsed if isinstance(o.value(), str)}
+    given: dict[str, str] = {}
+    for o in parsed:
+        chosen = o.value()
+        if isinstance(chosen, str):
+            given[o.key_or_group] = chosen
     names = _experiment_list(overrides) or ([given["experiment"]] if "experiment" in given else [])
     notes = []
     for name in names:

@@ -27,7 +27,7 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
     jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     for job in sorted(jobs, key=lambda p: int(p.name)):
         overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
+        overrides: list = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
         row: dict[str, Any] = {"job": int(job.name), "overrides": " ".join(overrides)}
         for item in overrides:
             key, _, value = str(item).partition("=")

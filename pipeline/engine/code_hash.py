@@ -4,10 +4,13 @@ A cached result must follow the code that made it (as DVC hashes a stage's decla
 dependencies), not a hand-bumped version. The code of a stage is its own module (where its
 ``run`` is defined) and every ``mlx_interp`` module it imports, transitively: found by
 parsing the ``import`` statements of each file, those inside functions too (a lazy import is
-still a dependency), never by running them. Parent packages are not followed (``import
+still a dependency), never by running them. Not followed: parent packages (``import
 mlx_interp.analysis.directions`` depends on ``directions.py``, not on every module the
-package's ``__init__`` names), nor are other distributions (mlx, numpy: ``provenance.json``
-records their versions).
+package's ``__init__`` names); the engine (:data:`ENGINE`: the store, the runner, the
+validator decide where a result is kept and whether a stage runs, not what it computes, and
+what the schema decides, defaults, types and choices, reaches a stage only through its
+config slice, which the key hashes; so editing the engine keeps the cache); other
+distributions (mlx, numpy: ``provenance.json`` records their versions).
 
 The hash is sha256 over (module name, sha256 of the file's bytes) in module-name order: the
 same sources give the same hash on every machine, whatever the paths, times or order of
@@ -25,10 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 PROJECT = "mlx_interp"  # the package whose modules are followed
+ENGINE = "mlx_interp.engine"  # not followed: not a stage's code (see the module docstring)
 
 Locate = Callable[[str], Path | None]  # module name -> its source file (None: not a module)
 
-__all__ = ["PROJECT", "code_digest", "module_sources", "source_closure"]
+__all__ = ["ENGINE", "PROJECT", "code_digest", "module_sources", "source_closure"]
 
 
 def locate_module(name: str) -> Path | None:
@@ -78,7 +82,9 @@ def source_closure(module: str, locate: Locate = locate_module) -> dict[str, Pat
             continue
         found[name] = path
         for target in imported_names(path, name):
-            if (target == PROJECT or target.startswith(PROJECT + ".")) and target not in found:
+            if target in found or target == ENGINE or target.startswith(ENGINE + "."):
+                continue
+            if target == PROJECT or target.startswith(PROJECT + "."):
                 todo.append(target)
     return found
 

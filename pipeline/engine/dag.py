@@ -3,8 +3,10 @@
 A stage is a pure function ``run(inputs, upstream, out) -> summary``: ``inputs`` is its
 declared inputs dataclass (schema types, built by :mod:`mlx_interp.engine.inputs` from its
 own config slice), ``upstream`` maps upstream stage names to their artifact folders, ``out``
-is the folder it writes into. Its cache key hashes {stage, code version, the plain config
-slice (the inputs' fields), fingerprints of the files the inputs name, upstream keys}.
+is the folder it writes into. Its cache key hashes {stage, the hash of its code (its module
+and the project modules it imports, :mod:`mlx_interp.engine.code_hash`), the plain config
+slice (the inputs' fields), fingerprints of the files the inputs name, upstream keys}; the
+artifact's manifest records those parts, so a changed key can be explained.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_interp.engine.cache import Artifact, ArtifactStore, hash_key
+from mlx_interp.engine.code_hash import code_digest, stage_sources
 from mlx_interp.engine.distributed import Group, current_shard
 from mlx_interp.engine.inputs import input_keys, typed
 from mlx_interp.errors import ConfigError
@@ -82,7 +85,6 @@ class Stage:
     inputs: a frozen dataclass whose fields are the top-level config keys the stage reads,
         typed by the schema (``model: ModelConfig``, ``seed: int``); :attr:`reads` is derived.
     needs: upstream stage names whose artifacts this stage reads.
-    version: bump when the code changes what the stage writes.
     fingerprint: inputs -> dict of content hashes of files they name (dataset, weights).
     resumable: the stage reuses complete files of an interrupted attempt (kept on disk full).
     sharded: under mlx.launch every rank computes its share (``distributed.current_shard()``)
@@ -98,7 +100,6 @@ class Stage:
     run: StageFn
     inputs: type
     needs: tuple[str, ...] = ()
-    version: str = "1"
     fingerprint: Callable[[Any], dict] | None = None
     resumable: bool = False
     sharded: bool = False
@@ -110,6 +111,17 @@ class Stage:
     def reads(self) -> tuple[str, ...]:
         """The top-level config keys that form this stage's slice: its inputs' fields."""
         return input_keys(self.inputs)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Module -> sha256 of the file, for the module of ``run`` and the project modules
+        it imports (transitively); computed once per process."""
+        return stage_sources(self.run.__module__)
+
+    @property
+    def code(self) -> str:
+        """One hash of :attr:`sources`: the code part of the stage's cache key."""
+        return code_digest(self.sources)
 
 
 @dataclass
@@ -159,25 +171,32 @@ def stage_inputs(stage: Stage, cfg_slice: Mapping[str, Any]) -> Any:
     return typed(stage.inputs, cfg_slice)
 
 
-def stage_key(
+def key_parts(
     stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str], inputs: Any = None
-) -> str:
-    """Content key of a stage's artifact (``inputs``: the typed slice, when already built)."""
+) -> dict:
+    """What a stage's key hashes: its name, its code's hash, its config slice, the
+    fingerprints of the files its inputs name and its upstream keys (``inputs``: the typed
+    slice, when already built)."""
     if stage.fingerprint is None:
         fingerprints = {}
     else:
         fingerprints = stage.fingerprint(
             stage_inputs(stage, cfg_slice) if inputs is None else inputs
         )
-    return hash_key(
-        {
-            "stage": stage.name,
-            "version": stage.version,
-            "config": cfg_slice,
-            "files": fingerprints,
-            "inputs": dict(sorted(upstream_keys.items())),
-        }
-    )
+    return {
+        "stage": stage.name,
+        "code": stage.code,
+        "config": cfg_slice,
+        "files": fingerprints,
+        "inputs": dict(sorted(upstream_keys.items())),
+    }
+
+
+def stage_key(
+    stage: Stage, cfg_slice: dict, upstream_keys: Mapping[str, str], inputs: Any = None
+) -> str:
+    """Content key of a stage's artifact: the hash of :func:`key_parts`."""
+    return hash_key(key_parts(stage, cfg_slice, upstream_keys, inputs))
 
 
 def stage_keys(
@@ -221,7 +240,8 @@ def run_stages(
     for name in order:
         stage = stages[name]
         upstream = {n: keys[n] for n in stage.needs}
-        key = stage_key(stage, slices[name], upstream, typed_inputs[name])
+        parts = key_parts(stage, slices[name], upstream, typed_inputs[name])
+        key = hash_key(parts)
         keys[name] = key
         paths = {n: results[n].path for n in stage.needs}
         started = time.time()
@@ -233,7 +253,13 @@ def run_stages(
                 check_writes(stage, out)
             return summary
 
-        record = {"upstream": upstream}
+        # the key's parts, so that a changed key can be explained (mlx-interp-reproduce)
+        record = {
+            "upstream": upstream,
+            "code": stage.sources,
+            "config": slices[name],
+            "files": parts["files"],
+        }
         if stage.sharded and group is not None and group.size > 1:
             art: Artifact = store.build_sharded(name, key, compute, group, record=record)
         else:

@@ -69,7 +69,7 @@ class Group:
 
         total = mx.distributed.all_sum(mx.array([int(value)], dtype=mx.int32), group=self._group)
         mx.eval(total)
-        return int(total.item())
+        return int(total)
 
     @property
     def shard(self) -> Shard:

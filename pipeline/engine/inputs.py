@@ -17,12 +17,15 @@ import functools
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mlx_interp.engine.schema import Choice
 from mlx_interp.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a schema dataclass
 
 __all__ = ["choice_fields", "input_keys", "typed"]
 
@@ -30,7 +33,10 @@ __all__ = ["choice_fields", "input_keys", "typed"]
 def input_keys(inputs: type) -> tuple[str, ...]:
     """The config keys a stage's inputs dataclass reads: its field names, in order."""
     if not (isinstance(inputs, type) and dataclasses.is_dataclass(inputs)):
-        raise TypeError(f"a stage's inputs must be a dataclass type, not {inputs!r}")
+        raise TypeError(f"a stage's inputs must be a frozen dataclass type, not {inputs!r}")
+    params = getattr(inputs, "__dataclass_params__", None)
+    if params is None or not params.frozen:  # a stage must not change what it was given
+        raise TypeError(f"a stage's inputs must be frozen: @dataclass(frozen=True) {inputs}")
     return tuple(f.name for f in dataclasses.fields(inputs))
 
 

@@ -199,7 +199,7 @@ class CaptureConfig:
 
 @dataclass
 class DirectionsConfig:
-    method: Any = "mean_diff"  # mean_diff | pca | logistic, or {_target_: ...}
+    method: Any = "mean_diff"  # mean_diff | pca | logistic | unembed (answer axis) | {_target_}
     contrast: dict[str, str] = field(default_factory=lambda: {"pos": "red", "neg": "green"})
     fit_split: Annotated[str, Split] = "all"  # all | train | test: the prompts it is fitted on
     compare_methods: bool = True  # also fit every method, for cosines in directions.json

@@ -136,6 +136,38 @@ RULES: dict[str, tuple[Check, str, str]] = {
         "the MLP output)",
         "localize.kinds=[resid,attn,mlp]",
     ),
+    "localize.max_pairs": (
+        at_least(2),
+        "an int >= 2 (the most clean/corrupted pairs patched; patching needs two)",
+        "localize.max_pairs=24",
+    ),
+    "model.tiny.hidden_size": (
+        lambda v: is_int(v) and v > 0 and v % 8 == 0,
+        "a positive multiple of 8 (4 attention heads of an even width)",
+        "model.tiny.hidden_size=32",
+    ),
+    "model.tiny.num_layers": (at_least(1), "an int >= 1", "model.tiny.num_layers=4"),
+    "model.tiny.intermediate_size": (
+        at_least(1),
+        "an int >= 1",
+        "model.tiny.intermediate_size=64",
+    ),
+    "model.tiny.seed": (at_least(0), "an int >= 0", "model.tiny.seed=0"),
+    "pipeline.stages": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(s, str) for s in v),
+        "a non-empty list of stage names (the targets; their upstream stages run too)",
+        "pipeline.stages=[report]",
+    ),
+    "concept.dataset": (
+        lambda v: isinstance(v, str) and bool(v.strip()),
+        "a path to a JSONL file (relative to the working directory or the project root)",
+        "concept.dataset=datasets/color_swap.jsonl",
+    ),
+    "concept.extra_datasets": (
+        lambda v: isinstance(v, list) and all(isinstance(p, str) and p.strip() for p in v),
+        "a list of paths to JSONL files",
+        "concept.extra_datasets=[datasets/sycophancy_3way.jsonl]",
+    ),
     "capture.batch_size": (at_least(1), "an int >= 1", "capture.batch_size=16"),
     "capture.max_tokens": (
         lambda v: v is None or at_least(1)(v),
@@ -346,6 +378,6 @@ def _dataclass_of(field: dataclasses.Field) -> type | None:
     text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     for name in str(text).replace(" ", "").split("|"):
         cls = getattr(schema, name, None)
-        if dataclasses.is_dataclass(cls):
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
             return cls
     return None

@@ -1,9 +1,10 @@
 """Activation capture for mlx-lm models, without forward hooks.
 
-MLX has no hooks, so :func:`capture_layers` swaps ``layer.__class__`` of each selected
-decoder layer for a one-off subclass whose ``__call__`` runs the original ``__call__`` and
-records its output ``[batch, seq, d_model]``. No module is replaced, so parameter names are
-unchanged, and the original classes are restored on exit, also when the body raises.
+MLX has no hooks, so :func:`capture_layers` puts an output hook on each selected decoder
+layer through the class-swap core (:func:`~mlx_interp.interventions.classswap.hooked`: the
+layer's ``__class__`` becomes a one-off subclass that records its output ``[batch, seq,
+d_model]``). No module is replaced, so parameter names are unchanged, and the original
+classes are restored on exit, also when the body raises.
 
 Recording state lives on the dynamically created subclass (a closure), never on the layer
 instance: ``mlx.nn.Module`` is a dict and would store arrays set as attributes as parameters.
@@ -12,7 +13,7 @@ instance: ``mlx.nn.Module`` is a dict and would store arrays set as attributes a
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -23,8 +24,9 @@ from mlx_interp.interventions.classswap import (
     Recorder,
     StopForward,
     decoder_layers,
+    hooked,
     resolve_layers,
-    subclass_with_call,
+    subclass_with_call,  # noqa: F401  (imported from here by interventions.patching)
 )
 from mlx_interp.interventions.prefix import expand_cache
 
@@ -57,18 +59,16 @@ class LayerRecorder(Recorder):
         self.outputs: dict[int, mx.array] = {}
 
 
-def _recording_class(original: type, index: int, recorder: LayerRecorder, stop_here: bool) -> type:
-    """Build a subclass of ``original`` whose ``__call__`` records into ``recorder``."""
-    original_call = original.__call__
+def _recording(recorder: LayerRecorder, index: int, stop_here: bool):
+    """Output hook recording layer ``index`` into ``recorder`` (and stopping after it)."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = original_call(self, *args, **kwargs)
-        recorder.outputs[index] = out[0] if isinstance(out, tuple) else out
+    def record(value: mx.array) -> mx.array:
+        recorder.outputs[index] = value[...]  # its own view: in-place adds do not reach it
         if stop_here:
             raise StopForward
-        return out
+        return value
 
-    return subclass_with_call(original, "Capturing", __call__)
+    return record
 
 
 @contextmanager
@@ -91,24 +91,18 @@ def capture_layers(
     blocks = decoder_layers(model)
     selected = resolve_layers(layers, len(blocks))
     recorder = LayerRecorder(selected, stop_after_last)
-    swapped: list[tuple[Any, type]] = []
-    try:
+    with ExitStack() as stack:
         for index in selected:
-            layer = blocks[index]
-            original = type(layer)
             stop_here = stop_after_last and index == selected[-1]
-            layer.__class__ = _recording_class(original, index, recorder, stop_here)
-            swapped.append((layer, original))
+            hook = _recording(recorder, index, stop_here)
+            stack.enter_context(hooked(blocks[index], "output", hook, "Capturing"))
         try:
             yield recorder
         except StopForward:
             pass
-    finally:
-        for layer, original in reversed(swapped):
-            layer.__class__ = original
 
 
-def padded_batch(sequences: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]]:
+def padded_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[mx.array, list[int]]:
     """Right-pad ``sequences`` with ``pad_id``: tokens ``[batch, max_len]`` and lengths."""
     if not sequences:
         raise ValueError("a capture needs at least one sequence")

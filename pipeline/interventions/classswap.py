@@ -24,8 +24,12 @@ __all__ = [
     "Recorder",
     "StopForward",
     "VectorCache",
+    "ModuleHooks",
     "check_alpha",
     "decoder_layers",
+    "hooked",
+    "hooks_of",
+    "hooks_suspended",
     "model_width",
     "resolve_layers",
     "subclass_with_call",
@@ -107,6 +111,116 @@ def swapped(module: Any, prefix: str, call: Callable[..., Any]) -> Iterator[None
         yield
     finally:
         module.__class__ = original
+
+
+_HOOKS = "_mlx_interp_hooks"  # class attribute of a hooked one-off class: its ModuleHooks
+_SUSPENDED = [0]  # > 0: hooked modules run as if unhooked (self-checks of explicit forwards)
+
+
+class ModuleHooks:
+    """The hooks on one module instance, run by its one-off class in the order they were
+    added (so a recording added inside an edit of the same value sees the edited value).
+
+    Points: ``enter`` (``fn(args, kwargs)`` before the call, e.g. a position clock),
+    ``input`` (the first argument), ``output`` (the result, or its first element), and the
+    inner points of an ``explicit`` forward (``q``, ``pattern``, ``resid_mid``...), which
+    replaces the module's own ``__call__`` only while one of its ``inner`` points is hooked.
+    """
+
+    def __init__(self, base: type) -> None:
+        self.base = base
+        self.points: dict[str, list[Callable[..., Any]]] = {}
+        self.explicit: Callable[..., Any] | None = None
+        self.inner: tuple[str, ...] = ()
+
+    def has(self, point: str) -> bool:
+        return point in self.points
+
+    def apply(self, point: str, value: Any) -> Any:
+        """``value`` through every hook at ``point``, in order."""
+        for fn in self.points.get(point, ()):
+            value = fn(value)
+        return value
+
+
+def _hooked_call(hooks: ModuleHooks) -> Callable[..., Any]:
+    base_call = hooks.base.__call__
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        points = hooks.points
+        if not points or _SUSPENDED[0]:
+            return base_call(self, *args, **kwargs)
+        for fn in points.get("enter", ()):
+            fn(args, kwargs)
+        if "input" in points:
+            args = (hooks.apply("input", args[0]), *args[1:])
+        if hooks.explicit is not None and any(p in points for p in hooks.inner):
+            out = hooks.explicit(self, hooks, *args, **kwargs)
+        else:
+            out = base_call(self, *args, **kwargs)
+        if "output" in points:
+            if isinstance(out, tuple):
+                return (hooks.apply("output", out[0]), *out[1:])
+            return hooks.apply("output", out)
+        return out
+
+    return __call__
+
+
+def hooks_of(module: Any) -> ModuleHooks | None:
+    """The :class:`ModuleHooks` of ``module`` if it is hooked (its class or one above it)."""
+    for cls in type(module).__mro__:
+        found = cls.__dict__.get(_HOOKS)
+        if isinstance(found, ModuleHooks):
+            return found
+    return None
+
+
+@contextmanager
+def hooked(
+    module: Any,
+    point: str,
+    fn: Callable[..., Any],
+    prefix: str = "Hooked",
+    explicit: Callable[..., Any] | None = None,
+    inner: Sequence[str] = (),
+) -> Iterator[None]:
+    """Run ``fn`` at ``point`` of ``module`` in every call inside; the class swap core.
+
+    The first hook on a module swaps its ``__class__`` for a one-off subclass (named
+    ``prefix`` + the class name) that runs the hooks; later ones join it; the original class
+    is restored when the last hook leaves, also after an exception. No module is replaced."""
+    found = hooks_of(module)
+    hooks: ModuleHooks = found if found is not None else ModuleHooks(type(module))
+    if found is None:
+        cls = subclass_with_call(type(module), prefix, _hooked_call(hooks))
+        setattr(cls, _HOOKS, hooks)
+        module.__class__ = cls
+    if explicit is not None:
+        hooks.explicit, hooks.inner = explicit, tuple(inner)
+    hooks.points.setdefault(point, []).append(fn)
+    try:
+        yield
+    finally:
+        added = hooks.points.get(point, [])
+        for i in range(len(added) - 1, -1, -1):
+            if added[i] is fn:
+                del added[i]
+                break
+        if not added:
+            hooks.points.pop(point, None)
+        if not hooks.points and type(module).__dict__.get(_HOOKS) is hooks:
+            module.__class__ = hooks.base  # the last hook left: the original class back
+
+
+@contextmanager
+def hooks_suspended() -> Iterator[None]:
+    """Inside, every hooked module runs its own ``__call__`` with no hook (for self-checks)."""
+    _SUSPENDED[0] += 1
+    try:
+        yield
+    finally:
+        _SUSPENDED[0] -= 1
 
 
 def check_alpha(alpha: Any, error: type[Exception]) -> float:

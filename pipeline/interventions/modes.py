@@ -1,39 +1,47 @@
-"""Steering modes: what an edit does to the hidden state ``h`` of one layer.
+"""Steering modes: what an edit does to the value ``h`` at a site (a layer's output...).
 
-A mode maps ``(h [batch, seq, d_model], vector, center | None, alpha)`` to ``h'`` of the same
-shape and dtype. ``vector`` and ``center`` are ``[d_model]`` (one for every row) or
-``[batch, 1, d_model]`` (one per row of the forward, e.g. several steering settings batched);
-norms and projections act along the last axis only. Modes are small classes chosen by name
-(:data:`MODES`) or by Hydra ``_target_`` (:func:`make_mode`). Two optional hooks let
-:func:`mlx_interp.interventions.steering.steer` place them:
+A mode maps ``(h [batch, seq, width], vector, center | None, alpha)`` to ``h'`` of the same
+shape and dtype. ``vector`` and ``center`` are ``[width]`` (one for every row) or
+``[batch, 1, width]`` (one per row of the forward, e.g. several steering settings batched);
+norms and projections act along the last axis only. Every mode is a :class:`SteeringMode`:
+``__call__``, ``needs_center`` (a center is required, e.g. reflect), and two hooks that
+:func:`~mlx_interp.interventions.edits.steer_sites` (and so ``steer``) honours, with
+defaults from :class:`Mode`:
 
-- ``every_layer = True``: the edit is applied after every decoder layer, not only at the
-  layer it names (:class:`AblateAllLayersMode`);
-- ``for_layer(layer) -> mode``: a mode bound to the layer it edits, called before any layer
-  is touched (:class:`ConditionalMode` picks or checks its probe's layer there).
+- ``every_layer``: the edit is applied at the same kind of site in every decoder layer, not
+  only at the layer it names (:class:`AblateAllLayersMode`);
+- ``for_layer(layer) -> mode``: the mode bound to the layer it edits, called before any
+  layer is touched (:class:`ConditionalMode` picks or checks its probe's layer there).
+
+Modes are chosen by name (:data:`MODES`: one per file of ``conf/steer/mode/``) or by Hydra
+``_target_``, through the one factory (:func:`make_mode`, :mod:`mlx_interp.factory`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_interp.errors import ConfigError
+from mlx_interp.factory import Registry, build
 
 __all__ = [
     "MODES",
     "AblateAllLayersMode",
     "AblateMode",
     "AddMode",
+    "CallableMode",
     "ConditionalMode",
+    "Mode",
     "NormPreservingMode",
     "ReflectMode",
     "SteeringError",
+    "SteeringMode",
     "SubtractMode",
+    "PLAIN_MODES",
     "load_probe",
     "make_mode",
     "mode_name",
@@ -42,6 +50,61 @@ __all__ = [
 
 class SteeringError(ConfigError):
     """A steering request that cannot be applied (bad vector, alpha, width or mode)."""
+
+
+@runtime_checkable
+class SteeringMode(Protocol):
+    """What every steering mode provides (:class:`Mode` gives the defaults)."""
+
+    @property
+    def needs_center(self) -> bool:
+        """True: every edit must carry a center (reflect)."""
+        ...
+
+    @property
+    def every_layer(self) -> bool:
+        """True: applied at the same kind of site in every layer."""
+        ...
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array: ...
+
+    def for_layer(self, layer: int) -> SteeringMode:
+        """This mode bound to the layer it edits (before any layer is touched)."""
+        ...
+
+
+class Mode:
+    """Base of the modes: no center needed, edits only its own layer, one copy for all."""
+
+    @property
+    def needs_center(self) -> bool:
+        return False
+
+    @property
+    def every_layer(self) -> bool:
+        return False
+
+    def for_layer(self, layer: int) -> Any:
+        """The mode that edits ``layer`` (this one: most modes need no binding)."""
+        return self
+
+
+class CallableMode(Mode):
+    """A plain function ``fn(h, vector, center, alpha) -> h'`` as a mode (no hooks)."""
+
+    def __init__(self, fn: Any, needs_center: bool = False):
+        self.fn, self._needs_center = fn, bool(needs_center)
+
+    @property
+    def needs_center(self) -> bool:
+        return self._needs_center
+
+    def __call__(
+        self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
+    ) -> mx.array:
+        return self.fn(h, vector, center, alpha)
 
 
 def _unit(vector: mx.array) -> mx.array:
@@ -60,10 +123,8 @@ def _along(x: mx.array, u: mx.array) -> mx.array:
     return (x @ mx.swapaxes(u, -1, -2))[..., 0]
 
 
-class AddMode:
+class AddMode(Mode):
     """``h + alpha * vector``: push every position along the direction."""
-
-    needs_center: ClassVar[bool] = False
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -71,10 +132,8 @@ class AddMode:
         return h + alpha * vector
 
 
-class SubtractMode:
+class SubtractMode(Mode):
     """``h - alpha * vector``: push every position against the direction."""
-
-    needs_center: ClassVar[bool] = False
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -82,7 +141,7 @@ class SubtractMode:
         return h - alpha * vector
 
 
-class ReflectMode:
+class ReflectMode(Mode):
     """Mirror across the hyperplane through ``center`` orthogonal to ``vector``.
 
     With ``u = vector / |vector|`` and ``c = (h - center) . u``: ``h' = h - 2 * alpha * c * u``.
@@ -90,7 +149,9 @@ class ReflectMode:
     ``center`` is their midpoint and ``vector`` their difference); ``alpha`` scales the move.
     """
 
-    needs_center: ClassVar[bool] = True
+    @property
+    def needs_center(self) -> bool:
+        return True
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -105,10 +166,8 @@ class ReflectMode:
         return h - coefficient[..., None] * u
 
 
-class AblateMode:
+class AblateMode(Mode):
     """``h - alpha * (h . u) u`` with ``u = vector / |vector|``; ``alpha = 1`` projects it out."""
-
-    needs_center: ClassVar[bool] = False
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -126,10 +185,12 @@ class AblateAllLayersMode(AblateMode):
     so no layer can write it back. ``alpha = 1`` removes it fully.
     """
 
-    every_layer: ClassVar[bool] = True
+    @property
+    def every_layer(self) -> bool:
+        return True
 
 
-class WrappingMode:
+class WrappingMode(Mode):
     """Base of the modes that wrap another (``self.inner``): a centre is needed exactly when
     the inner mode needs one (norm-preserving, conditional, position-gated modes)."""
 
@@ -137,7 +198,7 @@ class WrappingMode:
 
     @property
     def needs_center(self) -> bool:
-        return bool(getattr(self.inner, "needs_center", False))
+        return self.inner.needs_center
 
 
 class NormPreservingMode(WrappingMode):
@@ -243,7 +304,7 @@ class ConditionalMode(WrappingMode):
         self.intercept = 0.0
         if coef is not None:
             self._set_probe(coef, 0.0 if intercept is None else intercept)
-        elif probe_layer is not None:
+        elif probe_layer is not None and probe_path is not None:
             self._set_probe(*load_probe(probe_path, contrast, int(probe_layer)))
 
     def _set_probe(self, coef: Any, intercept: Any) -> None:
@@ -267,6 +328,7 @@ class ConditionalMode(WrappingMode):
         bound = ConditionalMode.__new__(ConditionalMode)
         bound.__dict__.update(self.__dict__)
         bound.probe_layer = layer
+        assert self.probe_path is not None  # without coef, the probe comes from a file
         bound._set_probe(*load_probe(self.probe_path, self.contrast, layer))
         return bound
 
@@ -293,56 +355,51 @@ class ConditionalMode(WrappingMode):
         return mx.where(gate, self.inner(h, vector, center, alpha), h)
 
 
-MODES: dict[str, type] = {
+def add_norm() -> NormPreservingMode:
+    """``add``, then each position rescaled to its norm before the edit."""
+    return NormPreservingMode("add")
+
+
+MODES: dict[str, Any] = {  # one name per file of conf/steer/mode/ (checked by a test)
     "add": AddMode,
     "subtract": SubtractMode,
     "reflect": ReflectMode,
     "ablate": AblateMode,
     "ablate_all": AblateAllLayersMode,
     "reflect_norm": NormPreservingMode,  # inner defaults to reflect
+    "add_norm": add_norm,
+    "conditional": ConditionalMode,  # needs its probe: build it from conf/steer/mode/conditional
 }
+PLAIN_MODES = [name for name in MODES if name != "conditional"]  # built with no arguments
 
 
 def mode_name(mode: Any) -> str:
     """A readable name of a mode object: its class, with its inner mode when it wraps one
     (``NormPreservingMode(ReflectMode)``)."""
     name = type(mode).__name__
-    inner = getattr(mode, "inner", None)
-    return f"{name}({mode_name(inner)})" if inner is not None else name
+    return f"{name}({mode_name(mode.inner)})" if isinstance(mode, WrappingMode) else name
 
 
-def make_mode(name_or_cfg: Any) -> Any:
-    """A mode from a name in :data:`MODES`, a config with ``_target_``, a mode class or object."""
-    if isinstance(name_or_cfg, str):
-        if name_or_cfg not in MODES:
-            raise SteeringError(
-                f"unknown steering mode {name_or_cfg!r}; valid modes: {', '.join(MODES)}"
-            )
-        return MODES[name_or_cfg]()
-    if isinstance(name_or_cfg, Mapping):
-        if "_target_" not in name_or_cfg:
-            raise SteeringError(
-                "a steering mode config needs a `_target_` "
-                "(e.g. mlx_interp.interventions.steering.AddMode); "
-                f"or use a name: {', '.join(MODES)}"
-            )
-        from hydra.utils import instantiate
+def _adapt(obj: Any) -> Mode | None:
+    """A callable that is not a :class:`SteeringMode` (a function, or an object with only
+    ``__call__`` and maybe ``needs_center``) as a :class:`CallableMode`."""
+    if not callable(obj):
+        return None
+    return CallableMode(obj, getattr(obj, "needs_center", False))
 
-        try:
-            return instantiate(name_or_cfg, _convert_="all")
-        except Exception as err:
-            cause = err
-            while cause.__cause__ is not None:  # Hydra wraps the constructor's own error
-                cause = cause.__cause__
-            raise SteeringError(
-                f"cannot build the steering mode {dict(name_or_cfg)}: {cause}; valid modes: "
-                f"{', '.join(MODES)}"
-            ) from err
-    if isinstance(name_or_cfg, type):
-        return name_or_cfg()
-    if callable(name_or_cfg):
-        return name_or_cfg
-    raise SteeringError(
-        f"a steering mode must be a name ({', '.join(MODES)}), a config with `_target_`, "
-        f"or a callable mode object; got {type(name_or_cfg).__name__}"
-    )
+
+MODE_REGISTRY = Registry(
+    what="steering mode",
+    plural="modes",
+    names=MODES,
+    error=SteeringError,
+    accepts=lambda obj: isinstance(obj, SteeringMode),
+    example="mlx_interp.interventions.steering.AddMode",
+    adapt=_adapt,
+)
+
+
+def make_mode(name_or_cfg: Any) -> SteeringMode:
+    """A mode from a name in :data:`MODES`, a config with ``_target_``, a mode class or
+    object, or a plain function ``(h, vector, center, alpha) -> h'``."""
+    return build(name_or_cfg, MODE_REGISTRY)

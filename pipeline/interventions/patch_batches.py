@@ -66,6 +66,8 @@ def record_pairs(
     n = clean.shape[0]
     record = {"resid_pre"} | {k for k in kinds if k in ("attn_out", "mlp_out", "z")}
     both = record_base(model, mx.concatenate([clean, corrupt]), [*last, *last], record, True)
+    keys, values, logits = both.keys, both.values, both.logits
+    assert keys is not None and values is not None and logits is not None  # keep_kv=True
 
     def half(rows: slice) -> BaseRun:
         return BaseRun(
@@ -73,9 +75,9 @@ def record_pairs(
             list(last),
             [r[rows] for r in both.resid],
             {k: v[rows] for k, v in both.sites.items()},
-            [k[rows] for k in both.keys],
-            [v[rows] for v in both.values],
-            both.logits[rows],
+            [k[rows] for k in keys],
+            [v[rows] for v in values],
+            logits[rows],
         )
 
     differs = np.array(clean) != np.array(corrupt)
@@ -151,7 +153,8 @@ def run_patches(
     n_pairs, width = runs.clean.tokens.shape
     n_layers = n_layers_of(model)
     out = np.full(len(patches), np.nan)
-    corrupted = float(mx.mean(metric(runs.corrupt.logits)).item())
+    assert runs.corrupt.logits is not None  # record_base keeps the logits
+    corrupted = float(mx.mean(metric(runs.corrupt.logits)))
     by_start: dict[int, list[int]] = {}
     for index, patch in enumerate(patches):
         if patch.kind not in KINDS or not 0 <= patch.start <= n_layers:
@@ -170,7 +173,11 @@ def run_patches(
         for chunk in _chunks(order, width, n_pairs, max_row_tokens):
             chosen = [indices[c] for c in chunk]
             logits = _forward(model, runs, start, [patches[i] for i in chosen], order[chunk[0]])
-            logits = logits.reshape(len(chosen), n_pairs, -1)
-            values = mx.stack([mx.mean(metric(logits[k])) for k in range(len(chosen))])
+            rowwise = getattr(metric, "rows", None)  # one call for every row (LogitDiff)
+            if rowwise is not None:
+                values = rowwise(logits, n_pairs).reshape(len(chosen), n_pairs).mean(axis=1)
+            else:
+                logits = logits.reshape(len(chosen), n_pairs, -1)
+                values = mx.stack([mx.mean(metric(logits[k])) for k in range(len(chosen))])
             out[chosen] = np.array(values.astype(mx.float32), dtype=np.float64)
     return out

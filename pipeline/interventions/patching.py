@@ -71,7 +71,7 @@ def kind_name(kind: str) -> str:
 def patch_site(model: Any, site: Site, mask: mx.array, values: mx.array) -> Iterator[None]:
     """Inside, ``site``'s output ``[batch, seq, d_model]`` takes ``values`` where ``mask``
     [batch, seq] is true (forwards of another shape are left alone)."""
-    if site.kind not in PATCH_KINDS:
+    if site.kind not in {Site(0, kind).kind for kind in PATCH_KINDS}:  # resid = resid_post...
         raise PatchingError(f"cannot patch site kind {site.kind!r}; use one of {PATCH_KINDS}")
     module = site_module(model, site)
     original = type(module)
@@ -91,30 +91,43 @@ def patch_site(model: Any, site: Site, mask: mx.array, values: mx.array) -> Iter
         module.__class__ = original
 
 
-def logit_diff(plus: Any, minus: Any) -> Callable[[mx.array], mx.array]:
+class LogitDiff:
     """Metric: logit of ``plus`` minus logit of ``minus`` per pair, ``[n_pairs]``. Each is a
     token id, a list of ids (one per pair), or per pair a list of ids (the max over them:
     several spellings of one word)."""
 
-    def table(ids: Any) -> list[list[int]] | list[int]:
+    def __init__(self, plus: Any, minus: Any) -> None:
+        self.plus, self.minus = self._table(plus), self._table(minus)
+
+    @staticmethod
+    def _table(ids: Any) -> np.ndarray:
+        """int ``[n_pairs or 1, k]``: each pair's ids, padded by repeating its first one."""
         if isinstance(ids, (int, np.integer)):
-            return [int(ids)]
-        return [[int(i)] if isinstance(i, (int, np.integer)) else [int(t) for t in i] for i in ids]
+            return np.array([[int(ids)]])
+        rows = [[int(i)] if isinstance(i, (int, np.integer)) else [int(t) for t in i] for i in ids]
+        if not rows or not all(rows):
+            raise PatchingError("answer ids: an int, or one id (or list of ids) per pair")
+        width = max(len(r) for r in rows)
+        return np.array([r + [r[0]] * (width - len(r)) for r in rows])
 
-    plus_ids, minus_ids = table(plus), table(minus)
+    def _pick(self, logits: mx.array, table: np.ndarray, n_pairs: int) -> mx.array:
+        if len(table) not in (1, n_pairs):
+            raise PatchingError(f"{len(table)} answer ids for {n_pairs} pairs")
+        index = np.tile(table, (logits.shape[0] // len(table), 1))  # [rows, k]
+        return mx.take_along_axis(logits, mx.array(index), axis=1).max(axis=1)
 
-    def pick(logits: mx.array, ids: Any) -> mx.array:
-        if isinstance(ids[0], int):  # one id for every pair
-            return logits[:, ids[0]]
-        if len(ids) != logits.shape[0]:
-            raise PatchingError(f"{len(ids)} answer ids for {logits.shape[0]} pairs")
-        return mx.stack([row[mx.array(i)].max() for row, i in zip(logits, ids, strict=True)])
-
-    def metric(logits: mx.array) -> mx.array:
+    def rows(self, logits: mx.array, n_pairs: int) -> mx.array:
+        """``[rows]`` for logits ``[k * n_pairs, vocab]`` whose rows cycle through the pairs."""
         logits = logits.astype(mx.float32)
-        return pick(logits, plus_ids) - pick(logits, minus_ids)
+        return self._pick(logits, self.plus, n_pairs) - self._pick(logits, self.minus, n_pairs)
 
-    return metric
+    def __call__(self, logits: mx.array) -> mx.array:
+        return self.rows(logits, logits.shape[0])
+
+
+def logit_diff(plus: Any, minus: Any) -> LogitDiff:
+    """The default metric, :class:`LogitDiff` of ``plus`` over ``minus``."""
+    return LogitDiff(plus, minus)
 
 
 def _unwrap(model: Any) -> tuple[Any, Any]:
@@ -240,8 +253,9 @@ def patching_heatmaps(
     positions = sorted({int(p) % width for p in (range(width) if positions is None else positions)})
     n_pairs = pairs.clean.shape[0]
     runs = record_pairs(module, pairs.clean, pairs.corrupt, [width - 1] * n_pairs, kinds)
-    m_clean = float(mx.mean(metric(runs.clean.logits)).item())
-    m_corrupt = float(mx.mean(metric(runs.corrupt.logits)).item())
+    assert runs.clean.logits is not None and runs.corrupt.logits is not None  # record_base
+    m_clean = float(mx.mean(metric(runs.clean.logits)))
+    m_corrupt = float(mx.mean(metric(runs.corrupt.logits)))
     gap = metric_gap(m_clean, m_corrupt)
     patches, shapes = [], {}
     for kind in kinds:  # all kinds in one call: those starting at one layer share forwards
@@ -318,6 +332,7 @@ def patching_recovery(
     last = [n - 1 for n in lengths]
     metric = logit_diff(plus_ids, minus_ids)
     runs = record_pairs(model, clean_tokens, corrupt_tokens, last, [kind_name(k) for k in kinds])
+    assert runs.clean.logits is not None and runs.corrupt.logits is not None  # record_base
     ld_clean = np.array(metric(runs.clean.logits), dtype=np.float64)
     ld_corrupt = np.array(metric(runs.corrupt.logits), dtype=np.float64)
     gap = float(ld_clean.mean() - ld_corrupt.mean())

@@ -58,16 +58,24 @@ def object_span(tokenizer: Any, tokens: Sequence[int], obj: str) -> tuple[int, i
 
 
 def position_mask(
-    rule: str, lengths: Sequence[int], offset: int, spans: Sequence[tuple[int, int]] | None
+    rule: str,
+    lengths: Sequence[int],
+    offset: int,
+    spans: Sequence[tuple[int, int]] | None,
+    prefix: int = 0,
 ) -> np.ndarray:
     """bool ``[batch, max(lengths) - offset]``: which prompt positions ``rule`` edits.
 
     Column ``j`` is absolute token ``offset + j`` (``offset`` = tokens already in the KV
-    cache); ``lengths`` are full prompt lengths; ``spans`` the object spans (``object``)."""
-    if rule not in PER_ROW:
-        raise PositionError(f"position_mask is for the per-row rules {PER_ROW}, not {rule!r}")
+    cache); ``lengths`` are full prompt lengths; ``spans`` the object spans (``object``);
+    ``prefix`` the shared prefix's length (``suffix``, on models whose prefix cannot be
+    cached and run apart: it is masked instead)."""
+    if rule not in (*PER_ROW, "suffix"):
+        raise PositionError(f"position_mask is for the rules {PER_ROW} and suffix, not {rule!r}")
     width = max(lengths) - offset
     absolute = offset + np.arange(width)[None, :]  # [1, width]
+    if rule == "suffix":
+        return np.broadcast_to(absolute >= prefix, (len(lengths), width)).copy()
     if rule == "last":
         return absolute == (np.asarray(lengths)[:, None] - 1)
     if spans is None or len(spans) != len(lengths):
@@ -100,6 +108,16 @@ class GatedMode(WrappingMode):
     def __init__(self, inner: Any, gate: PositionGate):
         self.inner, self.gate = inner, gate
 
+    @property
+    def every_layer(self) -> bool:
+        """The inner mode's: an every-layer edit stays one under the gate."""
+        return bool(getattr(self.inner, "every_layer", False))
+
+    def for_layer(self, layer: int) -> GatedMode:
+        """The inner mode bound to ``layer`` (a conditional mode's probe), same gate."""
+        bind = getattr(self.inner, "for_layer", None)
+        return GatedMode(bind(layer), self.gate) if bind else self
+
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
     ) -> mx.array:
@@ -115,17 +133,26 @@ class GatedMode(WrappingMode):
         return self.inner(h, vector, center, alpha) if self.gate.generated else h
 
 
-def object_spans(tokenizer: Any, tokens: Sequence[Sequence[int]], metas: Sequence[str]):
-    """``[start, end)`` of each prompt's object (the ``object`` key of its JSON ``meta``)."""
+def object_spans(
+    tokenizer: Any,
+    tokens: Sequence[Sequence[int]],
+    metas: Sequence[str],
+    ids: Sequence[str] | None = None,
+):
+    """``[start, end)`` of each prompt's object (the ``object`` key of its JSON ``meta``);
+    ``ids`` (the prompts' ids) name a prompt without one."""
     import json
 
     spans = []
-    for seq, meta in zip(tokens, metas, strict=True):
+    for i, (seq, meta) in enumerate(zip(tokens, metas, strict=True)):
         obj = json.loads(meta).get("object") if meta else None
         if not isinstance(obj, str) or not obj.strip():
+            which = f"prompt {ids[i]!r}" if ids is not None else f"prompt number {i}"
             raise PositionError(
-                f"a prompt has no `object` in its dataset row (meta {meta!r}); positions and "
-                "directions at the object need every row to name its object"
+                f"{which} has no `object` in its dataset row; positions and directions at the "
+                "object (steer.positions=object, directions.site=object, the localize stages) "
+                "need every row of the dataset to name its object (key `object`); or use "
+                "steer.positions=all and directions.site=last"
             )
         spans.append(object_span(tokenizer, seq, obj))
     return spans

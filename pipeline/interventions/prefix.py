@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -156,7 +156,7 @@ def batched_last_logits(
         )
         for row, i in zip(np.array(logits.astype(mx.float32)), idx, strict=True):
             out[int(i)] = row
-    return np.stack(out)
+    return np.stack(cast(list[np.ndarray], out))  # every row filled
 
 
 def eos_ids(tokenizer: Any) -> set[int]:
@@ -175,15 +175,21 @@ def _greedy_one(model, seq, max_tokens, eos, p, cache0) -> list[int]:
     instead splits the prompt forward in two: a per-row position mask needs it whole."""
     cache = expand_cache(cache0, 1) if cache0 is not None else make_prompt_cache(model)
     logits = model(mx.array([list(seq[p:])], dtype=mx.int32), cache=cache)[:, -1]
+    token = mx.argmax(logits, axis=-1)  # [1]
+    mx.async_eval(token)
     ids: list[int] = []
     for step in range(max_tokens):
-        token = int(mx.argmax(logits, axis=-1).item())
-        if token in eos:
+        ahead = None
+        if step < max_tokens - 1:  # queue the next step before waiting for this token
+            ahead = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+            mx.async_eval(ahead)
+        value = int(token)
+        if value in eos:
             break
-        ids.append(token)
-        if step == max_tokens - 1:
+        ids.append(value)
+        if ahead is None:
             break
-        logits = model(mx.array([[token]], dtype=mx.int32), cache=cache)[:, -1]
+        token = ahead
     return ids
 
 
@@ -225,7 +231,7 @@ def _greedy_batch(model, suffixes, max_tokens, eos, cache0, pad_id) -> list[list
     ids: list[list[int]] = [[] for _ in range(n)]
     active = list(range(n))  # row of the batch -> index into ids
     for step in range(max_tokens):
-        tokens = token.tolist()
+        tokens = cast(list[int], token.tolist())
         keep = []
         for row, tok in enumerate(tokens):
             if tok in eos:
@@ -274,4 +280,5 @@ def greedy_generate(
     for i, seq in enumerate(seqs):
         if answers[i] is None:
             answers[i] = _greedy_one(model, seq, max_tokens, eos, p, cache0)
-    return [(tokenizer.decode(ids), ids) for ids in answers]
+    done = cast(list[list[int]], answers)  # every prompt answered
+    return [(tokenizer.decode(ids), ids) for ids in done]

@@ -48,7 +48,7 @@ def residuals_at(
         p, cache0 = 0, None  # a span inside the shared prefix: run every token
     n_layers = len(decoder_layers(model))
     wanted = resolve_layers(layers, n_layers)
-    out: dict[int, list[np.ndarray]] = {layer: [None] * len(seqs) for layer in wanted}
+    out: dict[int, list[Any]] = {layer: [None] * len(seqs) for layer in wanted}  # -> arrays
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for begin in range(0, len(order), batch_size):
         rows = [int(i) for i in order[begin : begin + batch_size]]

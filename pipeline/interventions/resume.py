@@ -11,42 +11,64 @@ the stored run. The model's own forward does the rest (embedding shape, masks, s
 windows, RoPE offsets, final norm, head), so the result equals a full forward with the same
 patch (tested on tiny models of every architecture).
 
-Everything here reaches the model's structure through :func:`_parts` (one place).
+The model's structure comes from its anatomy (:mod:`mlx_interp.models.anatomy`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from mlx_interp.interventions.classswap import decoder_layers, swapped
-from mlx_interp.interventions.prefix import last_logits
-from mlx_interp.interventions.sites import Site, head_shape, site_module
+from mlx_interp.interventions.classswap import swapped
+from mlx_interp.models.anatomy import anatomy_of
 
 RECORDED = ("resid_pre", "attn_out", "mlp_out", "z")  # what a base run can keep, per layer
 EDITED = ("attn_out", "mlp_out", "z")  # module outputs a resumed forward can overwrite
 
 
+_ROLE = {
+    "attn_out": ("attn", "attention"),
+    "mlp_out": ("mlp", "MLP"),
+    "z": ("o_proj", "output projection"),
+}
+
+
 def n_layers_of(model: Any) -> int:
-    return len(decoder_layers(model))
+    return anatomy_of(model).n_layers
 
 
-def _parts(model: Any, layer: int, kind: str) -> Any:
+def module_of(model: Any, layer: int, kind: str) -> Any:
     """The module whose call carries ``kind`` at ``layer``: the decoder block (resid_pre: its
     input), the attention or MLP block (their outputs), the output projection (z: its input)."""
+    anatomy = anatomy_of(model)
     if kind == "resid_pre":
-        return decoder_layers(model)[layer]
-    old = {"attn_out": "attn", "mlp_out": "mlp", "z": "heads"}[kind]
-    return site_module(model, Site(layer, old))
+        return anatomy.layers[layer]
+    role, what = _ROLE[kind]
+    return anatomy.require(getattr(anatomy.layer(layer), role), role, what, layer)
 
 
 def n_heads_of(model: Any, layer: int) -> int:
-    return head_shape(model, layer)[0]
+    anatomy = anatomy_of(model)
+    return anatomy.require(anatomy.layer(layer).n_heads, "n_heads", "head count", layer)
+
+
+def last_position_logits(
+    model: Any, tokens: mx.array, last: Sequence[int], cache: list | None = None
+) -> mx.array:
+    """Logits ``[batch, vocab]`` at position ``last[i]`` of row ``i`` of ``tokens``: the
+    model's body (final norm included), then the head and any logit soft-capping at those
+    positions only, as the model's own head computes them."""
+    anatomy = anatomy_of(model)
+    normed = anatomy.body(tokens, cache=cache)
+    h = normed[mx.arange(tokens.shape[0]), mx.array(list(last), dtype=mx.int32)]
+    logits = anatomy.head(h)
+    cap = anatomy.final_softcap
+    return mx.tanh(logits / cap) * cap if cap else logits
 
 
 class ConcatKV(KVCache):
@@ -60,7 +82,7 @@ class ConcatKV(KVCache):
         self.offset = 0 if keys is None else int(keys.shape[2])
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             self.keys, self.values = keys, values
         else:
             self.keys = mx.concatenate([self.keys, keys], axis=2)
@@ -83,7 +105,7 @@ def wrapped_calls(model: Any, wrappers: dict[tuple[str, int], Callable]) -> Iter
     **kwargs)`` instead of its call (class swaps, restored on exit)."""
     with ExitStack() as stack:
         for (kind, layer), wrapper in wrappers.items():
-            module = _parts(model, layer, kind)
+            module = module_of(model, layer, kind)
             original_call = type(module).__call__
 
             def call(self, *args, _w=wrapper, _o=original_call, **kwargs):
@@ -113,9 +135,15 @@ class BaseRun:
 
 
 def record_base(
-    model: Any, tokens: mx.array, last: Sequence[int], kinds: Sequence[str], keep_kv: bool
+    model: Any,
+    tokens: mx.array,
+    last: Sequence[int],
+    kinds: Collection[str],
+    keep_kv: bool,
+    cache: list | None = None,
 ) -> BaseRun:
-    """Run ``tokens`` ``[n, T]`` once, recording what patches of ``kinds`` start from."""
+    """Run ``tokens`` ``[n, T]`` once, recording what patches of ``kinds`` start from (after
+    a prefix already in ``cache``, if given: then positions count from its end)."""
     n_layers = n_layers_of(model)
     resid: list[Any] = [None] * (n_layers + 1)
     sites: dict[tuple[str, int], mx.array] = {}
@@ -153,13 +181,16 @@ def record_base(
                 wrappers[(kind, i)] = out_rec(kind, i)
         if "z" in kinds:
             wrappers[("z", i)] = z_rec(i, n_heads_of(model, i))
-    caches = [ConcatKV() for _ in range(n_layers)] if keep_kv else None
+    if keep_kv and cache is not None:
+        raise ValueError("a base run keeps its keys/values from position 0: no prefix cache")
+    kept = [ConcatKV() for _ in range(n_layers)] if keep_kv else None
+    caches = kept if kept is not None else cache
     with wrapped_calls(model, wrappers):
-        logits = last_logits(model, tokens, last, caches)
+        logits = last_position_logits(model, tokens, last, caches)
     run = BaseRun(tokens, list(last), resid, sites, logits=logits)
-    if keep_kv:
-        run.keys = [c.keys for c in caches]
-        run.values = [c.values for c in caches]
+    if kept is not None:  # the forward filled every layer's cache
+        run.keys = [cast(mx.array, c.keys) for c in kept]
+        run.values = [cast(mx.array, c.values) for c in kept]
     mx.eval(run.resid, list(run.sites.values()), run.logits, run.keys or [], run.values or [])
     return run
 
@@ -209,10 +240,10 @@ def resumed_logits(
     positions ``>= a`` (the final residual when ``start == n_layers``); ``edits``: outputs
     overwritten inside layer ``start``."""
     n_layers = n_layers_of(model)
-    if a > 0 and base.keys is None:
-        raise ValueError("resuming after position 0 needs a base run that kept its keys/values")
     caches = None
     if a > 0:
+        if base.keys is None or base.values is None:
+            raise ValueError("resuming after position 0 needs a base run that kept its keys/values")
         caches = [
             ConcatKV(k[pair, :, :a], v[pair, :, :a])
             for k, v in zip(base.keys, base.values, strict=True)
@@ -234,4 +265,4 @@ def resumed_logits(
         n_heads = n_heads_of(model, start) if kind == "z" else 0
         wrappers[(kind, start)] = _edit_wrapper(kind, mask, values, n_heads)
     with wrapped_calls(model, wrappers):
-        return last_logits(model, tokens, [j - a for j in last], caches)
+        return last_position_logits(model, tokens, [j - a for j in last], caches)

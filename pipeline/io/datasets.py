@@ -24,16 +24,27 @@ class DatasetError(DataError):
     """A dataset file is missing or malformed; the message names the file and the line."""
 
 
-def resolve_dataset_path(path: str) -> Path:
-    """A dataset path as given, else relative to the project root (so runs work from anywhere)."""
+def resolve_dataset_path(path: str, key: str = "concept.dataset") -> Path:
+    """A dataset path as given, else relative to the project root (so runs work from anywhere).
+    ``key`` is the config key that gave it, for the message."""
+    if not str(path).strip():
+        raise DatasetError(f"{key} is empty; give a file, e.g. {key}=datasets/color_swap.jsonl")
     p = Path(path).expanduser()
     if p.is_file():
         return p.resolve()
     if not p.is_absolute() and (PROJECT_ROOT / p).is_file():
         return (PROJECT_ROOT / p).resolve()
+    folder = next((q for q in (p, PROJECT_ROOT / p) if q.is_dir()), None)
+    if folder is not None:
+        inside = sorted(q.name for q in folder.glob("*.json*"))[:5]
+        example = Path(path) / (inside[0] if inside else "rows.jsonl")
+        raise DatasetError(
+            f"{key} {path} is a folder; give a JSONL file (one JSON object per line), e.g. "
+            f"{key}={example} (JSON files there: {', '.join(inside) or 'none'})"
+        )
     raise DatasetError(
         f"dataset file not found: {path} (looked in the working directory and in "
-        f"{PROJECT_ROOT}); set concept.dataset=/path/to/file.jsonl"
+        f"{PROJECT_ROOT}); set {key}=/path/to/file.jsonl"
     )
 
 
@@ -78,8 +89,9 @@ def _check_label(path: Path, lineno: int, label: object) -> None:
 def read_jsonl(path: Path) -> pd.DataFrame:
     """Rows of a dataset file as a DataFrame with columns id, text, condition, answer, ..., meta.
 
-    Strict: duplicate keys, non-UTF-8 bytes, blank ids/texts/conditions, non-integer labels
-    and a condition whose rows disagree on their label are errors naming the file and line."""
+    Strict: duplicate keys, non-UTF-8 bytes, blank ids/texts/conditions, non-integer labels,
+    a condition whose rows disagree on their label and a row without the ``object`` other rows
+    give are errors naming the file and line."""
     rows = []
     for lineno, line in _decoded_lines(path):
         if not line.strip():
@@ -106,9 +118,11 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         extra = {k: v for k, v in obj.items() if k not in REQUIRED + OPTIONAL}
         row["meta"] = json.dumps(extra, sort_keys=True, ensure_ascii=False)
         row["_line"] = lineno
+        row["_object"] = obj.get("object")
         rows.append(row)
     if not rows:
         raise DatasetError(f"{path}: the file has no rows")
+    check_objects(rows, path)
     df = pd.DataFrame(rows)
     dup = df["id"][df["id"].duplicated()]
     if len(dup):
@@ -116,7 +130,24 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         lines = df.loc[df["id"] == first, "_line"].tolist()
         raise DatasetError(f"{path}: id {first!r} appears more than once (lines {lines})")
     check_labels_agree(df, path)
-    return df.drop(columns="_line")
+    return df.drop(columns=["_line", "_object"])
+
+
+def check_objects(rows: list[dict], path: Path) -> None:
+    """``object`` (the words positions and directions at the object read) is given on every
+    row or on none: a row without it among rows with it is an error naming its id and line."""
+    if all(r["_object"] is None for r in rows):
+        return
+    given = [r for r in rows if isinstance(r["_object"], str) and r["_object"].strip()]
+    for r in rows:
+        obj = r["_object"]
+        if not isinstance(obj, str) or not obj.strip():
+            what = "has no" if obj is None else f"has a blank or non-string ({obj!r})"
+            raise DatasetError(
+                f"{path}, line {r['_line']}: row {r['id']!r} {what} `object`, while "
+                f"{len(given)} other rows name theirs; give every row its object (the words "
+                "of the text that object positions and directions read)"
+            )
 
 
 def check_labels_agree(df: pd.DataFrame, path: Path) -> None:

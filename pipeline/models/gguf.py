@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,6 +51,7 @@ def decode_weights(
         if name in spec.ignored:
             continue
         target = mlx_name(name, spec)
+        assert target is not None  # _check_complete refused the tensors it cannot place
         module_path = target.rpartition(".")[0]
         affine = (
             keep_quantized
@@ -93,6 +95,7 @@ def load_gguf(
             return loaded
     gguf = read_gguf(path)
     check_gguf(gguf, sorted(ARCHITECTURES))
+    assert gguf.architecture is not None  # check_gguf refused a file without one
     spec = ARCHITECTURES[gguf.architecture]
     parts = tokenizer_parts(gguf.metadata, gguf.architecture)
     args = spec.build_args(gguf)
@@ -115,7 +118,7 @@ def load_gguf(
         _apply_rope(model, rope)
     mx.eval(model.parameters())
     model.eval()
-    if key is not None:
+    if root is not None and key is not None:
         model_json = {"module": spec.module, "args": args, "quantized": kept, "rope_freqs": rope}
         gguf_cache.write_entry(root, key, model, model_json, parts)
     return model, wrap_tokenizer(parts)
@@ -157,7 +160,7 @@ def _from_entry(folder: Path):
     model_json = json.loads((folder / "model.json").read_text())
     module = importlib.import_module(f"mlx_lm.models.{model_json['module']}")
     model = module.Model(module.ModelArgs.from_dict(model_json["args"]))
-    weights = mx.load(str(folder / "weights.safetensors"))
+    weights = cast(dict[str, mx.array], mx.load(str(folder / "weights.safetensors")))
     weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
     _quantize(model, model_json["quantized"])
     model.load_weights(list(weights.items()), strict=True)
@@ -180,7 +183,7 @@ def _check_complete(model: nn.Module, gguf: GGUFFile, spec: ArchSpec) -> None:
             f"mlx-lm's {spec.module} model; the file holds parts this loader does not support"
         )
     present = {mlx_name(name, spec) for name in gguf.tensors}
-    expected = {name for name, _ in tree_flatten(model.parameters())} - {"lm_head.weight"}
+    expected = set(dict(tree_flatten(model.parameters()))) - {"lm_head.weight"}
     missing = sorted(gguf_name(n, spec) for n in expected - present)
     if missing:
         raise GGUFError(

@@ -176,7 +176,10 @@ def write_entry(
         weights = dict(tree_flatten(model.parameters()))
         mx.save_safetensors(str(tmp / "weights.safetensors"), weights)
         (tmp / "model.json").write_text(json.dumps(model_json, sort_keys=True))
-        tokenizer.raw.save(str(tmp / "tokenizer.json"))
+        if isinstance(tokenizer.raw, Path):  # a tokenizer.json already (read from an entry)
+            shutil.copyfile(tokenizer.raw, tmp / "tokenizer.json")
+        else:
+            tokenizer.raw.save(str(tmp / "tokenizer.json"))
         settings = json.dumps(tokenizer.settings(), sort_keys=True)
         (tmp / "tokenizer_settings.json").write_text(settings)
         files = {

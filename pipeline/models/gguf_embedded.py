@@ -7,6 +7,7 @@ them once into a cache folder and checks the SHA-256 the main package publishes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -89,7 +90,7 @@ def assemble_gemma3(target: Path | None = None) -> Path:
     with partial.open("wb") as out:
         for chunk in chunks:
             with chunk.open("rb") as stream:
-                for block in iter(lambda s=stream: s.read(1 << 20), b""):
+                for block in iter(functools.partial(stream.read, 1 << 20), b""):
                     out.write(block)
     actual = _sha256(partial)
     if actual != expected:

@@ -195,6 +195,7 @@ def wrap_tokenizer(parts: TokenizerParts) -> TokenizerWrapper:
     """mlx-lm ``TokenizerWrapper`` around a Hugging Face fast tokenizer built from ``parts``."""
     from transformers import PreTrainedTokenizerFast
 
+    source: dict[str, Any]
     if isinstance(parts.raw, Path):
         source = {"tokenizer_file": str(parts.raw)}
     else:

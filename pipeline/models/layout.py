@@ -212,7 +212,7 @@ def resolve_layout(model: Any, overrides: Mapping[str, Any] | None = None) -> La
         layer["qkv_proj"] = given.get("qkv_proj")
     if layer["gate_up_proj"] is not None and "gate_proj" not in given:
         layer["gate_proj"] = layer["up_proj"] = None
-    settings = {k: table[k] for k in ("activation", "embed_scale") if k in table}
+    settings: dict[str, Any] = {k: table[k] for k in ("activation", "embed_scale") if k in table}
     settings.update({k: v for k, v in given.items() if k in SETTINGS})
     return Layout(arch, top, layer, settings, given)
 
@@ -234,6 +234,8 @@ def embed_scaler(layout: Layout, d_model: int | None) -> Callable[[mx.array], mx
     scale = layout.settings.get("embed_scale")
     if scale is None:
         return None
+    if d_model is None:
+        raise AnatomyError(f"embed_scale {scale!r} needs the model's d_model (the embedding width)")
     if scale == "sqrt_d":
         value = float(d_model) ** 0.5
         return lambda h: h * value

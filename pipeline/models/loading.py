@@ -12,12 +12,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from mlx_interp.blas import usable_blas
 from mlx_interp.engine.cache import hash_key
 from mlx_interp.engine.schema import SOURCES, ModelConfig
 from mlx_interp.errors import MlxInterpError
@@ -117,7 +118,7 @@ def model_config(spec: str | Path) -> dict:
         source = source_for_path(text)
         name = Path(text).stem if source == "gguf" else text.rstrip("/").split("/")[-1]
         cfg = OmegaConf.merge(schema, {"name": name, "source": source, "path": text})
-    return OmegaConf.to_container(cfg, resolve=True)
+    return cast(dict, OmegaConf.to_container(cfg, resolve=True))
 
 
 def _resolve_gguf_path(cfg: dict) -> Path:
@@ -131,6 +132,13 @@ def _resolve_gguf_path(cfg: dict) -> Path:
     if not cfg.get("path"):
         raise ModelLoadError("model.source=gguf needs model.path=/path/to/model.gguf")
     path = Path(cfg["path"]).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.gguf"))[:5]
+        raise ModelLoadError(
+            f"model.path={cfg['path']} is a folder, not a GGUF file; give the .gguf file "
+            f"itself ({', '.join(inside) or 'this folder has none'}), or model.source=mlx_lm "
+            "for a folder saved by mlx-lm"
+        )
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}; check model.path")
     return path
@@ -166,7 +174,8 @@ def _tiny(cfg: dict):
     from mlx_interp.models.gguf import embedded_gguf_path
     from mlx_interp.models.gguf_tokenizer import tokenizer_from_gguf
 
-    _, meta = mx.load(str(embedded_gguf_path()), return_metadata=True)
+    loaded = mx.load(str(embedded_gguf_path()), return_metadata=True)
+    _, meta = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
     tokenizer = tokenizer_from_gguf(meta)
     tiny = cfg.get("tiny") or {}
     args = llama.ModelArgs(
@@ -198,6 +207,7 @@ def model_dict(cfg: ModelConfig | Mapping) -> dict:
 def load_model(cfg: ModelConfig | Mapping) -> LoadedModel:
     """Load (once per process) the model described by a ``model`` config (the schema's
     ModelConfig or the same keys in a plain mapping)."""
+    usable_blas()  # MLX_INTERP_BLAS naming a library that does not load: an error, not slow
     cfg = model_dict(cfg)
     cache_key = hash_key(cfg)
     if cache_key in _CACHE:

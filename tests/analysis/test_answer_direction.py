@@ -7,13 +7,16 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_interp.analysis.lens import LensError, answer_direction, unembed
+from mlx_interp.analysis.lens import LensError, answer_direction
+from mlx_interp.models.anatomy import AnatomyError, anatomy_of
 
 POS, NEG = [3, 17], [5]
 
 
 def _lens_diff(model, h: np.ndarray) -> np.ndarray:
-    logits = np.array(unembed(model, mx.array(h, dtype=mx.float32)).astype(mx.float32))
+    """The lens's logit difference before any soft-capping (gemma2's tanh is not linear)."""
+    head = anatomy_of(model).unembed(mx.array(h, dtype=mx.float32), softcap=False)
+    logits = np.array(head.astype(mx.float32))
     return logits[:, POS].mean(axis=1) - logits[:, NEG].mean(axis=1)
 
 
@@ -71,5 +74,5 @@ def test_refusals():
     model = tiny_model("llama")
     with pytest.raises(LensError, match="both words"):
         answer_direction(model, [], NEG)
-    with pytest.raises(LensError, match="no model.norm"):
-        answer_direction(object(), POS, NEG)
+    with pytest.raises(AnatomyError, match="model.anatomy"):  # no layers, no final norm
+        answer_direction(nn.Linear(2, 2), POS, NEG)

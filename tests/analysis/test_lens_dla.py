@@ -10,12 +10,12 @@ import pytest
 from mlx_interp.analysis.dla import direct_logit_attribution
 from mlx_interp.analysis.lens import LensError, logit_lens, unembed
 from mlx_interp.interventions.sites import capture_sites
-from tests.tiny_models import tiny_model
+from tests.tiny_models import ARCHS, tiny_model
 
 PROMPTS = [[5, 17, 9, 33, 2, 8, 41], [7, 19, 23, 50, 51, 52, 3]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_lens_at_the_last_layer_is_the_logits_and_earlier_layers_read_the_residual(arch):
     model = tiny_model(arch, seed=6)
     lens = logit_lens(model, PROMPTS)
@@ -81,8 +81,24 @@ def test_dla_shares_by_hand_and_they_sum_to_the_logit_difference(arch):
     assert labels[:3] == ["embed", "attn 0", "mlp 0"] and values.shape == (2, 1 + 2 * 3)
 
 
-def test_dla_refuses_post_norm_blocks_and_layer_norms():
-    with pytest.raises(LensError, match="norm after each block"):
-        direct_logit_attribution(tiny_model("gemma3_text", seed=1), PROMPTS, answers=(1, 2))
-    with pytest.raises(LensError):
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "olmo2"])
+def test_dla_of_blocks_with_post_norms_adds_up(arch):
+    """Gemma and OLMo 2 norm each block's output before adding it: the shares are of what
+    is added, so they still sum to the logit difference (gemma2 soft-caps its logits: that
+    nonlinearity is the remainder) and the heads to their attention block."""
+    model = tiny_model(arch, seed=2)
+    dla = direct_logit_attribution(model, PROMPTS, answers=(1, 2))
+    logits = np.array(model(mx.array(PROMPTS))[:, -1].astype(mx.float32))
+    np.testing.assert_allclose(dla.logit_diff, logits[:, 1] - logits[:, 2], atol=1e-4)
+    total = dla.embed + dla.attn.sum(1) + dla.mlp.sum(1) + dla.remainder
+    np.testing.assert_allclose(total, dla.logit_diff, atol=1e-5)
+    if arch != "gemma2":
+        np.testing.assert_allclose(dla.remainder, 0.0, atol=1e-4)
+    else:
+        assert np.abs(dla.remainder).max() > 1e-4  # the soft-cap is not a sum of components
+    np.testing.assert_allclose(dla.heads.sum(2), dla.attn, rtol=1e-3, atol=1e-4)
+
+
+def test_dla_refuses_a_layer_norm_model():
+    with pytest.raises(LensError, match="not an RMS norm"):
         direct_logit_attribution(tiny_model("gpt2", seed=1), PROMPTS, answers=(1, 2))

@@ -117,7 +117,7 @@ def test_row_7_all_answers_empty_is_an_error(monkeypatch):
     monkeypatch.setattr(scoring, "greedy_generate", lambda *a, **k: [("", []), (" ", [])])
     lm = SimpleNamespace(model=None, tokenizer=None)
     with pytest.raises(UntrustedResultError, match="all 2 generated answers are empty"):
-        scoring.GenerateScorer(max_tokens=4).score(lm, [[1], [2]], [], [], [], 0, None)
+        scoring.GenerateScorer(max_tokens=4)(lm, [[1], [2]], ["a", "a"], ["b", "b"], [])
 
 
 def test_row_8_negative_random_baseline(cli_run):

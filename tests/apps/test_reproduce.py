@@ -58,3 +58,42 @@ def test_numbers_differ_is_exact_and_names_the_path():
         "a.b: 0.1 (original) vs 0.10000001 (re-run)"
     ]
     assert numbers_differ({"x": 1}, {}) == ["x: only in the original"]
+
+
+def test_a_different_key_is_explained_not_counted_as_a_different_result(cli_run, workdir, capsys):
+    """A run folder made before keys held the code's hash: its keys differ, and the tool says
+    why; the results (every file, every number) are still compared and identical."""
+    code, _ = cli_run("report.plots=false")
+    assert code in (0, None)
+    run = workdir / "run"
+    recorded = json.loads((run / "run.json").read_text())
+    manifest_path = run / "artifacts" / "steer" / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    old = {**manifest, "record": {"upstream": manifest["record"]["upstream"]}}  # an old record
+    manifest_path.write_text(json.dumps(old))
+    recorded["steer"]["key"] = "0" * 64  # a key of the old scheme
+    (run / "run.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert main([str(run), "--out", str(workdir / "explained")]) == 0
+    out = capsys.readouterr().out
+    assert "note: stage steer: artifact key 000000000000 vs" in out
+    assert "before artifact keys held the hash of the stage's code" in out
+    assert "identical:" in out and "1 artifact key(s) differ, as noted" in out
+
+
+def test_key_reasons_name_the_part_that_changed():
+    from mlx_interp.apps.reproduce import key_reason
+
+    base = {"code": {"a": "1", "b": "2"}, "config": {"steer": {"alpha": 1.0}}, "files": {}}
+    record = {**base, "upstream": {"prompts": "k1"}}
+
+    def manifest(**changes):
+        return {"record": {**record, **changes}}
+
+    assert "code changed (b)" in key_reason(manifest(), manifest(code={"a": "1", "b": "3"}))
+    slice_ = {"steer": {"alpha": 2.0}}
+    assert "config slice differs (steer.alpha" in key_reason(manifest(), manifest(config=slice_))
+    assert "upstream key(s) differ (prompts)" in key_reason(
+        manifest(), manifest(upstream={"prompts": "k2"})
+    )
+    assert "the files it names differ" in key_reason(manifest(), manifest(files={"x": "y"}))

@@ -16,7 +16,7 @@ from mlx_interp.interventions.patching import (
 )
 from mlx_interp.interventions.resume import resumed_logits
 from mlx_interp.interventions.sites import head_shape
-from tests.patch_reference import reference_metric
+from tests.patch_reference import plain_patched_logits, reference_metric, reference_values
 from tests.tiny_models import ARCHS, tiny_model
 
 WIDTH, PLUS, MINUS = 10, 1, 2
@@ -131,3 +131,49 @@ def test_head_heatmap_shape_layers_positions_and_errors():
         patching_heatmap(model, clean, clean, answers=(1, 2))
     with pytest.raises(PatchingError, match="cannot patch"):
         patching_heatmap(model, clean, corrupt, "pattern", answers=(1, 2))
+
+
+@pytest.mark.slow
+def test_ioi_on_smollm2_patching_attribution_lens_and_dla(smollm2):
+    """SmolLM2 (quantized layers kept) on name-mover prompts: the fast heatmap against plain
+    forwards, the last residual recovering 1, attribution tracking real patching on the
+    attention outputs and heads, the lens's last layer = the logits, DLA adding up."""
+    from mlx_interp.analysis.attribution import attribution_patching
+    from mlx_interp.analysis.dla import direct_logit_attribution
+    from mlx_interp.analysis.lens import logit_lens
+
+    model, tokenizer = smollm2
+    template = "When {} and {} went to the store, {} gave the bag to"
+    names = [("John", "Mary"), ("Tom", "Anna"), ("James", "Sarah")]
+    clean = [tokenizer.encode(template.format(a, b, b)) for a, b in names]
+    corrupt = [tokenizer.encode(template.format(a, b, a)) for a, b in names]
+    ids = [[tokenizer.encode(" " + n, add_special_tokens=False)[0] for n in p] for p in names]
+    answers = ([i[0] for i in ids], [i[1] for i in ids])
+    kinds = ("resid_pre", "resid_post", "attn_out", "z")
+    real = patching_heatmaps(model, clean, corrupt, kinds, answers=answers)
+    assert real["resid_post"].recovery[-1, -1] == pytest.approx(1.0, abs=1e-4)
+    s2 = next(i for i, (a, b) in enumerate(zip(clean[0], corrupt[0], strict=True)) if a != b)
+    assert real["resid_pre"].recovery[0, s2] == pytest.approx(1.0, abs=1e-4)  # the S2 name
+    np.testing.assert_array_equal(real["resid_pre"].recovery[:, :s2], 0.0)
+    width, metric = len(clean[0]), logit_diff(*answers)
+    for kind, layer, position in (("resid_pre", 14, s2), ("attn_out", 20, -1), ("z", 18, -1)):
+        position %= width
+        mask = np.zeros((len(clean), width), bool)
+        mask[:, position] = True
+        head = 3 if kind == "z" else None
+        source = reference_values(model, clean, kind, layer)
+        got = real[kind].metric[(layer, position, head) if head is not None else (layer, position)]
+        logits = plain_patched_logits(model, corrupt, kind, layer, mask, head, source)
+        assert got == pytest.approx(float(mx.mean(metric(logits)).item()), abs=2e-3)
+    est = attribution_patching(model, clean, corrupt, kinds, answers=answers)
+    for kind, floor in (("attn_out", 0.8), ("z", 0.8)):
+        r = np.corrcoef(real[kind].recovery.ravel(), est[kind].recovery.ravel())[0, 1]
+        assert r > floor, (kind, r)
+    lens = logit_lens(model, clean, layers=[-1], positions=[-1])
+    logits = np.array(model(mx.array(clean))[:, -1].astype(mx.float32))
+    np.testing.assert_allclose(lens[:, 0, 0], logits, rtol=1e-3, atol=1e-3)
+    dla = direct_logit_attribution(model, clean, answers=answers)
+    rows = np.arange(len(clean))
+    own = logits[rows, answers[0]] - logits[rows, answers[1]]
+    np.testing.assert_allclose(dla.logit_diff, own, atol=1e-3)
+    np.testing.assert_allclose(dla.remainder, 0.0, atol=1e-3)

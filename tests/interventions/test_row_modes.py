@@ -8,14 +8,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_interp.interventions.modes import MODES, ConditionalMode, NormPreservingMode, make_mode
+from mlx_interp.interventions.modes import (
+    PLAIN_MODES,
+    ConditionalMode,
+    NormPreservingMode,
+    make_mode,
+)
 
 D, BATCH, SEQ = 16, 3, 5
 
 
 def _modes():
     rng = np.random.default_rng(7)
-    modes = {name: make_mode(name) for name in MODES}
+    modes = {name: make_mode(name) for name in PLAIN_MODES}
     modes["add_norm"] = NormPreservingMode("add")
     coef = rng.standard_normal(D).astype(np.float32)
     modes["conditional"] = ConditionalMode("reflect", coef=coef, intercept=0.1)

@@ -62,3 +62,20 @@ def test_capture_stage_records_sites_like_the_sites_module(tmp_path, positions):
 def test_a_bad_site_is_a_clear_error_before_anything_is_captured(tmp_path):
     with pytest.raises(SiteError, match="layers.1.nope"):
         run_experiment(_cfg(tmp_path, "capture.sites=[layers.1.nope]"), tmp_path / "run")
+
+
+def test_new_sites_are_captured_and_patterns_refused(tmp_path):
+    from mlx_interp.errors import ConfigError
+
+    names = ["layers.0.resid_mid", "layers.1.resid_pre", "blocks.2.attn.hook_q"]  # width 32
+    cfg = _cfg(tmp_path, f"capture.sites=[{','.join(names)}]", "capture.positions=last")
+    out = run_experiment(cfg, tmp_path / "run")
+    rows = read_sites(Path(out["capture"]["path"]))
+    want = ["layers.0.resid_mid", "layers.1.resid_pre", "layers.2.attn.q"]
+    assert sorted(rows["site"].unique()) == want
+    with pytest.raises(ConfigError, match="one value per key token"):
+        run_experiment(_cfg(tmp_path, "capture.sites=[layers.1.attn.pattern]"), tmp_path / "r2")
+    with pytest.raises(ConfigError, match="mixes vector widths"):
+        run_experiment(
+            _cfg(tmp_path, "capture.sites=[layers.1,layers.1.mlp.post]"), tmp_path / "r3"
+        )

@@ -74,3 +74,44 @@ def test_variants_are_reported_apart_from_the_headline(gated):
     assert "## Headline" in text and "wording (test, never used to choose)" in text
     assert "Setting: two-way: a probe on the residual after layer 0" in text
     assert test_ids  # the ids the counts above refer to
+
+
+def _run(root: Path, *extra: str) -> tuple[dict, dict]:
+    overrides = [
+        *planted_overrides(root, planted_dataset(root / "d.jsonl")),
+        "directions.fit_split=train",
+        "steer.layer=2",
+        "steer.positions=last",
+        "steer.n_random=1",
+        "steer.confirm_n=0",
+        "score.fluency.n_prompts=0",
+        "report.plots=false",
+        "pipeline.stages=[report]",
+        *extra,
+    ]
+    cfg = compose_config(overrides)
+    plant(cfg)
+    run_experiment(cfg, root / "run")
+    return (
+        json.loads((root / "run" / "report.json").read_text()),
+        json.loads((root / "run" / "artifacts" / "directions" / "directions.json").read_text()),
+    )
+
+
+def test_attention_output_with_the_answer_axis_and_its_gate(tmp_path):
+    report, directions = _run(
+        tmp_path,
+        "directions.kind=attn_out",
+        "directions.method=unembed",
+        "directions.gate={measured: last, layer: 1, method: unembed}",
+    )
+    assert directions["kind"] == "attn_out" and directions["method"] == "unembed"
+    assert directions["gate"]["method"] == "unembed"
+    assert report["steer"]["site"] == "attn_out" and report["steer"]["gate"]["layer"] == 1
+    assert report["gate"]["all"]["rate"] == 1.0  # the planted class is on the answer axis
+
+
+def test_heads_kept_per_layer(tmp_path):
+    report, directions = _run(tmp_path, "directions.kind=heads", "directions.heads=2")
+    kept = directions["heads"]["2"]
+    assert len(kept) == 2 and report["steer"]["heads"]["2"] == kept

@@ -1,0 +1,152 @@
+"""`make bench` sections of issue 18: the default experiment's stages against its capture
+stage, sweeps after a cached run, and the second model load.
+
+Every figure is a ratio of timings taken in one run of `make bench` on this machine; the
+stage times come from the run's own log (``stage X computed in Ns``). ``positions: all``
+(nothing to reuse: batching alone) repeats the steer figures.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+STAGE_LINE = re.compile(r"stage (\w+)\s+computed in ([\d.]+)s")
+SWEEP_ALPHAS = "2.0,2.5,3.0"  # 3.0 is the default: cached after the default run
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds of every stage a run computed (its mlx_interp.log)."""
+    out: dict[str, float] = {}
+    for log in run_dir.rglob("*.log"):
+        for match in STAGE_LINE.finditer(log.read_text(errors="replace")):
+            out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(2))
+    return out
+
+
+def _run_dir(stdout: str) -> Path:
+    found = re.search(r"run directory: (\S+)", stdout)
+    if not found:
+        raise RuntimeError(f"no run directory in the CLI's output:\n{stdout[-2000:]}")
+    return Path(found.group(1))
+
+
+def section_stages(tmp: Path, run_cli: Callable[..., tuple[float, str]]) -> dict:
+    """The default experiment in a fresh store (every stage computed), a 3-alpha sweep after
+    it (2 new points), and the same two with ``steer.positions=all``; wall times and stage
+    times."""
+    out = tmp / "stages"
+    base = [f"paths.outputs={out}"]
+    result: dict = {}
+    wall, stdout = run_cli(base)
+    result["default"] = {"wall_s": wall, "stages": stage_seconds(_run_dir(stdout))}
+    start = time.perf_counter()
+    run_cli(["-m", *base, f"steer.alpha={SWEEP_ALPHAS}"])
+    result["sweep"] = {"wall_s": time.perf_counter() - start, "alphas": SWEEP_ALPHAS}
+    wall, stdout = run_cli([*base, "steer.positions=all"])
+    result["all"] = {"wall_s": wall, "stages": stage_seconds(_run_dir(stdout))}
+    start = time.perf_counter()
+    run_cli(["-m", *base, "steer.positions=all", f"steer.alpha={SWEEP_ALPHAS}"])
+    result["all_sweep"] = {"wall_s": time.perf_counter() - start, "alphas": SWEEP_ALPHAS}
+    return result
+
+
+def worker_load() -> dict:
+    """Seconds of one ``load_model`` of SmolLM2 in this process (imports done before), with
+    the model load cache ``MLX_INTERP_MODEL_CACHE`` as the parent set it."""
+    from mlx_interp.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    import mlx_lm.models.llama  # noqa: F401  (imports are not the load)
+    import mlx_lm.tokenizer_utils  # noqa: F401
+    import transformers  # noqa: F401
+
+    from mlx_interp.models.loading import load_model
+
+    start = time.perf_counter()
+    load_model({"name": "smollm2_135m", "source": "embedded", "dequantize": "auto"})
+    return {"seconds": time.perf_counter() - start}
+
+
+def section_load(tmp: Path, run_worker: Callable[..., dict]) -> dict:
+    """First load into an empty model load cache, then the best of two second loads, each
+    in a fresh process; and a load with the cache off."""
+    env = {"MLX_INTERP_MODEL_CACHE": str(tmp / "model-cache")}
+    first = run_worker("load", env)["seconds"]
+    second = min(run_worker("load", env)["seconds"] for _ in range(2))
+    off = run_worker("load", {"MLX_INTERP_MODEL_CACHE": "off"})["seconds"]
+    return {"first_s": first, "second_s": second, "off_s": off}
+
+
+def figures(res: dict, ratio: Callable) -> list[tuple[str, float | None, str, str]]:
+    """(figure, value, goal, note) rows of these sections."""
+    divide = ratio
+
+    def ratio(a, b):  # noqa: F811  (a stage that did not run: no figure)
+        return None if a is None or not b else divide(a, b)
+
+    rows = []
+    st = res.get("stages")
+    if st:
+        times = st["default"]["stages"]
+        cap = times.get("capture")
+        rows += [
+            (
+                "steer stage / capture stage (default experiment, positions last)",
+                ratio(times.get("steer"), cap),
+                "<= 1.0",
+                f"{times.get('steer', 0):.1f} vs {cap or 0:.1f} s",
+            ),
+            (
+                "baseline stage / capture stage",
+                ratio(times.get("baseline"), cap),
+                "<= 1.5",
+                f"{times.get('baseline', 0):.1f} s",
+            ),
+            (
+                f"3-alpha sweep ({st['sweep']['alphas']}) after the default run / capture stage",
+                ratio(st["sweep"]["wall_s"], cap),
+                "<= 3",
+                f"{st['sweep']['wall_s']:.1f} s for 2 new points",
+            ),
+            (
+                "whole default run (fresh store, set up) / capture stage",
+                ratio(st["default"]["wall_s"], cap),
+                "<= 4",
+                f"{st['default']['wall_s']:.1f} s",
+            ),
+        ]
+        every = st["all"]["stages"]
+        rows += [
+            (
+                "positions all: steer stage / capture stage (batching alone)",
+                ratio(every.get("steer"), cap),
+                "",
+                f"{every.get('steer', 0):.1f} s",
+            ),
+            (
+                "positions all: 3-alpha sweep after its run / capture stage",
+                ratio(st["all_sweep"]["wall_s"], cap),
+                "",
+                f"{st['all_sweep']['wall_s']:.1f} s for 2 new points",
+            ),
+        ]
+    load = res.get("load")
+    if load:
+        rows += [
+            (
+                "second model load of SmolLM2, seconds (model load cache)",
+                load["second_s"],
+                "<= 1.5",
+                f"first {load['first_s']:.1f} s, cache off {load['off_s']:.1f} s",
+            ),
+            (
+                "model load without the cache / second load",
+                ratio(load["off_s"], load["second_s"]),
+                "",
+                "",
+            ),
+        ]
+    return rows

@@ -1,1 +1,0 @@
-"""Prompt datasets of the experiments, shipped as package data (``mlx_interp.datasets``)."""
