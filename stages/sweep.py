@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from mlx_interp.analysis.directions import DirectionSet, extract, make_method
-from mlx_interp.analysis.scoring import UNSTEERED
 from mlx_interp.analysis.settings import edits_for, head_effects, keep_heads, top_heads
 from mlx_interp.analysis.sides import side_labels
 from mlx_interp.analysis.sweep import SITE_KIND, Rules, choose, expand_grid, fold_of, ranked
@@ -50,11 +49,11 @@ from mlx_interp.stages.direction_sites import (
     site_activations,
 )
 from mlx_interp.stages.sweep_scoring import (
-    logit_rows,
     loop_rate,
-    sided_rows,
+    sided_scores,
     spans_of,
     steering_maker,
+    unsteered_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ def run(inputs: SweepInputs, upstream: dict[str, Path], out: Path) -> dict:
     prompts = prompts[prompts["split"] == sweep.split]
     table = prompts[prompts["condition"].isin([*swap, *score.controls])].reset_index(drop=True)
     cond = table["condition"].to_numpy()
-    base = logit_rows(lm, table, np.arange(len(table)), UNSTEERED, None, swap)
+    base = unsteered_rows(lm, table, swap)
     # right: the unsteered model prefers its own word (the target's margin is negative)
     right = ~base[0] & np.isin(cond, list(swap))
     for c in swap:
@@ -323,19 +322,17 @@ def point_sets(lm, fits, point) -> list[DirectionSet]:
 
 
 def cv_point(lm, table, fold, fits, point, gates, spans, swap, base):
-    """(swapped [n], top [n]) of the table: each fold steered with its own fit."""
+    """(swapped [n], top [n]) of the table: each fold steered with its own fit (and each
+    row, for a gated point, by its side's edit), all in one batch of settings."""
     kind = SITE_KIND[point.site]
     sets = point_sets(lm, fits, point)
     make = steering_maker(make_mode(point.mode), point.alpha, point.positions)
     sides = gates.get(point.gate) if point.gate else None
-    swapped, top = np.zeros(len(table), bool), np.empty(len(table), object)
-    for f in range(fits.folds):
-        rows = np.flatnonzero(fold == f)
-        edits = partial(edits_for, sets[f], point.layers, kind)
-        swapped[rows], top[rows] = sided_rows(
-            lm, table, rows, edits, sides, make, spans, swap, base
-        )
-    return swapped, top
+    groups = [
+        (np.flatnonzero(fold == f), partial(edits_for, sets[f], point.layers, kind))
+        for f in range(fits.folds)
+    ]
+    return sided_scores(lm, table, groups, make, sides, spans, swap, base)
 
 
 def check(
@@ -374,7 +371,7 @@ def check(
             if point.site == "heads" and "heads" in ds.meta:
                 rnd = keep_heads(rnd, ds.meta["heads"], head_shape(lm.model, point.layers[-1])[0])
             edits = partial(edits_for, rnd, point.layers, kind)
-            got = sided_rows(lm, table, everyone, edits, sides, make, spans, swap, base)
+            got = sided_scores(lm, table, [(everyone, edits)], make, sides, spans, swap, base)
             s = summarize_point(cond, right, base[1], *got, list(swap))
             rates.append(np.mean([s[f"swap_{c}"] for c in swap]))
         table_out.loc[i, "random"] = float(np.mean(rates)) if rates else float("nan")

@@ -1,10 +1,12 @@
-"""Scoring a steering setting on a table of prompts, once per side when a probe decides each
-prompt's side (helper of the sweep stage).
+"""Scoring steering settings on a table of prompts for the sweep (helper of the sweep stage).
 
 ``table`` rows hold ``tokens``, ``condition`` and ``meta`` (the prompts stage's columns).
 Rows of the two swap classes are scored with their own word as the original and the other
 class's as the target; other rows (controls) with placeholder words: only their top word is
-used (did it become a swap word?).
+used (did it become a swap word?). Every call scores several settings at once (each row under
+its own: its fold's direction, its side's edit) through ``Scorer.score_settings``, so the
+settings run as rows of batched forwards on the prompts' reused unsteered states where the
+fast path can.
 """
 
 from __future__ import annotations
@@ -34,52 +36,55 @@ def word_pair(conditions: Sequence[str], swap: dict) -> tuple[list[str], list[st
 
 def spans_of(lm, table: pd.DataFrame) -> list[tuple[int, int]]:
     tokens = [list(map(int, t)) for t in table["tokens"]]
-    return object_spans(lm.tokenizer, tokens, table["meta"].tolist())
+    return object_spans(lm.tokenizer, tokens, table["meta"].tolist(), table["prompt_id"].tolist())
 
 
-def logit_rows(lm, table, rows, steering, spans, swap, batch_size=32):
-    """(swapped [rows], top word [rows]) of ``table``'s ``rows`` under ``steering``."""
-    if len(rows) == 0:
+def logit_pairs(lm, table, settings, pairs, spans, swap, batch_size=32):
+    """(swapped [pairs], top word [pairs]) of each ``(row, setting index)`` pair."""
+    if not pairs:
         return np.zeros(0, bool), np.empty(0, object)
-    cond = table["condition"].to_numpy()[rows]
-    original, target = word_pair(cond, swap)
-    tokens = [list(map(int, table["tokens"].iloc[i])) for i in rows]
+    original, target = word_pair(table["condition"].tolist(), swap)
+    tokens = [list(map(int, t)) for t in table["tokens"]]
     words = sorted(set(swap) | set(swap.values()))
     res = pd.DataFrame(
-        LogitScorer(batch_size)(
-            lm,
-            tokens,
-            original,
-            target,
-            words,
-            steering,
-            lm.pad_id,
-            spans=None if spans is None else [spans[i] for i in rows],
+        LogitScorer(batch_size).score_settings(
+            lm, tokens, original, target, words, settings, pairs, lm.pad_id, spans
         )
     )
     return res["margin"].to_numpy() > 0, res["top_word"].to_numpy()
 
 
-def sided_rows(lm, table, rows, edits_for: EditsFor, sides, make, spans, swap, base):
-    """(swapped, top) of ``rows`` when each row is steered by the edits of its side
-    (``sides[row]``: pos / neg / other; None: no gate, every row the set's own edits).
-    ``make(edits) -> Steering``; rows read as ``other`` keep their unsteered result ``base``
-    (swapped [n], top [n] of the whole table)."""
-    rows = np.asarray(rows, int)
-    swapped = np.zeros(len(rows), bool)
-    top = np.empty(len(rows), object)
-    groups = {None: np.ones(len(rows), bool)} if sides is None else {}
-    if sides is not None:
-        for side in ("pos", "neg", "other"):
-            groups[side] = np.asarray(sides)[rows] == side
-    for side, mask in groups.items():
-        if not mask.any():
-            continue
-        if side == "other":
-            swapped[mask], top[mask] = base[0][rows[mask]], base[1][rows[mask]]
-            continue
-        got = logit_rows(lm, table, rows[mask], make(edits_for(side)), spans, swap)
-        swapped[mask], top[mask] = got
+def unsteered_rows(lm, table, swap):
+    """(swapped [n], top word [n]) of every row of ``table``, unsteered."""
+    return logit_pairs(lm, table, [UNSTEERED], [(i, 0) for i in range(len(table))], None, swap)
+
+
+def sided_settings(groups, make, sides):
+    """Settings and pairs steering each row by its group's edits and its side: ``groups`` is
+    a list of (rows, edits_for) (e.g. one per fold); ``sides`` None (no gate) or a side per
+    row (pos / neg / other: other rows get no pair)."""
+    settings, pairs = [], []
+    for rows, edits_for in groups:
+        rows = np.asarray(rows, int)
+        by_side = {None: rows} if sides is None else {}
+        if sides is not None:
+            for side in ("pos", "neg"):
+                by_side[side] = rows[np.asarray(sides)[rows] == side]
+        for side, mine in by_side.items():
+            if len(mine):
+                settings.append(make(edits_for(side)))
+                pairs += [(int(r), len(settings) - 1) for r in mine]
+    return settings, pairs
+
+
+def sided_scores(lm, table, groups, make, sides, spans, swap, base):
+    """(swapped [n], top [n]) of the table's rows under :func:`sided_settings`; rows without
+    a pair (read as neither class, or in no group) keep their unsteered result ``base``."""
+    swapped, top = base[0].copy(), base[1].copy()
+    settings, pairs = sided_settings(groups, make, sides)
+    got = logit_pairs(lm, table, settings, pairs, spans, swap)
+    for (row, _), s, t in zip(pairs, *got, strict=True):
+        swapped[row], top[row] = s, t
     return swapped, top
 
 
@@ -90,34 +95,38 @@ def loop_rate(lm, table, n, score, edits_for: EditsFor | None, sides, make) -> f
     score = replace(score, fluency=replace(score.fluency, n_prompts=n))
     table = table.assign(_side=list(sides) if sides is not None else None)
     sample = fluency_prompts(table, score, lm.tokenizer, lm.prompt_format)
+    if sample.empty:
+        return float("nan")
     spec = fluency_spec(score)
-    gen = GenerateScorer(score.fluency.max_tokens)
-    loops = []
-    groups = [None] if sides is None or edits_for is None else ["pos", "neg", "other"]
-    for side in groups:
-        part = sample if side is None else sample[sample["_side"] == side]
-        if part.empty:
-            continue
-        tokens = [list(map(int, t)) for t in part["tokens"]]
-        steering = UNSTEERED
-        if edits_for is not None and side != "other":
-            steering = make(edits_for(side))
-        spans = None
-        if steering.edits and steering.positions == "object":
-            spans = object_spans(lm.tokenizer, tokens, part["meta"].tolist())
-        words = ["a", "b"]  # the answers' words are not scored here, only their loops
-        rows = gen(
-            lm,
-            tokens,
-            ["a"] * len(tokens),
-            ["b"] * len(tokens),
-            words,
-            steering,
-            lm.pad_id,
-            spans=spans,
+    every = np.arange(len(sample))
+    if edits_for is None:
+        settings, pairs = [UNSTEERED], [(int(i), 0) for i in every]
+    else:
+        side = None if sides is None else sample["_side"].to_numpy()
+        settings, pairs = sided_settings([(every, edits_for)], make, side)
+        if side is not None:  # rows read as neither class answer unsteered
+            settings.append(UNSTEERED)
+            pairs += [(int(i), len(settings) - 1) for i in every[side == "other"]]
+    tokens = [list(map(int, t)) for t in sample["tokens"]]
+    spans = None
+    if any(s.edits and s.positions == "object" for s in settings):
+        spans = object_spans(
+            lm.tokenizer, tokens, sample["meta"].tolist(), sample["prompt_id"].tolist()
         )
-        loops += [fluency(r["token_ids"], spec).loop for r in rows]
-    return float(np.mean(loops)) if loops else float("nan")
+    gen = GenerateScorer(score.fluency.max_tokens)
+    words = ["a", "b"]  # the answers' words are not scored here, only their loops
+    rows = gen.score_settings(
+        lm,
+        tokens,
+        words[:1] * len(tokens),
+        words[1:] * len(tokens),
+        words,
+        settings,
+        pairs,
+        lm.pad_id,
+        spans,
+    )
+    return float(np.mean([fluency(r["token_ids"], spec).loop for r in rows]))
 
 
 def steering_maker(mode, alpha: float, positions: str) -> Callable[[tuple], Steering]:
