@@ -11,16 +11,19 @@ of each row comes from :class:`RowSteering`, one mode applied with per-row vecto
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.interventions.classswap import swapped
 from mlx_interp.interventions.modes import SteeringError, WrappingMode
 from mlx_interp.interventions.prefix import last_logits
 from mlx_interp.interventions.rowcache import RowKV, keep_rows
+from mlx_interp.models.anatomy import anatomy_of
 
 
 class RowSteering(WrappingMode):
@@ -121,6 +124,24 @@ class _BoundRows:
         return mx.where(gate[..., None], edited, h)
 
 
+@contextmanager
+def start_at_layer(model: Any, layer: int, residual: mx.array) -> Iterator[None]:
+    """Run forwards from decoder layer ``layer`` on: the layers before it compute nothing,
+    and the one just before returns ``residual`` ``[batch, seq, d_model]`` (the residual
+    entering ``layer``, e.g. an unsteered one computed earlier). Their caches stay as they
+    are, so use it for a forward whose keys/values below ``layer`` are not needed again."""
+    blocks = anatomy_of(model).layers
+    with ExitStack() as stack:
+        for index in range(layer):
+            given = residual if index == layer - 1 else None
+
+            def call(self, h, *args, _given=given, **kwargs):
+                return h if _given is None else _given.astype(h.dtype)
+
+            stack.enter_context(swapped(blocks[index], "Skipped", call))
+        yield
+
+
 @dataclass
 class RowRun:
     """What a batch of rows computed: ``logits`` float32 ``[batch, vocab]`` at each row's
@@ -146,6 +167,7 @@ def run_rows(
     max_tokens: int = 0,
     eos: set[int] | frozenset[int] = frozenset(),
     pad_id: int = 0,
+    start: tuple[int, mx.array] | None = None,
 ) -> RowRun:
     """Run each row's ``runs[b]`` tokens (right-padded) on ``caches``, then ``max_tokens``
     greedy tokens per row (stopping a row at an id in ``eos``, not kept).
@@ -153,13 +175,17 @@ def run_rows(
     ``first_logits`` ``[batch, vocab]``: rows with nothing to run (every run empty) start
     from these (their prompt's stored logits). ``edits``: the rows' steering (already in a
     ``steer`` context), with ``gate`` bool ``[batch, run width]`` for the run (None: every
-    run position) and its ``decode`` flag for generated tokens."""
+    run position) and its ``decode`` flag for generated tokens. ``start = (layer,
+    residual)``: the run starts at that layer (:func:`start_at_layer`; no generation)."""
+    if start is not None and max_tokens:
+        raise ValueError("a run that starts past layer 0 leaves no keys/values to generate on")
     if any(len(r) for r in runs):
         tokens, lengths = _right_padded(runs, pad_id)
         if edits is not None:
             edits.gate = None if gate is None else mx.array(gate)
         try:
-            logits = last_logits(model, tokens, [n - 1 for n in lengths], caches)
+            with start_at_layer(model, *start) if start is not None else nullcontext():
+                logits = last_logits(model, tokens, [n - 1 for n in lengths], caches)
         finally:
             if edits is not None:
                 edits.gate = None
