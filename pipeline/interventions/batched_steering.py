@@ -43,7 +43,7 @@ from mlx_interp.interventions.unsteered import (
 )
 from mlx_interp.models.anatomy import anatomy_of
 
-CONTEXT_BUDGET = 256 * 2**20  # bytes of assembled keys/values per batch of rows
+CONTEXT_BUDGET = 512 * 2**20  # bytes of assembled keys/values per batch of rows
 
 
 class FastPathRefused(SteeringError):

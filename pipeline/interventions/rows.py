@@ -203,12 +203,14 @@ def run_rows(
 
 
 def _greedy(model, caches, logits, max_tokens, eos, edits) -> list[list[int]]:
-    """Greedy tokens of every row from ``logits``; a row leaves the batch at an EOS. The
+    """Greedy tokens of every row from ``logits``; a row stops at an EOS (not kept). The
     next step is queued before this step's tokens are read (as mlx-lm's generate loop
-    does), so rows that just ended run one step more, whose output is dropped."""
+    does). Finished rows leave the batch once they are half of it (dropping a row copies
+    every layer's cache; until then they run on and their tokens are ignored)."""
     n = logits.shape[0]
     ids: list[list[int]] = [[] for _ in range(n)]
-    active = list(range(n))
+    active = list(range(n))  # batch row -> answer index
+    done: set[int] = set()  # answer indices that ended
     token = mx.argmax(logits, axis=-1)
     mx.async_eval(token)
     for step in range(max_tokens):
@@ -217,15 +219,19 @@ def _greedy(model, caches, logits, max_tokens, eos, edits) -> list[list[int]]:
             ahead = mx.argmax(model(token[:, None], cache=caches)[:, -1], axis=-1)
             caches[0].context.advance(1)
             mx.async_eval(ahead)
-        keep = []
         for row, tok in enumerate(token.tolist()):
-            if tok in eos:
+            answer = active[row]
+            if answer in done:
                 continue
-            ids[active[row]].append(tok)
-            keep.append(row)
-        if ahead is None or not keep:
+            if tok in eos:
+                done.add(answer)
+            else:
+                ids[answer].append(tok)
+        if ahead is None or len(done) == n:
             break
-        if len(keep) < len(active):
+        finished = sum(answer in done for answer in active)
+        if finished and 2 * finished >= len(active):
+            keep = [row for row, answer in enumerate(active) if answer not in done]
             keep_rows(caches, keep)
             if edits is not None:
                 edits.keep(keep)
