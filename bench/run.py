@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import patching as patching_bench  # noqa: E402
 from bench import stages  # noqa: E402
-from bench.stats import best_of, interleaved, ratio  # noqa: E402
+from bench.stats import best_of, interleaved, paired_median, ratio  # noqa: E402
 
 SECTIONS = (
     "forward",
@@ -142,11 +142,13 @@ def worker_generate(max_tokens: int) -> dict:
         counts["steer_stream"] = n
 
     fns = {"bare": bare, "steered": steered, "steer_stream": steered_stream}
-    times = interleaved(fns, repeat=3)
+    rounds: dict = {}
+    times = interleaved(fns, repeat=5, rounds=rounds)
     return {
         "prompt_tokens": len(prompt),
         "tokens": counts,
         "tokens_per_s": {k: counts[k] / times[k] for k in fns},
+        "paired_median": {k: paired_median(rounds, k, "bare") for k in ("steered", "steer_stream")},
     }
 
 
@@ -208,8 +210,10 @@ def worker_batch(batch: int, seq: int, torch: bool = True) -> dict:
         out["torch_threads"] = pt.get_num_threads()
     else:
         out["transformers_skipped"] = skipped
-    times = interleaved(fns, repeat=3)
+    rounds: dict = {}
+    times = interleaved(fns, repeat=5, rounds=rounds)
     out["tokens_per_s"] = {k: batch * seq / t for k, t in times.items()}
+    out["paired_median"] = {k: paired_median(rounds, k, "bare") for k in fns if k != "bare"}
     # per-layer elementwise ops at this shape: SiLU gate of the MLP, softmax of attention
     args = lm.model.args
     gate = mx.random.normal((batch * seq, args.intermediate_size))
@@ -467,13 +471,14 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
                 "steered generation tok/s (generate_steered) / mlx-lm stream_generate",
                 ratio(tps["steered"], tps["bare"]),
                 ">= 0.97",
-                f"{tps['steered']:.1f} vs {tps['bare']:.1f} tok/s, {gen['tokens']['bare']} tokens",
+                f"{tps['steered']:.1f} vs {tps['bare']:.1f} tok/s, {gen['tokens']['bare']} tokens"
+                + _paired(gen, "steered"),
             ),
             (
                 "steer() around stream_generate / stream_generate",
                 ratio(tps["steer_stream"], tps["bare"]),
                 ">= 0.97",
-                "",
+                _paired(gen, "steer_stream").lstrip("; "),
             ),
         ]
     pq = res.get("parquet")
@@ -557,14 +562,14 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
             (
                 f"capture / bare forward tok/s, batch {shape}",
                 ratio(tps["capture"], tps["bare"]),
-                "",
-                f"{tps['capture']:.0f} vs {tps['bare']:.0f} tok/s",
+                ">= 0.95",
+                f"{tps['capture']:.0f} vs {tps['bare']:.0f} tok/s" + _paired(bat, "capture"),
             ),
             (
                 f"mx.compile(body) / plain body tok/s, batch {shape}",
                 ratio(tps["compiled_body"], tps["bare"]),
                 "",
-                "not adopted unless > 1.05",
+                "not adopted (docs/speed.md)" + _paired(bat, "compiled_body"),
             ),
         ]
         if "transformers_hidden_states" in tps:
@@ -602,6 +607,12 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
         ]
     rows += patching_bench.figures(res["patching"]) if "patching" in res else []
     return rows + stages.figures(res, ratio)
+
+
+def _paired(res: dict, name: str) -> str:
+    """The paired-median ratio of ``name`` (bench.stats.paired_median), as a note."""
+    value = res.get("paired_median", {}).get(name)
+    return "" if value is None else f"; paired median {value:.3f}"
 
 
 def print_table(rows) -> None:

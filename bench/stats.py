@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +25,12 @@ def best_of(fn: Callable[[], object], repeat: int = 5, budget_s: float | None = 
     return min(times)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 3) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeat: int = 3, rounds: dict | None = None
+) -> dict[str, float]:
     """Best time of each function, calling them in turn (A B C A B C ...) after one warm-up
-    each, so that load from other processes hits every side alike."""
+    each, so that load from other processes hits every side alike. ``rounds``, if given,
+    receives every timing (name -> list, one per round) for paired ratios."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -35,7 +39,16 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 3) -> dict[s
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    if rounds is not None:
+        rounds.update(times)
     return {name: min(t) for name, t in times.items()}
+
+
+def paired_median(rounds: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``time(denominator) / time(numerator)`` taken in the same round:
+    a speed ratio that a slow drift of the machine's load moves less than a ratio of bests."""
+    pairs = [d / n for n, d in zip(rounds[numerator], rounds[denominator], strict=True) if n]
+    return float(statistics.median(pairs))
 
 
 def ratio(numerator: float, denominator: float) -> float | None:

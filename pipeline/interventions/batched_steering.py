@@ -43,7 +43,7 @@ from mlx_interp.interventions.unsteered import (
 )
 from mlx_interp.models.anatomy import anatomy_of
 
-CONTEXT_BUDGET = 256 * 2**20  # bytes of assembled keys/values per batch of rows
+CONTEXT_BUDGET = 512 * 2**20  # bytes of assembled keys/values per batch of rows
 
 
 class FastPathRefused(SteeringError):
@@ -112,9 +112,12 @@ def _row_mode(model: Any, settings: Sequence[Any], mode: Any, layers: list[int])
         raise FastPathRefused(str(err)) from err
 
 
-def _row_batch(columns: int, model: Any, rows_cap: int) -> int:
+def _row_batch(columns: int, model: Any, rows_cap: int, layers: int | None = None) -> int:
+    """Rows per batch: at most ``rows_cap``, and their assembled keys/values (``columns``
+    tokens in ``layers`` layers, float32) within ``CONTEXT_BUDGET``."""
     anatomy = anatomy_of(model)
-    per_token = 2 * anatomy.n_layers * (anatomy.n_kv_heads or 1) * (anatomy.head_dim or 1) * 4
+    layers = anatomy.n_layers if layers is None else layers
+    per_token = 2 * layers * (anatomy.n_kv_heads or 1) * (anatomy.head_dim or 1) * 4
     return max(1, min(rows_cap, CONTEXT_BUDGET // max(1, columns * per_token)))
 
 
@@ -204,9 +207,10 @@ def steer_rows(
                 own_prefix = _steered_prefixes(model, seqs[used[0]][:shared], row_mode)
             row_mode.decode = positions != "object"  # object: no generated token is edited
             setting_of = {s: index_of[id(settings[s])] for _, s in busy}
+            first = 0 if row_mode.every_layer else min(layers)
             for group in plan.groups(busy, {s: own_prefix.get(i) for s, i in setting_of.items()}):
                 row_mode.select_rows = [setting_of[row.setting] for row in group]
-                results.update(plan.run(group, row_mode, max_tokens, eos, pad_id, rows_cap))
+                results.update(plan.run(group, row_mode, max_tokens, eos, pad_id, rows_cap, first))
     return [results[(p, s)] for p, s in pairs]
 
 
@@ -263,14 +267,23 @@ class _Plan:
             group.sort(key=lambda row: (len(row.run), _own_width(row.own)))
         return list(found.values())
 
-    def run(self, group, edits, max_tokens, eos, pad_id, rows_cap) -> dict:
+    def run(self, group, edits, max_tokens, eos, pad_id, rows_cap, first_layer=0) -> dict:
         """Results of a group's rows, in batches of at most ``rows_cap`` rows whose
-        assembled keys/values fit ``CONTEXT_BUDGET``."""
+        assembled keys/values fit ``CONTEXT_BUDGET``. ``first_layer`` > 0: rows that run
+        only their last token, with no generation, start at that layer (the first edited
+        one) from the residual their unsteered states hold; nothing below it is computed."""
+        skip = (
+            first_layer > 0
+            and max_tokens == 0
+            and self.positions == "last"
+            and all(len(row.run) == 1 and row.prompt in self.states for row in group)
+        )
+        first_layer = first_layer if skip else 0
         used = group[0].prefix_used
         cuts = {id(row.prefix): _cut(row.prefix, used) for row in group}
         width = max(len(row.run) for row in group)
         columns = used + max(_own_width(row.own) for row in group) + width + max_tokens
-        step = _row_batch(columns, self.model, rows_cap)
+        step = _row_batch(columns, self.model, rows_cap, self.n_layers - first_layer)
         out = {}
         for start in range(0, len(group), step):
             batch = group[start : start + step]
@@ -279,7 +292,7 @@ class _Plan:
             extra = max(len(r) for r in runs) + max_tokens
             if used or any(o is not None for o in owns):
                 prefixes = [cuts[id(row.prefix)] for row in batch]
-                caches = assemble(prefixes, owns, extra, self.n_layers)
+                caches = assemble(prefixes, owns, extra, self.n_layers, first_layer)
             else:
                 caches = fresh_caches(self.n_layers, len(batch), extra)
             gate = None
@@ -288,10 +301,15 @@ class _Plan:
                 gate = np.zeros((len(batch), max(len(r) for r in runs)), bool)
                 for b, row in enumerate(batch):
                     gate[b, : len(row.run)] = True if row.gate is None else row.gate
-            first = None
+            first, start = None, None
             if not batch[0].run:
                 first = mx.stack([self.states[row.prompt].logits for row in batch])
-            done = run_rows(self.model, caches, runs, first, edits, gate, max_tokens, eos, pad_id)
+            if first_layer:
+                entering = [self.states[row.prompt].last[first_layer - 1] for row in batch]
+                start = (first_layer, mx.stack(entering)[:, None, :])
+            done = run_rows(
+                self.model, caches, runs, first, edits, gate, max_tokens, eos, pad_id, start
+            )
             for b, row in enumerate(batch):
                 tokens = None if done.tokens is None else done.tokens[b]
                 out[(row.prompt, row.setting)] = RowResult(done.logits[b], tokens)

@@ -11,16 +11,19 @@ of each row comes from :class:`RowSteering`, one mode applied with per-row vecto
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.interventions.classswap import swapped
 from mlx_interp.interventions.modes import SteeringError, WrappingMode
 from mlx_interp.interventions.prefix import last_logits
 from mlx_interp.interventions.rowcache import RowKV, keep_rows
+from mlx_interp.models.anatomy import anatomy_of
 
 
 class RowSteering(WrappingMode):
@@ -121,6 +124,24 @@ class _BoundRows:
         return mx.where(gate[..., None], edited, h)
 
 
+@contextmanager
+def start_at_layer(model: Any, layer: int, residual: mx.array) -> Iterator[None]:
+    """Run forwards from decoder layer ``layer`` on: the layers before it compute nothing,
+    and the one just before returns ``residual`` ``[batch, seq, d_model]`` (the residual
+    entering ``layer``, e.g. an unsteered one computed earlier). Their caches stay as they
+    are, so use it for a forward whose keys/values below ``layer`` are not needed again."""
+    blocks = anatomy_of(model).layers
+    with ExitStack() as stack:
+        for index in range(layer):
+            given = residual if index == layer - 1 else None
+
+            def call(self, h, *args, _given=given, **kwargs):
+                return h if _given is None else _given.astype(h.dtype)
+
+            stack.enter_context(swapped(blocks[index], "Skipped", call))
+        yield
+
+
 @dataclass
 class RowRun:
     """What a batch of rows computed: ``logits`` float32 ``[batch, vocab]`` at each row's
@@ -146,6 +167,7 @@ def run_rows(
     max_tokens: int = 0,
     eos: set[int] | frozenset[int] = frozenset(),
     pad_id: int = 0,
+    start: tuple[int, mx.array] | None = None,
 ) -> RowRun:
     """Run each row's ``runs[b]`` tokens (right-padded) on ``caches``, then ``max_tokens``
     greedy tokens per row (stopping a row at an id in ``eos``, not kept).
@@ -153,13 +175,17 @@ def run_rows(
     ``first_logits`` ``[batch, vocab]``: rows with nothing to run (every run empty) start
     from these (their prompt's stored logits). ``edits``: the rows' steering (already in a
     ``steer`` context), with ``gate`` bool ``[batch, run width]`` for the run (None: every
-    run position) and its ``decode`` flag for generated tokens."""
+    run position) and its ``decode`` flag for generated tokens. ``start = (layer,
+    residual)``: the run starts at that layer (:func:`start_at_layer`; no generation)."""
+    if start is not None and max_tokens:
+        raise ValueError("a run that starts past layer 0 leaves no keys/values to generate on")
     if any(len(r) for r in runs):
         tokens, lengths = _right_padded(runs, pad_id)
         if edits is not None:
             edits.gate = None if gate is None else mx.array(gate)
         try:
-            logits = last_logits(model, tokens, [n - 1 for n in lengths], caches)
+            with start_at_layer(model, *start) if start is not None else nullcontext():
+                logits = last_logits(model, tokens, [n - 1 for n in lengths], caches)
         finally:
             if edits is not None:
                 edits.gate = None
@@ -177,12 +203,14 @@ def run_rows(
 
 
 def _greedy(model, caches, logits, max_tokens, eos, edits) -> list[list[int]]:
-    """Greedy tokens of every row from ``logits``; a row leaves the batch at an EOS. The
+    """Greedy tokens of every row from ``logits``; a row stops at an EOS (not kept). The
     next step is queued before this step's tokens are read (as mlx-lm's generate loop
-    does), so rows that just ended run one step more, whose output is dropped."""
+    does). Finished rows leave the batch once they are half of it (dropping a row copies
+    every layer's cache; until then they run on and their tokens are ignored)."""
     n = logits.shape[0]
     ids: list[list[int]] = [[] for _ in range(n)]
-    active = list(range(n))
+    active = list(range(n))  # batch row -> answer index
+    done: set[int] = set()  # answer indices that ended
     token = mx.argmax(logits, axis=-1)
     mx.async_eval(token)
     for step in range(max_tokens):
@@ -191,15 +219,19 @@ def _greedy(model, caches, logits, max_tokens, eos, edits) -> list[list[int]]:
             ahead = mx.argmax(model(token[:, None], cache=caches)[:, -1], axis=-1)
             caches[0].context.advance(1)
             mx.async_eval(ahead)
-        keep = []
         for row, tok in enumerate(cast(list[int], token.tolist())):
-            if tok in eos:
+            answer = active[row]
+            if answer in done:
                 continue
-            ids[active[row]].append(tok)
-            keep.append(row)
-        if ahead is None or not keep:
+            if tok in eos:
+                done.add(answer)
+            else:
+                ids[answer].append(tok)
+        if ahead is None or len(done) == n:
             break
-        if len(keep) < len(active):
+        finished = sum(answer in done for answer in active)
+        if finished and 2 * finished >= len(active):
+            keep = [row for row, answer in enumerate(active) if answer not in done]
             keep_rows(caches, keep)
             if edits is not None:
                 edits.keep(keep)

@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.interventions.capture import capture_layers
 from mlx_interp.interventions.prefix import MIN_PREFIX, common_prefix_len, last_logits
 from mlx_interp.interventions.rowcache import RowKV, filled_kv, fresh_caches, row_caches
 from mlx_interp.models.anatomy import anatomy_of
@@ -57,18 +58,21 @@ class PrefixState:
 @dataclass(eq=False)
 class PromptState:
     """One prompt's unsteered states after its prefix: ``keys``/``values`` ``[layers,
-    kv_heads, own, head_dim]`` for its ``own = len(tokens) - prefix.length`` tokens, and
-    ``logits`` float32 ``[vocab]`` at its last token."""
+    kv_heads, own, head_dim]`` for its ``own = len(tokens) - prefix.length`` tokens,
+    ``logits`` float32 ``[vocab]`` at its last token and ``last`` ``[layers, d_model]``, the
+    residual leaving each layer at its last token (a row editing only that token from layer
+    k on starts there)."""
 
     tokens: tuple[int, ...]
     prefix: PrefixState
     keys: mx.array
     values: mx.array
     logits: mx.array
+    last: mx.array
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.logits.nbytes
+        return self.keys.nbytes + self.values.nbytes + self.logits.nbytes + self.last.nbytes
 
 
 def swapped_classes(model: Any) -> list[str]:
@@ -175,10 +179,12 @@ def assemble(
     owns: Sequence[tuple[mx.array, mx.array] | None],
     extra: int,
     n_layers: int,
+    from_layer: int = 0,
 ) -> list[RowKV]:
     """Per-layer :class:`RowKV` caches for a batch: row b continues ``prefixes[b]`` (all of
     one length) and then ``owns[b]`` (keys, values ``[layers, kv_heads, u_b, head_dim]`` or
-    None), with room for ``extra`` more columns."""
+    None), with room for ``extra`` more columns. Layers below ``from_layer`` get empty
+    caches (a forward that starts at ``from_layer`` never reads them)."""
     length = prefixes[0].length
     if any(p.length != length for p in prefixes):
         raise ValueError("rows of one batch must share the prefix length")
@@ -208,6 +214,9 @@ def assemble(
             parts.append(mx.stack(rows, axis=1))  # [layers, batch, kv_heads, width, hd]
         own_stack = parts
     for index in range(n_layers):
+        if index < from_layer:
+            layers.append((None, None))
+            continue
         pair = []
         for kind in (0, 1):
             pieces = []
@@ -268,15 +277,22 @@ def prompt_states(
                 )
             else:
                 caches = fresh_caches(n_layers, len(rows), tokens.shape[1])
-            logits = last_logits(model, tokens, [n - 1 for n in lengths], caches).astype(mx.float32)
+            with capture_layers(model) as recorder:
+                logits = last_logits(model, tokens, [n - 1 for n in lengths], caches)
+            at = mx.array([n - 1 for n in lengths], dtype=mx.int32)
+            rows_at = mx.arange(len(rows))
+            last = mx.stack([recorder.outputs[i][rows_at, at] for i in range(n_layers)], axis=1)
+            recorder.outputs.clear()
+            logits = logits.astype(mx.float32)
             filled = caches[0].context.filled
             made = []
             kv = [filled_kv(c) for c in caches]
             for b, (j, n) in enumerate(zip(rows, lengths, strict=True)):
                 keys = mx.stack([k[b, :, filled : filled + n] for k, _ in kv])
                 values = mx.stack([v[b, :, filled : filled + n] for _, v in kv])
-                made.append(PromptState(tuple(todo[j]), prefix, keys, values, logits[b]))
-            mx.eval([(s.keys, s.values, s.logits) for s in made])
+                state = PromptState(tuple(todo[j]), prefix, keys, values, logits[b], last[b])
+                made.append(state)
+            mx.eval([(s.keys, s.values, s.logits, s.last) for s in made])
             for j, state in zip(rows, made, strict=True):
                 found[missing[j]] = state
                 if store is not None:

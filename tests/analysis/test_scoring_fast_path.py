@@ -145,6 +145,32 @@ def test_fast_path_equals_plain_path_greedy_tokens(arch, rule, mode_name):
     assert len(lengths) > 1 or N_GEN in lengths
 
 
+def test_last_token_rows_start_at_the_first_edited_layer(monkeypatch):
+    """Logit rows of `last` start at the edited layer from the stored unsteered residual
+    (the layers below are not run) and still equal the plain path; every-layer modes and
+    generation run every layer."""
+    import mlx_interp.interventions.rows as rows
+
+    started = []
+    real = rows.start_at_layer
+
+    def spy(model, layer, residual):
+        started.append((layer, residual.shape))
+        return real(model, layer, residual)
+
+    monkeypatch.setattr(rows, "start_at_layer", spy)
+    model = _model("llama")
+    lm = _LM(model)
+    settings = _settings(model, make_mode("reflect"), "last")
+    fast, plain = _both(RawLogits(), lm, settings)
+    assert_equivalent(fast, plain)
+    assert started and {layer for layer, _ in started} == {1}
+    started.clear()
+    _both(RawLogits(), lm, _settings(model, make_mode("ablate_all"), "last"))
+    _both(GenerateScorer(max_tokens=3), lm, settings)
+    assert started == []
+
+
 def test_a_difference_planted_at_one_reused_position_is_caught():
     """Nudge one key of one prompt's stored unsteered states (a position the `last` rule
     reuses): the fast path's answers move and the equivalence check fails."""
@@ -163,6 +189,16 @@ def test_a_difference_planted_at_one_reused_position_is_caught():
     planted, _ = _both(RawLogits(), lm, settings)
     with pytest.raises(AssertionError):
         assert_equivalent(planted, plain)
+    # and the residual a last-token row starts from (layer 0's output of prompt 4)
+    other = unsteered.STORE.get(model, "prompt", SEQS[4])
+    residual = np.array(other.last)
+    residual[0] += 0.05
+    other.last = mx.array(residual)
+    planted, _ = _both(RawLogits(), lm, settings)
+    n = len(SEQS)
+    with pytest.raises(AssertionError):
+        assert_equivalent([planted[4]], [plain[4]])  # prompt 4, main setting
+    assert_equivalent([planted[3 * n + 4]], [plain[3 * n + 4]])  # unsteered: logits stored
 
 
 def test_sliding_window_shorter_than_the_prompts_is_refused_by_name_and_falls_back(caplog):
@@ -189,3 +225,53 @@ def test_a_model_inside_a_class_swap_is_refused():
     with steer(model, list(settings[0].edits), "add", 1.0):
         with pytest.raises(FastPathRefused, match="class swap"):
             steer_rows(model, SEQS, [(0, 3)], settings, "add", "last")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", RULES)
+def test_smollm2_fast_path_equals_plain_path(rule):
+    """SmolLM2 on few-shot chat prompts: margins within 1e-4 and identical greedy tokens for
+    the main and a random-like direction (both alpha signs) and unsteered."""
+    from mlx_interp.models.loading import load_model
+
+    lm = load_model({"name": "smollm2_135m", "source": "embedded", "dequantize": "auto"})
+    tok = lm.tokenizer
+    shots = [("What colour is a pumpkin?", "Orange."), ("What colour is a canary?", "Yellow.")]
+    questions = ["What colour is grass?", "What colour is a ripe tomato?", "What colour is snow?"]
+    chats = []
+    for q in questions:
+        turns = [{"role": "system", "content": "Answer with one word."}]
+        for text, answer in shots:
+            turns += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        chats.append(
+            tok.apply_chat_template(
+                [*turns, {"role": "user", "content": q}], add_generation_prompt=True
+            )
+        )
+    spans = []
+    for seq, q in zip(chats, questions, strict=True):
+        from mlx_interp.interventions.positions import object_span
+
+        spans.append(object_span(tok, seq, q.split(" is ")[1].rstrip("?")))
+    rng = np.random.default_rng(0)
+    d = lm.d_model
+    settings = [
+        Steering(
+            (
+                LayerEdit(
+                    20, 8 * rng.standard_normal(d).astype(np.float32), np.zeros(d, np.float32)
+                ),
+            ),
+            make_mode("reflect"),
+            alpha,
+            rule,
+        )
+        for alpha in (2.0, -1.0)
+    ] + [UNSTEERED]
+    n = len(chats)
+    args = (lm, chats, ["green"] * n, ["red"] * n, ["green", "red"], settings)
+    pairs = [(p, s) for s in range(len(settings)) for p in range(n)]
+    for scorer in (RawLogits(), GenerateScorer(max_tokens=8)):
+        fast = scorer._fast(*args, pairs, lm.pad_id, spans)
+        plain = scorer._plain(*args, pairs, lm.pad_id, spans)
+        assert_equivalent(fast, plain)

@@ -37,6 +37,18 @@ def test_prompt_states_equal_a_plain_forward(arch):
             np.testing.assert_allclose(want, keys, atol=1e-5)
 
 
+def test_states_hold_the_last_tokens_residual_after_every_layer():
+    from mlx_interp.interventions.capture import capture_layers
+
+    model = tiny_model("llama", seed=6)
+    states = prompt_states(model, SEQS, batch_size=3, store=StateStore())
+    for seq, state in zip(SEQS, states, strict=True):
+        with capture_layers(model) as rec:
+            model(mx.array([seq]))
+        want = np.stack([np.array(rec.outputs[i][0, -1]) for i in range(3)])
+        np.testing.assert_allclose(np.array(state.last), want, atol=1e-5)
+
+
 def test_states_are_computed_once_and_shared_across_calls(monkeypatch):
     model = tiny_model("llama", seed=2)
     store = StateStore()
@@ -73,9 +85,10 @@ def test_states_nbytes_are_the_prefix_once_plus_each_prompts_own_tokens():
     states = prompt_states(model, SEQS, store=store)
     per_token = 3 * 2 * 4 * 8 * 4  # layers x (keys, values) x kv heads x head dim x float32
     own = sum(len(s) - len(PREFIX) for s in SEQS)
-    assert sum(s.nbytes for s in states) == own * per_token + len(SEQS) * 128 * 4
+    per_prompt = 128 * 4 + 3 * 32 * 4  # answer logits, last token's residual after each layer
+    assert sum(s.nbytes for s in states) == own * per_token + len(SEQS) * per_prompt
     assert states[0].prefix.nbytes == len(PREFIX) * per_token
-    assert store.nbytes == own * per_token + len(SEQS) * 128 * 4 + len(PREFIX) * per_token
+    assert store.nbytes == own * per_token + len(SEQS) * per_prompt + len(PREFIX) * per_token
 
 
 def test_a_model_inside_a_class_swap_is_named():
