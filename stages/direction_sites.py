@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pandas as pd
 
 from mlx_interp.analysis.directions import DirectionError, DirectionSet
-from mlx_interp.analysis.lens import answer_direction
+from mlx_interp.analysis.lens import answer_direction, unembed
 from mlx_interp.analysis.scoring import word_token_ids
 from mlx_interp.analysis.sides import AxisSide, SideProbe
 from mlx_interp.engine.schema import DIRECTION_SITES
@@ -79,12 +80,28 @@ def read_at(lm, seqs, spans, layers, kind: str = "resid") -> dict[int, np.ndarra
 
 
 def side_reader(lm, method: str, C: float, contrast):
-    """An unfitted side reader of a gate: a logistic probe, or the answer words' axis (the
-    unembedding of the pos word minus the neg word through the final norm)."""
-    if method == "unembed":
+    """An unfitted side reader of a gate: a logistic probe (``probe``), the answer words' axis
+    (``unembed``: the unembedding of the pos word minus the neg word through the final norm),
+    or that axis and, for ``other``, how close the two words come to the top of the logit
+    lens (``lens``: :func:`lens_plausibility`)."""
+    if method in ("unembed", "lens"):
         pos_ids, neg_ids = (word_token_ids(lm.tokenizer, w) for w in contrast)
-        return AxisSide(answer_direction(lm.model, pos_ids, neg_ids))
+        axis = answer_direction(lm.model, pos_ids, neg_ids)
+        plausible = lens_plausibility(lm, [*pos_ids, *neg_ids]) if method == "lens" else None
+        return AxisSide(axis, plausible=plausible)
     return SideProbe(C=float(C))
+
+
+def lens_plausibility(lm, ids):
+    """``x [n, d_model] -> [n]``: the largest logit of ``ids`` minus the largest logit of all
+    (0: one of them is the lens's top token), through the final norm and head."""
+    index = mx.array(sorted(set(ids)), dtype=mx.int32)
+
+    def score(x):
+        logits = unembed(lm.model, mx.array(np.asarray(x, np.float32))).astype(mx.float32)
+        return np.array(logits[:, index].max(axis=-1) - logits.max(axis=-1))
+
+    return score
 
 
 def answer_axis_set(lm, ds: DirectionSet) -> DirectionSet:

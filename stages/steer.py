@@ -36,6 +36,7 @@ from mlx_interp.analysis.scoring import (
     ScoringError,
     Steering,
     make_scorer,
+    word_token_ids,
 )
 from mlx_interp.analysis.settings import edits_for, keep_heads
 from mlx_interp.analysis.sides import load_side
@@ -48,7 +49,7 @@ from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.sites import head_shape
 from mlx_interp.interventions.steering import SteeringError, make_mode
 from mlx_interp.models.loading import load_model, model_fingerprint
-from mlx_interp.stages.direction_sites import read_at, role_spans
+from mlx_interp.stages.direction_sites import lens_plausibility, read_at, role_spans
 from mlx_interp.stages.steer_rows import add_fluency, fluency_prompts, fluency_spec
 
 log = logging.getLogger(__name__)
@@ -298,11 +299,14 @@ def read_sides(lm, directions: Path, df: pd.DataFrame) -> tuple[dict | None, dic
     path = directions / "gate.safetensors"
     if not path.is_file():
         return None, {}
-    gate = json.loads((directions / "directions.json").read_text())["gate"]
+    info = json.loads((directions / "directions.json").read_text())
+    gate = info["gate"]
     tokens = [list(map(int, t)) for t in df["tokens"]]
     spans = role_spans(lm, df, gate["measured"])
     x = read_at(lm, tokens, spans, [int(gate["layer"])])[int(gate["layer"])]
-    return dict(zip(df["prompt_id"], load_side(path).predict(x), strict=True)), gate
+    ids = [i for w in info["contrast"] for i in word_token_ids(lm.tokenizer, w)]
+    side = load_side(path, plausible=lens_plausibility(lm, ids))
+    return dict(zip(df["prompt_id"], side.predict(x), strict=True)), gate
 
 
 def same_heads(rnd: DirectionSet, ds: DirectionSet, lm) -> DirectionSet:

@@ -115,11 +115,16 @@ class SideProbe:
 class AxisSide:
     """A side read along a fixed axis (e.g. the answer words' unembedding, no weights fitted):
     ``pos`` when ``x . axis`` exceeds the midpoint of the two classes' mean projections (the
-    one number fitted), else ``neg``; it never reads ``other``."""
+    one number fitted), else ``neg``. With ``plausible`` (a function ``x [n, d] -> [n]``, e.g.
+    how close the class words come to the top of the logit lens) a row on the other rows'
+    side of the midpoint between their mean score and the classes' is ``other`` (unsteered)."""
 
     axis: np.ndarray
     threshold: float = 0.0
-    classes: list[str] = field(default_factory=lambda: ["neg", "pos"])
+    plausible: Any = None
+    other_threshold: float | None = None
+    other_below: bool = True  # the other rows score below the threshold (fitted)
+    classes: list[str] = field(default_factory=lambda: ["neg", "other", "pos"])
 
     def fit(self, x: np.ndarray, sides: np.ndarray) -> AxisSide:
         sides = np.asarray(sides).astype(str)
@@ -128,29 +133,53 @@ class AxisSide:
             if (sides == needed).sum() < 1:
                 raise SideError(f"an axis side needs {needed!r} rows to place its threshold")
         self.threshold = float((proj[sides == "pos"].mean() + proj[sides == "neg"].mean()) / 2)
+        if self.plausible is not None:
+            if not (sides == "other").any():
+                raise SideError("reading 'other' needs rows of neither class to place it")
+            score = np.asarray(self.plausible(x), np.float64)
+            two = sides != "other"
+            self.other_threshold = float((score[two].mean() + score[~two].mean()) / 2)
+            self.other_below = bool(score[~two].mean() <= score[two].mean())
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.axis):
             raise SideError(f"the axis has width {len(self.axis)}, got {x.shape}")
-        return np.where(x @ np.asarray(self.axis, np.float64) > self.threshold, "pos", "neg")
+        side = np.where(x @ np.asarray(self.axis, np.float64) > self.threshold, "pos", "neg")
+        if self.other_threshold is not None:
+            if self.plausible is None:
+                raise SideError("this side reader reads 'other': load it with its plausible=")
+            above = np.asarray(self.plausible(x)) > self.other_threshold
+            side = np.where(above == self.other_below, side, "other")
+        return side
 
     def save(self, path) -> None:
         from safetensors.numpy import save_file
 
-        arrays = {"axis": np.ascontiguousarray(self.axis, np.float32)}
-        save_file(arrays, str(path), metadata={"kind": "axis", "threshold": repr(self.threshold)})
+        meta = {"kind": "axis", "threshold": repr(self.threshold)}
+        if self.other_threshold is not None:
+            meta["other_threshold"] = repr(self.other_threshold)
+            meta["other_below"] = str(self.other_below)
+        save_file({"axis": np.ascontiguousarray(self.axis, np.float32)}, str(path), metadata=meta)
 
 
-def load_side(path) -> SideProbe | AxisSide:
-    """A saved :class:`SideProbe` or :class:`AxisSide`."""
+def load_side(path, plausible: Any = None) -> SideProbe | AxisSide:
+    """A saved :class:`SideProbe` or :class:`AxisSide` (``plausible``: the function an axis
+    side that reads ``other`` needs)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "np") as f:
         meta = f.metadata() or {}
         if meta.get("kind") == "axis":
-            return AxisSide(np.asarray(f.get_tensor("axis")), float(meta["threshold"]))
+            other = meta.get("other_threshold")
+            return AxisSide(
+                np.asarray(f.get_tensor("axis")),
+                float(meta["threshold"]),
+                plausible,
+                None if other is None else float(other),
+                meta.get("other_below", "True") == "True",
+            )
     return SideProbe.load(path)
 
 

@@ -28,7 +28,8 @@ METHODS = ("mean_diff", "pca", "logistic", "unembed")
 KEYS = ["site", "measured", "method", "mode", "positions", "layer", "alpha", "heads", "gate"]
 
 
-GATE_METHODS = ("probe", "unembed")  # a fitted logistic probe, or the answer words' axis
+GATE_METHODS = ("probe", "unembed", "lens")  # a logistic probe, the answer words' axis, or
+# that axis with "other" read from the logit lens (mlx_interp.stages.direction_sites)
 
 
 @dataclass(frozen=True)

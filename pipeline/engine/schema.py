@@ -118,6 +118,7 @@ class GateRole(Choice):
 class GateMethod(Choice):
     probe = "probe"  # a multinomial logistic probe fitted on the split
     unembed = "unembed"  # the answer words' unembedding axis (only a threshold fitted)
+    lens = "lens"  # that axis, and "other" when the lens puts neither word near its top
 
 
 @dataclass
@@ -125,7 +126,7 @@ class GateConfig:
     measured: Annotated[str, GateRole] = "object"  # the token role read
     layer: int = MISSING  # the residual after this layer
     C: float = 1.0  # the probe's inverse L2 strength
-    method: Annotated[str, GateMethod] = "probe"  # probe | unembed
+    method: Annotated[str, GateMethod] = "probe"  # probe | unembed | lens
 
 
 SOURCES = ModelSource.values()  # the value tuples, for messages and library checks

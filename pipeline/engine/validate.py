@@ -210,12 +210,13 @@ RULES: dict[str, tuple[Check, str, str]] = {
                 and is_int(v.get("layer"))
                 and set(v) <= {"measured", "layer", "C", "method"}
                 and v.get("measured", "object") in ("last", "object")
-                and v.get("method", "probe") in ("probe", "unembed")
+                and v.get("method", "probe") in ("probe", "unembed", "lens")
                 and is_number(v.get("C", 1.0))
                 and v.get("C", 1.0) > 0
             )
         ),
-        "null or {measured: last|object, layer: <int>, C: <number > 0>, method: probe|unembed}",
+        "null or {measured: last|object, layer: <int>, C: <number > 0>, "
+        "method: probe|unembed|lens}",
         "directions.gate={measured: object, layer: 12}",
     ),
     "directions.heads": (

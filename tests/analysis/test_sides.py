@@ -113,3 +113,20 @@ def _saved_probe(tmp_path):
     x, labels = _planted()
     SideProbe().fit(x, labels).save(tmp_path / "probe.safetensors")
     return tmp_path / "probe.safetensors"
+
+
+def test_axis_side_reads_other_where_the_classes_are_implausible(tmp_path):
+    x, labels = _planted()
+    plausible = lambda rows: -np.asarray(rows)[:, 1]  # noqa: E731  (others sit at +5 e1)
+    side = AxisSide(np.eye(D)[0], plausible=plausible).fit(x, labels)
+    test_x, test_labels = _planted(seed=1)
+    assert (side.predict(test_x) == test_labels).mean() > 0.95  # other rows read as other
+    side.save(tmp_path / "lens.safetensors")
+    with pytest.raises(SideError, match="plausible"):
+        load_side(tmp_path / "lens.safetensors").predict(test_x)
+    again = load_side(tmp_path / "lens.safetensors", plausible=plausible)
+    assert (again.predict(test_x) == side.predict(test_x)).all()
+    with pytest.raises(SideError, match="neither class"):
+        AxisSide(np.eye(D)[0], plausible=plausible).fit(
+            x[labels != "other"], labels[labels != "other"]
+        )

@@ -115,3 +115,14 @@ def test_heads_kept_per_layer(tmp_path):
     report, directions = _run(tmp_path, "directions.kind=heads", "directions.heads=2")
     kept = directions["heads"]["2"]
     assert len(kept) == 2 and report["steer"]["heads"]["2"] == kept
+
+
+def test_a_lens_gate_leaves_what_it_reads_as_neither_class_unsteered(tmp_path):
+    report, directions = _run(
+        tmp_path, "steer/mode=add", "directions.gate={measured: last, layer: 1, method: lens}"
+    )
+    assert directions["gate"]["method"] == "lens"
+    gens = pd.read_parquet(tmp_path / "run" / "artifacts" / "steer" / "generations.parquet")
+    controls = gens[gens["condition"] == "control"]
+    assert (controls["side"] == "other").all()  # the planted controls' word is no swap word
+    assert report["gate"]["all"]["rate"] == 1.0
