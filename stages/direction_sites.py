@@ -48,8 +48,8 @@ def site_activations(
     tokens = [list(map(int, t)) for t in prompts["tokens"]]
     cond = prompts["condition"].to_numpy()
     if site == "answer":
-        seqs, spans, words = answer_sequences(lm.tokenizer, tokens, [pos, neg])
-        words = np.asarray(words)
+        seqs, spans, said = answer_sequences(lm.tokenizer, tokens, [pos, neg])
+        words = np.asarray(said)
         return read_at(lm, seqs, spans, layers, kind), words == pos, words == neg
     return (
         read_at(lm, tokens, role_spans(lm, prompts, site), layers, kind),

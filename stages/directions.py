@@ -84,7 +84,7 @@ def fingerprint(inputs: DirectionsInputs) -> dict:
 def restricted(lm, ds: DirectionSet, kind: str, heads) -> tuple[DirectionSet, dict]:
     """``ds`` (read at site ``kind``) restricted to some heads (``directions.heads``: k per
     layer by their share of the class difference, or a list); its metadata."""
-    extra = {"kind": str(kind)}
+    extra: dict[str, Any] = {"kind": str(kind)}
     if kind != "heads" or heads is None:
         return ds, extra
     vectors, chosen = {}, {}
@@ -187,7 +187,8 @@ def run(inputs: DirectionsInputs, upstream: dict[str, Path], out: Path) -> dict:
             "measured_at": SITE_NOTES[site],
         }
     )
-    extra = {}  # what only a non-default setting writes (the default's files stay as they were)
+    # what only a non-default setting writes (the default's files stay as they were)
+    extra: dict[str, Any] = {}
     if kind != "resid":
         main, extra = restricted(lm, main, kind, dcfg.heads)
     if dcfg.gate is not None:

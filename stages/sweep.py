@@ -132,8 +132,9 @@ class Fits:
         if (site, measured) not in self.acts:
             kind = SITE_KIND[site]
             wanted = None if kind == "resid" else sorted(self.layers_of.get(site, layers))
+            pos, neg = self.contrast
             self.acts[site, measured] = site_activations(
-                self.lm, self.fit, measured, *self.contrast, wanted, kind
+                self.lm, self.fit, measured, pos, neg, wanted, kind
             )
         return self.acts[site, measured]
 
@@ -371,8 +372,10 @@ def check(
             if point.site == "heads" and "heads" in ds.meta:
                 rnd = keep_heads(rnd, ds.meta["heads"], head_shape(lm.model, point.layers[-1])[0])
             edits = partial(edits_for, rnd, point.layers, kind)
-            got = sided_scores(lm, table, [(everyone, edits)], make, sides, spans, swap, base)
-            s = summarize_point(cond, right, base[1], *got, list(swap))
+            swapped, top = sided_scores(
+                lm, table, [(everyone, edits)], make, sides, spans, swap, base
+            )
+            s = summarize_point(cond, right, base[1], swapped, top, list(swap))
             rates.append(np.mean([s[f"swap_{c}"] for c in swap]))
         table_out.loc[i, "random"] = float(np.mean(rates)) if rates else float("nan")
         edits = partial(edits_for, ds, point.layers, kind)

@@ -66,10 +66,10 @@ def sided_settings(groups, make, sides):
     settings, pairs = [], []
     for rows, edits_for in groups:
         rows = np.asarray(rows, int)
-        by_side = {None: rows} if sides is None else {}
+        by_side: dict[str | None, np.ndarray] = {None: rows} if sides is None else {}
         if sides is not None:
-            for side in ("pos", "neg"):
-                by_side[side] = rows[np.asarray(sides)[rows] == side]
+            for name in ("pos", "neg"):
+                by_side[name] = rows[np.asarray(sides)[rows] == name]
         for side, mine in by_side.items():
             if len(mine):
                 settings.append(make(edits_for(side)))

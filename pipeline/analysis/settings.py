@@ -30,7 +30,7 @@ def edits_for(
 ) -> tuple[Any, ...]:
     """The edits of ``ds`` at ``layers`` for site ``kind`` (a :class:`Site` kind); ``side``
     (``pos``/``neg``): the edit toward the other class instead of the set's own."""
-    out = []
+    out: list[LayerEdit | SiteEdit] = []
     for layer in layers:
         if side is None:
             vector, center = ds.vectors[layer], ds.center(layer)

@@ -301,14 +301,14 @@ class _Plan:
                 gate = np.zeros((len(batch), max(len(r) for r in runs)), bool)
                 for b, row in enumerate(batch):
                     gate[b, : len(row.run)] = True if row.gate is None else row.gate
-            first, start = None, None
+            first, entry = None, None
             if not batch[0].run:
                 first = mx.stack([self.states[row.prompt].logits for row in batch])
             if first_layer:
                 entering = [self.states[row.prompt].last[first_layer - 1] for row in batch]
-                start = (first_layer, mx.stack(entering)[:, None, :])
+                entry = (first_layer, mx.stack(entering)[:, None, :])
             done = run_rows(
-                self.model, caches, runs, first, edits, gate, max_tokens, eos, pad_id, start
+                self.model, caches, runs, first, edits, gate, max_tokens, eos, pad_id, entry
             )
             for b, row in enumerate(batch):
                 tokens = None if done.tokens is None else done.tokens[b]

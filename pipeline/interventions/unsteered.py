@@ -197,7 +197,7 @@ def assemble(
     for b, u in enumerate(used):
         positions[b, length : length + u] = np.arange(length, length + u)
     shared = all(p is prefixes[0] for p in prefixes)
-    layers = []
+    layers: list[tuple[Any, Any]] = []  # (None, None) below from_layer
     own_stack = None
     if width:
         like = next(o for o in owns if o is not None)
