@@ -14,6 +14,9 @@ it too (``nnsight.TransformersModel(hf_model, tokenizer=...)``) and patches
 ``model.layers[l].input`` at one position per invoke, one trace (a batch of every position)
 per layer. All three get the
 same token ids; their heatmaps are compared (max abs difference of the normalised values).
+Threads: mlx-interp's patching forwards use one BLAS thread (``patch_batches.BLAS_THREADS``:
+MKL's two threads spin against each other on a shared 2-core machine); TransformerLens runs
+twice, with torch's default thread count and with one thread; nnsight with the default.
 
     python bench/patching.py              # this section alone (about 5 min on 2 busy cores)
     python bench/run.py --only patching   # the same, inside `make bench`
@@ -71,6 +74,8 @@ def worker_mlx(repeat: int = 2, extras: bool = True) -> dict:
     import numpy as np
 
     from mlx_interp.analysis.attribution import attribution_patching
+    from mlx_interp.blas import blas_threads
+    from mlx_interp.interventions.patch_batches import BLAS_THREADS
     from mlx_interp.interventions.patching import patching_heatmap, patching_heatmaps
     from mlx_interp.interventions.resume import last_position_logits, record_base, wrapped_calls
     from mlx_interp.models.gguf import embedded_gguf_path
@@ -118,7 +123,8 @@ def worker_mlx(repeat: int = 2, extras: bool = True) -> dict:
         return values
 
     start = time.perf_counter()
-    hand = by_hand()
+    with blas_threads(BLAS_THREADS):  # as the library's forwards: the ratio is the batching's
+        hand = by_hand()
     hand_s = time.perf_counter() - start
     hand_rec = (hand - heat.corrupted_metric) / (heat.clean_metric - heat.corrupted_metric)
     # attribution patching vs real patching on the IOI pairs (a batch)
@@ -174,11 +180,17 @@ def _hf(gguf: str):
     return model.eval(), tokenizer
 
 
-def worker_transformer_lens(gguf: str, ids: dict, answers: list, repeat: int = 1) -> dict:
-    """TransformerLens: get_act_patch_resid_pre on a TransformerBridge of the same weights."""
+def worker_transformer_lens(
+    gguf: str, ids: dict, answers: list, repeat: int = 1, threads: int = 0
+) -> dict:
+    """TransformerLens: get_act_patch_resid_pre on a TransformerBridge of the same weights;
+    ``threads``: torch's thread count (0: torch's default)."""
     import importlib.metadata as md
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformer_lens import patching
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -255,6 +267,11 @@ def worker_nnsight(gguf: str, ids: dict, answers: list, repeat: int = 1) -> dict
     }
 
 
+PEERS = {  # result key -> (label, after the version)
+    "transformer_lens": ("TransformerLens", ""),
+    "nnsight": ("nnsight", ""),
+    "transformer_lens_1_thread": ("TransformerLens", " (torch on 1 thread)"),
+}
 WORKERS = {
     "mlx": worker_mlx,
     "transformer_lens": worker_transformer_lens,
@@ -303,6 +320,8 @@ def section(repeat: int = 2) -> dict:
         shared = {k: res["mlx"][k] for k in ("gguf", "ids", "answers")}
         for peer in ("transformer_lens", "nnsight"):
             res[peer] = _run(peer, cwd, **shared)
+        # torch on one thread, as mlx-interp's patching forwards (BLAS_THREADS)
+        res["transformer_lens_1_thread"] = _run("transformer_lens", cwd, threads=1, **shared)
         again = _run("mlx", cwd, repeat=repeat, extras=False)
         m = res["mlx"]
         m["fast_s_runs"] = [m["fast_s"], again.get("fast_s")]
@@ -310,7 +329,7 @@ def section(repeat: int = 2) -> dict:
         m["fast_s"] = min(t for t in m["fast_s_runs"] if t is not None)
         m["fast_cpu_s"] = min(t for t in m["fast_cpu_s_runs"] if t is not None)
     ours = np.array(res["mlx"]["heatmap"])
-    for peer in ("transformer_lens", "nnsight"):
+    for peer in PEERS:
         if "heatmap" in res.get(peer, {}):
             diff = np.abs(np.array(res[peer]["heatmap"]) - ours).max()
             res[peer]["max_abs_diff_vs_mlx"] = float(diff)
@@ -341,12 +360,12 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
             f"same values (max |diff| {m['every_position_max_diff']:.1e})",
         ),
     ]
-    for peer, label in (("transformer_lens", "TransformerLens"), ("nnsight", "nnsight")):
+    for peer, (label, suffix) in PEERS.items():
         got = res.get(peer, {})
         if "seconds" in got:
             rows.append(
                 (
-                    f"{label} {got['version']} heatmap wall time / mlx-interp",
+                    f"{label} {got['version']}{suffix} heatmap wall time / mlx-interp",
                     got["time_ratio_vs_mlx"],
                     "> 1",
                     f"{got['seconds']:.1f} s, torch threads {got['torch_threads']}; max |diff| "
@@ -355,7 +374,7 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
             )
             rows.append(
                 (
-                    f"{label} {got['version']} heatmap CPU time / mlx-interp",
+                    f"{label} {got['version']}{suffix} heatmap CPU time / mlx-interp",
                     got["cpu_ratio_vs_mlx"],
                     "> 1",
                     f"{got['cpu_seconds']:.1f} vs {m['fast_cpu_s']:.1f} CPU s (all threads)",
@@ -363,7 +382,7 @@ def figures(res: dict) -> list[tuple[str, float | None, str, str]]:
             )
         else:
             note = res.get("skipped") or got.get("error", "not run")
-            rows.append((f"{label} heatmap time / mlx-interp", None, "> 1", note))
+            rows.append((f"{label}{suffix} heatmap time / mlx-interp", None, "> 1", note))
     for kind, r in m["attribution_correlation"].items():
         rows.append(
             (

@@ -31,6 +31,8 @@ def test_table_has_ratios_and_says_why_a_peer_is_missing():
     assert names["by hand (one full forward per patch) / mlx-interp heatmap time"][0] == 20.0
     assert names["TransformerLens 1 heatmap wall time / mlx-interp"][0] == 5.0
     assert names["nnsight heatmap time / mlx-interp"] == (None, "boom")
+    one = "TransformerLens (torch on 1 thread) heatmap time / mlx-interp"
+    assert names[one] == (None, "not run")
     rows = figures({"mlx": _mlx(), "skipped": "nnsight is not installed: pip install"})
     assert any(value is None and "not installed" in note for _, value, _, note in rows)
     assert figures({"mlx": {"error": "mlx failed: x"}}) == [

@@ -7,7 +7,8 @@ earliest one patched in it, with one row per (patch, pair). Which patches share 
 chosen to minimise the rows x positions computed plus a fixed cost per forward, under a cap
 on rows x positions (memory). A patch of positions whose tokens, and every token before them,
 are the same in both prompts of every pair changes nothing (causal attention): its metric is
-the corrupted run's, without a forward.
+the corrupted run's, without a forward. The forwards run with one BLAS thread
+(:data:`BLAS_THREADS`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.blas import blas_threads
 from mlx_interp.interventions.resume import (
     BaseRun,
     RowEdits,
@@ -31,6 +33,7 @@ from mlx_interp.interventions.resume import (
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
 FORWARD_COST = 64  # rows x positions a forward's fixed cost is worth, per layer (measured)
 MAX_ROW_TOKENS = 4096  # rows x positions in one forward
+BLAS_THREADS = 1  # per forward a few rows x positions: one thread beats two (mlx_interp.blas)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +68,8 @@ def record_pairs(
     corrupted run's keys/values."""
     n = clean.shape[0]
     record = {"resid_pre"} | {k for k in kinds if k in ("attn_out", "mlp_out", "z")}
-    both = record_base(model, mx.concatenate([clean, corrupt]), [*last, *last], record, True)
+    with blas_threads(BLAS_THREADS):
+        both = record_base(model, mx.concatenate([clean, corrupt]), [*last, *last], record, True)
     keys, values, logits = both.keys, both.values, both.logits
     assert keys is not None and values is not None and logits is not None  # keep_kv=True
 
@@ -150,7 +154,6 @@ def run_patches(
 ) -> np.ndarray:
     """float64 ``[len(patches)]``: ``metric`` (mean over pairs) of each patched run.
     ``skip_unchanged=False`` runs even the patches that cannot change anything."""
-    n_pairs, width = runs.clean.tokens.shape
     n_layers = n_layers_of(model)
     out = np.full(len(patches), np.nan)
     assert runs.corrupt.logits is not None  # record_base keeps the logits
@@ -162,22 +165,39 @@ def run_patches(
         if patch.kind != "resid_pre" and patch.kind != "resid_post" and patch.start == n_layers:
             raise ValueError(f"no layer {patch.layer} for {patch.kind}")
         noop = all(not row[d:].any() for row, d in zip(patch.mask, runs.first_diff, strict=True))
-        if noop:
+        if noop and skip_unchanged:
             out[index] = corrupted
         else:
             by_start.setdefault(patch.start, []).append(index)
-    for start, indices in by_start.items():
-        firsts = {i: int(np.argmax(patches[i].mask.any(0))) for i in indices}
-        indices.sort(key=firsts.__getitem__)
-        order = [firsts[i] for i in indices]
-        for chunk in _chunks(order, width, n_pairs, max_row_tokens):
-            chosen = [indices[c] for c in chunk]
-            logits = _forward(model, runs, start, [patches[i] for i in chosen], order[chunk[0]])
-            rowwise = getattr(metric, "rows", None)  # one call for every row (LogitDiff)
-            if rowwise is not None:
-                values = rowwise(logits, n_pairs).reshape(len(chosen), n_pairs).mean(axis=1)
-            else:
-                logits = logits.reshape(len(chosen), n_pairs, -1)
-                values = mx.stack([mx.mean(metric(logits[k])) for k in range(len(chosen))])
-            out[chosen] = np.array(values.astype(mx.float32), dtype=np.float64)
+    with blas_threads(BLAS_THREADS):
+        for start, indices in by_start.items():
+            _run_start(model, runs, patches, metric, start, indices, max_row_tokens, out)
     return out
+
+
+def _run_start(
+    model: Any,
+    runs: PairRuns,
+    patches: Sequence[Patch],
+    metric: Callable[[mx.array], mx.array],
+    start: int,
+    indices: list[int],
+    max_row_tokens: int,
+    out: np.ndarray,
+) -> None:
+    """Fill ``out[indices]``: the patches resumed at layer ``start``, in forwards chosen by
+    :func:`_chunks`."""
+    n_pairs, width = runs.clean.tokens.shape
+    firsts = {i: int(np.argmax(patches[i].mask.any(0))) for i in indices}
+    indices.sort(key=firsts.__getitem__)
+    order = [firsts[i] for i in indices]
+    for chunk in _chunks(order, width, n_pairs, max_row_tokens):
+        chosen = [indices[c] for c in chunk]
+        logits = _forward(model, runs, start, [patches[i] for i in chosen], order[chunk[0]])
+        rowwise = getattr(metric, "rows", None)  # one call for every row (LogitDiff)
+        if rowwise is not None:
+            values = rowwise(logits, n_pairs).reshape(len(chosen), n_pairs).mean(axis=1)
+        else:
+            logits = logits.reshape(len(chosen), n_pairs, -1)
+            values = mx.stack([mx.mean(metric(logits[k])) for k in range(len(chosen))])
+        out[chosen] = np.array(values.astype(mx.float32), dtype=np.float64)

@@ -115,6 +115,35 @@ def test_heatmap_recovers_one_at_the_last_residual_and_at_the_only_differing_emb
     assert res["resid_pre"].clean_metric != res["resid_pre"].corrupted_metric
 
 
+def test_positions_before_the_first_difference_computed_or_skipped_agree(monkeypatch):
+    """skip_unchanged=False runs forwards for the positions before the first difference (the
+    forwards counted); their values equal the corrupted metric that skipping writes."""
+    import mlx_interp.interventions.patch_batches as pb
+
+    model = tiny_model("llama", seed=5)
+    clean, corrupt = _pairs(4)
+    calls = []
+    forward = pb._forward
+    monkeypatch.setattr(pb, "_forward", lambda *a: calls.append(a[4]) or forward(*a))
+    skipped = patching_heatmap(model, clean, corrupt, answers=(1, 2)).recovery
+    assert min(calls) == 3  # nothing resumed before the first differing position
+    calls.clear()
+    every = patching_heatmap(model, clean, corrupt, answers=(1, 2), skip_unchanged=False)
+    assert min(calls) == 0
+    np.testing.assert_allclose(every.recovery, skipped, atol=1e-5)
+
+
+def test_blas_threads_restores_the_count():
+    from mlx_interp.blas import _thread_calls, blas_threads
+
+    calls = _thread_calls()
+    before = calls[0]() if calls else None
+    with blas_threads(1):
+        if calls:
+            assert calls[0]() == 1
+    assert (calls[0]() if calls else None) == before
+
+
 def test_head_heatmap_shape_layers_positions_and_errors():
     model = tiny_model("mistral", seed=2)
     clean, corrupt = _pairs(3)
