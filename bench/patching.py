@@ -18,7 +18,7 @@ Threads: mlx-interp's patching forwards use one BLAS thread (``patch_batches.BLA
 MKL's two threads spin against each other on a shared 2-core machine); TransformerLens runs
 twice, with torch's default thread count and with one thread; nnsight with the default.
 
-    python bench/patching.py              # this section alone (about 5 min on 2 busy cores)
+    python bench/patching.py              # this section alone (27 min on 2 busy cores, 2026-12-05)
     python bench/run.py --only patching   # the same, inside `make bench`
 
 Skipped with a message when the `bench` extra (torch, transformers, transformer-lens, nnsight)
