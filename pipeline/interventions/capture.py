@@ -26,7 +26,6 @@ from mlx_interp.interventions.classswap import (
     decoder_layers,
     hooked,
     resolve_layers,
-    subclass_with_call,  # noqa: F401  (imported from here by interventions.patching)
 )
 from mlx_interp.interventions.prefix import expand_cache
 

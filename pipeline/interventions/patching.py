@@ -32,7 +32,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.engine.schema import PATCH_KINDS
-from mlx_interp.interventions.capture import padded_batch, resolve_layers, subclass_with_call
+from mlx_interp.interventions.capture import padded_batch, resolve_layers
+from mlx_interp.interventions.classswap import swapped
 from mlx_interp.interventions.modes import SteeringError
 from mlx_interp.interventions.patch_batches import KINDS, Patch, record_pairs, run_patches
 from mlx_interp.interventions.positions import ROLES, role_positions
@@ -84,11 +85,8 @@ def patch_site(model: Any, site: Site, mask: mx.array, values: mx.array) -> Iter
             h = mx.where(mask[..., None], values.astype(h.dtype), h)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    module.__class__ = subclass_with_call(original, "Patching", __call__)
-    try:
+    with swapped(module, "Patching", __call__):
         yield
-    finally:
-        module.__class__ = original
 
 
 class LogitDiff:

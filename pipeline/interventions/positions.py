@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.engine.schema import STEER_POSITIONS
-from mlx_interp.interventions.modes import SteeringError, WrappingMode
+from mlx_interp.interventions.modes import SteeringError, WrappingMode, make_mode
 
 POSITIONS = STEER_POSITIONS  # all | suffix | last | object (one list, in the schema)
 PER_ROW = ("last", "object")  # rules whose mask differs between rows
@@ -106,17 +106,16 @@ class GatedMode(WrappingMode):
     """``inner``'s edit where the gate is open, ``h`` unchanged elsewhere."""
 
     def __init__(self, inner: Any, gate: PositionGate):
-        self.inner, self.gate = inner, gate
+        self.inner, self.gate = make_mode(inner), gate  # a SteeringMode: no probing
 
     @property
     def every_layer(self) -> bool:
         """The inner mode's: an every-layer edit stays one under the gate."""
-        return bool(getattr(self.inner, "every_layer", False))
+        return self.inner.every_layer
 
     def for_layer(self, layer: int) -> GatedMode:
         """The inner mode bound to ``layer`` (a conditional mode's probe), same gate."""
-        bind = getattr(self.inner, "for_layer", None)
-        return GatedMode(bind(layer), self.gate) if bind else self
+        return GatedMode(self.inner.for_layer(layer), self.gate)
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float
@@ -184,11 +183,10 @@ class FromPosition(WrappingMode):
     every layer counts its own forwards; one edit per layer."""
 
     def __init__(self, inner: Any, start: int):
-        self.inner, self.start, self.seen = inner, int(start), 0
+        self.inner, self.start, self.seen = make_mode(inner), int(start), 0
 
     def for_layer(self, layer: int) -> FromPosition:
-        bind = getattr(self.inner, "for_layer", None)
-        return FromPosition(bind(layer) if bind else self.inner, self.start)
+        return FromPosition(self.inner.for_layer(layer), self.start)
 
     def __call__(
         self, h: mx.array, vector: mx.array, center: mx.array | None, alpha: float

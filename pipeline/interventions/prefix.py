@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll, make_prompt_cache
 
-from mlx_interp.interventions.classswap import subclass_with_call
+from mlx_interp.interventions.classswap import swapped
 
 MIN_PREFIX = 4  # shorter shared prefixes are not worth a cache
 
@@ -108,11 +108,8 @@ def head_at(model: Any, positions: mx.array) -> Iterator[bool]:
             return h
         return h[mx.arange(h.shape[0]), positions][:, None, :]
 
-    inner.__class__ = subclass_with_call(original, "HeadAt", __call__)
-    try:
+    with swapped(inner, "HeadAt", __call__):
         yield True
-    finally:
-        inner.__class__ = original
 
 
 def last_logits(model: Any, tokens: mx.array, last: Sequence[int], cache=None) -> mx.array:

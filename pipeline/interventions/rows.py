@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_interp.interventions.classswap import swapped
-from mlx_interp.interventions.modes import SteeringError, WrappingMode
+from mlx_interp.interventions.modes import SteeringError, WrappingMode, make_mode
 from mlx_interp.interventions.prefix import last_logits
 from mlx_interp.interventions.rowcache import RowKV, keep_rows
 from mlx_interp.models.anatomy import anatomy_of
@@ -41,10 +41,10 @@ class RowSteering(WrappingMode):
         centers: dict[int, np.ndarray | None],
         alphas: Sequence[float],
     ):
-        self.inner = inner
+        self.inner = inner = make_mode(inner)  # a SteeringMode: no probing
         self.vectors, self.centers = vectors, centers
         self.alphas = np.asarray(alphas, dtype=np.float64)
-        if getattr(inner, "every_layer", False) and len(vectors) != 1:
+        if inner.every_layer and len(vectors) != 1:
             raise SteeringError("an every-layer mode batches settings of one named layer only")
         self.rows = np.zeros(0, np.int64)
         self.select_rows: list[int] = []  # the setting of each row of a group (batches slice it)
@@ -54,7 +54,7 @@ class RowSteering(WrappingMode):
 
     @property
     def every_layer(self) -> bool:
-        return bool(getattr(self.inner, "every_layer", False))
+        return self.inner.every_layer
 
     def select(self, rows: Sequence[int]) -> None:
         """The setting of each row of the next forwards."""
@@ -83,8 +83,7 @@ class RowSteering(WrappingMode):
 
     def for_layer(self, layer: int) -> _BoundRows:
         named = next(iter(self.vectors)) if self.every_layer else layer
-        bind = getattr(self.inner, "for_layer", None)
-        return _BoundRows(self, named, bind(layer) if bind else self.inner)
+        return _BoundRows(self, named, self.inner.for_layer(layer))
 
 
 class _BoundRows:
