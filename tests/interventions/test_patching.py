@@ -135,9 +135,10 @@ def test_head_heatmap_shape_layers_positions_and_errors():
 
 @pytest.mark.slow
 def test_ioi_on_smollm2_patching_attribution_lens_and_dla(smollm2_float):
-    """SmolLM2 (float32, as the pipeline runs it on the CPU) on name-mover prompts: the fast heatmap against plain
-    forwards, the last residual recovering 1, attribution tracking real patching on the
-    attention outputs and heads, the lens's last layer = the logits, DLA adding up."""
+    """SmolLM2 (float32, as the pipeline runs it on the CPU) on name-mover prompts: the fast
+    heatmap against plain forwards, the last residual recovering 1, attribution tracking real
+    patching on the attention outputs and heads, the lens's last layer = the logits, DLA
+    adding up."""
     from mlx_interp.analysis.attribution import attribution_patching
     from mlx_interp.analysis.dla import direct_logit_attribution
     from mlx_interp.analysis.lens import logit_lens
