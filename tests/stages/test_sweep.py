@@ -135,3 +135,26 @@ def test_grid_rows_expand_to_points():
         ((3, 4), 2.5),
     ]
     assert points[2].layer_label == "3+4" and points[0].gate.label == "object@1"
+
+
+def test_a_gated_point_takes_the_bound_of_its_own_gate_method():
+    """Two gates at the same role and layer but by different methods have different
+    accuracies: each point's bound is its own gate's (the first found was taken for both)."""
+    from mlx_interp.stages.sweep import point_bound
+
+    bounds = [
+        {"kind": "gate", "measured": "last", "layer": 1, "method": m, "share": s}
+        for m, s in (("lens", 0.5), ("unembed", 0.75))
+    ]
+    rows = [
+        {
+            "site": "resid",
+            "layers": [2],
+            "alphas": [1],
+            "gate": {"layer": 1, "measured": "last", "method": m},
+        }
+        for m in ("unembed", "lens")
+    ]
+    unembed, lens = expand_grid(rows, tuple(MODES))
+    assert point_bound(bounds, unembed) == 0.75
+    assert point_bound(bounds, lens) == 0.5
