@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -222,6 +223,7 @@ def run(inputs: SweepInputs, upstream: dict[str, Path], out: Path) -> dict:
     gates = {}
     for gate in sorted({p.gate for p in points if p.gate}, key=lambda g: g.label):
         gates[gate] = gate_sides(lm, table, fold, gate, contrast, right, fits.bounds)
+    on = Scoring(lm, table, fold, fits, gates, spans, swap, base, right)
     progress = out / "progress"
     progress.mkdir(exist_ok=True)
     rows = []
@@ -231,7 +233,7 @@ def run(inputs: SweepInputs, upstream: dict[str, Path], out: Path) -> dict:
             rows.append(json.loads(done.read_text()))
             continue
         started = time.perf_counter()
-        swapped, top = cv_point(lm, table, fold, fits, point, gates, spans, swap, base)
+        swapped, top = cv_point(on, point)
         row = {**point.row(), **summarize_point(cond, right, base[1], swapped, top, list(swap))}
         row["bound"] = point_bound(fits.bounds, point)
         row["seconds"] = time.perf_counter() - started
@@ -240,24 +242,7 @@ def run(inputs: SweepInputs, upstream: dict[str, Path], out: Path) -> dict:
         log.info("sweep %d/%d %s", i + 1, len(points), row)
     table_out = pd.DataFrame(rows).assign(random=np.nan, loops=np.nan)
     unsteered = loop_rate(lm, table[is_fit], sweep.loop_prompts, score, None, None, None)
-    check(
-        lm,
-        table,
-        fold,
-        fits,
-        points,
-        gates,
-        spans,
-        swap,
-        base,
-        table_out,
-        rules,
-        sweep,
-        seed,
-        score,
-        unsteered,
-        right,
-    )
+    check(on, points, table_out, rules, sweep, seed, score, unsteered)
     table_out["chosen"] = choose(table_out, rules, unsteered)
     table_out.to_parquet(out / "sweep.parquet", index=False)
     pd.DataFrame(fits.bounds).to_parquet(out / "bounds.parquet", index=False)
@@ -324,59 +309,72 @@ def point_sets(lm, fits, point) -> list[DirectionSet]:
     return out
 
 
-def cv_point(lm, table, fold, fits, point, gates, spans, swap, base):
+@dataclass(frozen=True)
+class Scoring:
+    """What every point of one sweep is scored on (built once by :func:`run`): the model,
+    the split's table with its folds, fits, gate sides, object spans, swap words, unsteered
+    results ``base`` and which rows the unsteered model answers ``right``."""
+
+    lm: Any
+    table: pd.DataFrame
+    fold: np.ndarray
+    fits: Fits
+    gates: dict
+    spans: Any
+    swap: dict
+    base: tuple
+    right: np.ndarray
+
+    @property
+    def cond(self) -> np.ndarray:
+        return self.table["condition"].to_numpy()
+
+    @property
+    def is_fit(self) -> np.ndarray:
+        return np.isin(self.cond, list(self.swap))
+
+    def steering(self, point) -> tuple[str, Any, Any]:
+        """(site kind, setting maker, gate sides or None) of ``point``."""
+        make = steering_maker(make_mode(point.mode), point.alpha, point.positions)
+        return SITE_KIND[point.site], make, self.gates.get(point.gate) if point.gate else None
+
+    def scores(self, groups, make, sides):
+        """(swapped [n], top [n]) of the table under ``groups`` (see :func:`sided_scores`)."""
+        return sided_scores(
+            self.lm, self.table, groups, make, sides, self.spans, self.swap, self.base
+        )
+
+
+def cv_point(on: Scoring, point):
     """(swapped [n], top [n]) of the table: each fold steered with its own fit (and each
     row, for a gated point, by its side's edit), all in one batch of settings."""
-    kind = SITE_KIND[point.site]
-    sets = point_sets(lm, fits, point)
-    make = steering_maker(make_mode(point.mode), point.alpha, point.positions)
-    sides = gates.get(point.gate) if point.gate else None
+    kind, make, sides = on.steering(point)
+    sets = point_sets(on.lm, on.fits, point)
     groups = [
-        (np.flatnonzero(fold == f), partial(edits_for, sets[f], point.layers, kind))
-        for f in range(fits.folds)
+        (np.flatnonzero(on.fold == f), partial(edits_for, sets[f], point.layers, kind))
+        for f in range(on.fits.folds)
     ]
-    return sided_scores(lm, table, groups, make, sides, spans, swap, base)
+    return on.scores(groups, make, sides)
 
 
-def check(
-    lm,
-    table,
-    fold,
-    fits,
-    points,
-    gates,
-    spans,
-    swap,
-    base,
-    table_out,
-    rules,
-    sweep,
-    seed,
-    score,
-    unsteered,
-    right,
-) -> None:
+def check(on: Scoring, points, table_out, rules, sweep, seed, score, unsteered) -> None:
     """Random directions and loops of the best points within the bleed bound, in rank order,
     until the first passing every rule (and at least ``sweep.top`` points)."""
-    cond = table["condition"].to_numpy()
-    is_fit = np.isin(cond, list(swap))
+    lm, table, swap, right = on.lm, on.table, on.swap, on.right
+    cond, is_fit, base = on.cond, on.is_fit, on.base
     for checked, i in enumerate(ranked(table_out, rules).index):
         if checked >= sweep.max_checks:
             break
         point = points[int(i)]
-        kind = SITE_KIND[point.site]
-        ds = point_sets(lm, fits, point)[-1]
-        make = steering_maker(make_mode(point.mode), point.alpha, point.positions)
-        sides = gates.get(point.gate) if point.gate else None
+        kind, make, sides = on.steering(point)
+        ds = point_sets(lm, on.fits, point)[-1]
         everyone = np.arange(len(table))
         rates = []
         for rnd in ds.random_like(sweep.n_random, seed=seed):
             if point.site == "heads" and "heads" in ds.meta:
                 rnd = keep_heads(rnd, ds.meta["heads"], head_shape(lm.model, point.layers[-1])[0])
             edits = partial(edits_for, rnd, point.layers, kind)
-            swapped, top = sided_scores(
-                lm, table, [(everyone, edits)], make, sides, spans, swap, base
-            )
+            swapped, top = on.scores([(everyone, edits)], make, sides)
             s = summarize_point(cond, right, base[1], swapped, top, list(swap))
             rates.append(np.mean([s[f"swap_{c}"] for c in swap]))
         table_out.loc[i, "random"] = float(np.mean(rates)) if rates else float("nan")
