@@ -81,12 +81,8 @@ def section_load(tmp: Path, run_worker: Callable[..., dict]) -> dict:
 
 
 def figures(res: dict, ratio: Callable) -> list[tuple[str, float | None, str, str]]:
-    """(figure, value, goal, note) rows of these sections."""
-    divide = ratio
-
-    def ratio(a, b):  # noqa: F811  (a stage that did not run: no figure)
-        return None if a is None or not b else divide(a, b)
-
+    """(figure, value, goal, note) rows of these sections (``ratio``: bench.stats.ratio,
+    None for a stage that did not run)."""
     rows = []
     st = res.get("stages")
     if st:

@@ -51,9 +51,10 @@ def paired_median(rounds: dict[str, list[float]], numerator: str, denominator: s
     return float(statistics.median(pairs))
 
 
-def ratio(numerator: float, denominator: float) -> float | None:
-    """numerator / denominator, None when the denominator is 0 or missing."""
-    if not denominator:
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, None when the denominator is 0 or missing or the numerator
+    is missing (e.g. a stage that did not run)."""
+    if numerator is None or not denominator:
         return None
     return numerator / denominator
 
