@@ -15,15 +15,21 @@ distributions (mlx, numpy: ``provenance.json`` records their versions).
 The hash is sha256 over (module name, sha256 of the file's bytes) in module-name order: the
 same sources give the same hash on every machine, whatever the paths, times or order of
 imports. Each module's closure is computed once per process.
+
+Threads: ranks of a sharded run (and notebooks) may key stages from several threads at once.
+CPython 3.11's ``ast.parse`` keeps its recursion depth in per-interpreter state, so two threads
+parsing together can fail with ``SystemError: AST constructor recursion depth mismatch``
+(CPython gh-106905; it failed a CI run here on 3.11.7). Parsing therefore holds one lock, and
+the once-per-process closure is computed under it.
 """
 
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +37,8 @@ PROJECT = "mlx_interp"  # the package whose modules are followed
 ENGINE = "mlx_interp.engine"  # not followed: not a stage's code (see the module docstring)
 
 Locate = Callable[[str], Path | None]  # module name -> its source file (None: not a module)
+
+_PARSE = threading.Lock()  # ast.parse is not thread-safe on CPython 3.11 (module docstring)
 
 __all__ = ["ENGINE", "PROJECT", "code_digest", "module_sources", "source_closure"]
 
@@ -55,7 +63,10 @@ def imported_names(path: Path, module: str) -> set[str]:
     relative imports resolved against ``module``."""
     names: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+    source = path.read_bytes()
+    with _PARSE:
+        tree = ast.parse(source, filename=str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -105,7 +116,13 @@ def code_digest(sources: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-@functools.cache
+_STAGE_SOURCES: dict[str, dict[str, str]] = {}
+_ONCE = threading.Lock()
+
+
 def stage_sources(module: str) -> dict[str, str]:
-    """:func:`module_sources` of a stage's module, computed once per process."""
-    return module_sources(module)
+    """:func:`module_sources` of a stage's module, computed once per process (thread-safe)."""
+    with _ONCE:
+        if module not in _STAGE_SOURCES:
+            _STAGE_SOURCES[module] = module_sources(module)
+        return _STAGE_SOURCES[module]

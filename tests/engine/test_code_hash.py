@@ -154,3 +154,34 @@ def test_editing_a_library_function_a_stage_uses_recomputes_it(copied, tmp_path)
     manifest = json.loads((again.path / "_manifest.json").read_text())
     code = manifest["record"]["code"]  # the key's code part, module by module
     assert set(code) == {"ci_stage_example", "mlx_interp.analysis.stats", "mlx_interp.errors"}
+
+
+def test_parsing_holds_the_lock_and_threads_share_one_closure(monkeypatch):
+    """CPython 3.11's ast.parse fails when two threads parse at once (gh-106905: a CI run here
+    failed on it, ranks of a sharded stage keying together), so every parse holds one lock."""
+    import ast
+    import threading
+
+    import mlx_interp.engine.code_hash as code_hash
+
+    real_parse, held = ast.parse, []
+
+    def parse(*args, **kwargs):
+        held.append(code_hash._PARSE.locked())
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(code_hash.ast, "parse", parse)
+    monkeypatch.setattr(code_hash, "_STAGE_SOURCES", {})
+    results: list = [None] * 4
+
+    def key(rank):
+        results[rank] = code_hash.stage_sources("mlx_interp.stages.steer")
+
+    threads = [threading.Thread(target=key, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert held and all(held)  # every parse under the lock
+    assert all(r is results[0] for r in results) and "mlx_interp.stages.steer" in results[0]
+    assert len(held) == len(results[0])  # the closure was parsed once, not once per thread
