@@ -2,6 +2,10 @@
 
 baseline (reads model, score): unsteered logit scores and greedy answers for every prompt.
 It does not depend on the steering setting, so a sweep over alpha and layer computes it once.
+It also writes the unsteered states it computed (``states.safetensors``: each prompt's
+keys/values, last-token logits and residuals, and the shared prefix's keys/values), which
+the steer stage continues from: a steer stage in another process (a sweep point, a new
+alpha) reads them instead of running every prompt again.
 
 steer (reads model, score, steer, seed): the main direction, N random directions of equal
 norm (same center) for the baseline rate, the controls for contamination, and greedy
@@ -48,11 +52,14 @@ from mlx_interp.interventions.modes import mode_name
 from mlx_interp.interventions.positions import object_spans
 from mlx_interp.interventions.sites import head_shape
 from mlx_interp.interventions.steering import SteeringError, make_mode
+from mlx_interp.interventions.unsteered import load_states, save_states
 from mlx_interp.models.loading import load_model, model_fingerprint
 from mlx_interp.stages.direction_sites import lens_plausibility, read_at, role_spans
 from mlx_interp.stages.steer_rows import add_fluency, fluency_prompts, fluency_spec
 
 log = logging.getLogger(__name__)
+
+STATES_FILE = "states.safetensors"  # the baseline's unsteered states (optional: 0 computed)
 
 __all__ = ["add_fluency", "fluency_prompts", "fluency_spec", "run_baseline", "run_steer"]
 
@@ -186,6 +193,10 @@ def run_baseline(inputs: BaselineInputs, upstream: dict[str, Path], out: Path) -
         bar.update()
     table = add_fluency(pd.concat(frames, ignore_index=True), fluency_spec(score))
     table.to_parquet(out / "baseline.parquet", index=False)
+    sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
+    seqs = [list(map(int, t)) for t in [*both["tokens"], *sample["tokens"]]]
+    nbytes = save_states(out / STATES_FILE, lm.model, seqs)
+    log.info("baseline: %.1f MiB of unsteered states kept for the steer stage", nbytes / 2**20)
     return {"n_questions": len(swap), "n_controls": len(controls)}
 
 
@@ -208,6 +219,11 @@ def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict
     spec = fluency_spec(score)  # bad fluency settings fail before the model loads
     alpha = float(steer.alpha)
     lm = load_model(inputs.model)
+    states = upstream["baseline"] / STATES_FILE
+    if states.is_file():  # the baseline's unsteered states (already held in its own process)
+        loaded = load_states(states, lm.model)
+        if loaded:
+            log.info("steer: unsteered states of %d prompts read from the baseline", loaded)
     prompts = pd.read_parquet(upstream["prompts"] / "prompts.parquet")
     check_controls(prompts, score)
     swap, controls = eval_prompts(prompts, score)
@@ -342,7 +358,7 @@ STAGE = Stage(
     name="steer",
     run=run_steer,
     inputs=SteerInputs,
-    needs=("prompts", "directions"),
+    needs=("prompts", "directions", "baseline"),
     fingerprint=fingerprint,
     writes=("generations.parquet", "steer.json"),
 )

@@ -16,6 +16,7 @@ share them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,11 +24,13 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_interp.errors import MlxInterpError
 from mlx_interp.interventions.capture import capture_layers
 from mlx_interp.interventions.prefix import MIN_PREFIX, common_prefix_len, last_logits
 from mlx_interp.interventions.rowcache import RowKV, filled_kv, fresh_caches, row_caches
@@ -298,3 +301,127 @@ def prompt_states(
                 if store is not None:
                     store.put(model, "prompt", state)
     return found  # type: ignore[return-value]
+
+
+# --- states on disk: the baseline stage writes them, a steer stage in another process reads
+
+
+STATES_FORMAT = "mlx-interp unsteered states 1"
+
+
+class StateFileError(MlxInterpError, ValueError):
+    """A file of unsteered states that does not fit the model it is read for."""
+
+
+def save_states(
+    path: Path, model: Any, seqs: Sequence[Sequence[int]], store: StateStore = STORE
+) -> int:
+    """Write the stored unsteered states of ``seqs`` (those the store holds, each once, in
+    first-seen order) and their prefixes to ``path`` (safetensors); their bytes (0: nothing
+    written, the store holds none of them)."""
+    chosen: dict[tuple[int, ...], PromptState] = {}
+    for seq in seqs:
+        state = store.get(model, "prompt", seq)
+        if state is not None:
+            chosen.setdefault(state.tokens, state)
+    if not chosen:
+        return 0
+    prefixes: list[PrefixState] = []
+    arrays: dict[str, mx.array] = {}
+    prefix_of = []
+    for i, state in enumerate(chosen.values()):
+        j = next((j for j, p in enumerate(prefixes) if p is state.prefix), None)
+        if j is None and state.prefix.length:
+            j = len(prefixes)
+            prefixes.append(state.prefix)
+            arrays[f"x{j}.keys"] = mx.stack([k for k, _ in state.prefix.kv])
+            arrays[f"x{j}.values"] = mx.stack([v for _, v in state.prefix.kv])
+        prefix_of.append(-1 if j is None else j)
+        for name in ("keys", "values", "logits", "last"):
+            arrays[f"p{i}.{name}"] = getattr(state, name)
+    metadata = {
+        "format": STATES_FORMAT,
+        "prompts": json.dumps([list(t) for t in chosen]),
+        "prefixes": json.dumps([list(p.tokens) for p in prefixes]),
+        "prefix_of": json.dumps(prefix_of),
+    }
+    mx.save_safetensors(str(path), arrays, metadata=metadata)
+    return sum(a.nbytes for a in arrays.values())
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, from its header alone (no array read)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 2**30:
+            raise ValueError(f"not a safetensors file: header size {size}")
+        header = json.loads(f.read(size))
+    return header.get("__metadata__") or {}
+
+
+def load_states(path: Path, model: Any, store: StateStore = STORE) -> int:
+    """Put the states in ``path`` (written by :func:`save_states` for this model) that the
+    store lacks into it; how many prompts' states were loaded. A file whose shapes do not
+    fit ``model`` (another model's states) raises :class:`StateFileError`: it is never used
+    as if it were this model's."""
+    fix = f"delete {path.parent} (its stage computes it again)"
+    try:
+        meta = _metadata(path)
+        if meta.get("format") != STATES_FORMAT:
+            raise StateFileError(f"{path} is not a file of unsteered states; {fix}")
+        prompts = [tuple(t) for t in json.loads(meta["prompts"])]
+        prefix_tokens = [tuple(t) for t in json.loads(meta["prefixes"])]
+        prefix_of = json.loads(meta["prefix_of"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if isinstance(err, StateFileError):
+            raise
+        raise StateFileError(f"cannot read the unsteered states in {path} ({err}); {fix}") from err
+    missing = [i for i, t in enumerate(prompts) if store.get(model, "prompt", t) is None]
+    if not missing:
+        return 0
+    arrays = mx.load(str(path))
+    assert isinstance(arrays, dict)
+    anatomy = anatomy_of(model)
+    n_layers, d_model = len(anatomy.layers), anatomy.d_model
+    kv_shape = (n_layers, anatomy.n_kv_heads, anatomy.head_dim)
+
+    def check(name: str, got: tuple, want: tuple) -> None:  # None in want: any size
+        same = len(got) == len(want)
+        if not same or any(w is not None and g != w for g, w in zip(got, want, strict=True)):
+            raise StateFileError(
+                f"{path}: {name} has shape {tuple(got)}, this model needs {tuple(want)}: the "
+                f"states are another model's; {fix}"
+            )
+
+    prefixes: list[PrefixState] = []
+    for j, tokens in enumerate(prefix_tokens):
+        known = store.get(model, "prefix", tokens)
+        if known is not None:
+            prefixes.append(known)
+            continue
+        keys, values = arrays[f"x{j}.keys"], arrays[f"x{j}.values"]
+        want = (n_layers, 1, kv_shape[1], len(tokens), kv_shape[2])
+        check(f"prefix {j}'s keys", keys.shape, want)
+        check(f"prefix {j}'s values", values.shape, want)
+        prefix = PrefixState(tokens, [(keys[i], values[i]) for i in range(n_layers)])
+        store.put(model, "prefix", prefix)
+        prefixes.append(prefix)
+    for i in missing:
+        tokens, j = prompts[i], prefix_of[i]
+        prefix = EMPTY if j < 0 else prefixes[j]
+        own = len(tokens) - prefix.length
+        state = PromptState(
+            tokens,
+            prefix,
+            arrays[f"p{i}.keys"],
+            arrays[f"p{i}.values"],
+            arrays[f"p{i}.logits"],
+            arrays[f"p{i}.last"],
+        )
+        check(f"prompt {i}'s keys", state.keys.shape, (n_layers, kv_shape[1], own, kv_shape[2]))
+        check(f"prompt {i}'s values", state.values.shape, state.keys.shape)
+        check(f"prompt {i}'s residuals", state.last.shape, (n_layers, d_model))
+        if state.logits.ndim != 1:
+            raise StateFileError(f"{path}: prompt {i}'s logits are not one vector; {fix}")
+        store.put(model, "prompt", state)
+    return len(missing)

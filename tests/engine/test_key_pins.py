@@ -11,7 +11,9 @@ recomputed here from that snapshot, so a later edit of a dataset, a config defau
 code does not break this test; a change of how keys are made does. The code part is tested
 in tests/engine/test_code_hash.py. (The keys pinned before the code part existed, with
 hand-bumped versions instead, are in the git history of this file: every key changed once,
-on purpose, when code hashing came in.)
+on purpose, when code hashing came in. The keys of ``steer`` and the stages after it
+changed on purpose once more, on 2026-12-05, when ``steer`` came to read the ``baseline``
+stage's unsteered states: its upstream keys now include the baseline's.)
 """
 
 from __future__ import annotations

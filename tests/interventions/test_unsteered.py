@@ -121,3 +121,62 @@ def test_cache_refusal_names_the_window_and_other_caches():
     gemma = tiny_model("gemma3_text")  # 4-token windows
     assert cache_refusal(gemma, 4) is None
     assert "4-token sliding window" in cache_refusal(gemma, 5)
+
+
+def test_states_written_to_a_file_come_back_bit_for_bit_and_are_used(tmp_path):
+    """The baseline stage's file of states: read into a fresh store (a new process), every
+    array equals the computed one, and rows continue from them (a key planted in the file
+    changes the answer logits: the file is what they read, not a recomputation)."""
+    from mlx_interp.interventions.batched_steering import steer_rows
+    from mlx_interp.interventions.unsteered import load_states, save_states
+
+    model = tiny_model("llama", seed=7)
+    first = StateStore()
+    made = prompt_states(model, SEQS, batch_size=3, store=first)
+    path = tmp_path / "states.safetensors"
+    nbytes = save_states(path, model, [*SEQS, SEQS[0]], store=first)
+    assert nbytes == made[0].prefix.nbytes + sum(s.nbytes for s in made)
+    fresh = StateStore()
+    assert load_states(path, model, store=fresh) == len(SEQS)
+    assert load_states(path, model, store=fresh) == 0  # held already: nothing read again
+    for want in made:
+        got = fresh.get(model, "prompt", want.tokens)
+        assert got.prefix is fresh.get(model, "prefix", PREFIX)
+        for name in ("keys", "values", "logits", "last"):
+            assert np.array_equal(np.array(getattr(got, name)), np.array(getattr(want, name)))
+        for (k, v), (k2, v2) in zip(got.prefix.kv, want.prefix.kv, strict=True):
+            assert np.array_equal(np.array(k), np.array(k2))
+            assert np.array_equal(np.array(v), np.array(v2))
+
+    class Unsteered:
+        edits = ()
+        alpha = 0.0
+
+    pairs = [(p, 0) for p in range(len(SEQS))]
+    rows = steer_rows(model, SEQS, pairs, [Unsteered()], positions="last", store=fresh)
+    for row, state in zip(rows, made, strict=True):
+        assert np.array_equal(row.logits, np.array(state.logits))
+    planted = {k: v for k, v in mx.load(str(path)).items()}
+    planted["p1.logits"] = planted["p1.logits"] + 1.0
+    meta = unsteered._metadata(path)
+    mx.save_safetensors(str(path), planted, metadata=meta)
+    other = StateStore()
+    load_states(path, model, store=other)
+    rows = steer_rows(model, SEQS, pairs, [Unsteered()], positions="last", store=other)
+    assert not np.array_equal(rows[1].logits, np.array(made[1].logits))
+
+
+def test_a_file_of_another_models_states_is_refused(tmp_path):
+    from mlx_interp.interventions.unsteered import StateFileError, load_states, save_states
+
+    store = StateStore()
+    small = tiny_model("llama", seed=7)
+    prompt_states(small, SEQS, store=store)
+    path = tmp_path / "states.safetensors"
+    save_states(path, small, SEQS, store=store)
+    other = tiny_model("gemma3_text", seed=7)
+    with pytest.raises(StateFileError, match="another model's"):
+        load_states(path, other, store=StateStore())
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(StateFileError, match="delete"):
+        load_states(path, small, store=StateStore())
