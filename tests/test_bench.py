@@ -158,18 +158,28 @@ def test_stage_figures_from_a_run_log(tmp_path):
     )
     times = stages.stage_seconds(run)
     assert times == {"capture": 12.0, "baseline": 15.0, "steer": 9.0}
+    slow = {"capture": 15.0, "baseline": 15.0, "steer": 12.0}  # a round on a busier moment
+    fast = {"capture": 10.0, "baseline": 20.0, "steer": 5.0}
+    rounds = [
+        {"wall_s": 48.0, "stages": times},
+        {"wall_s": 90.0, "stages": slow},
+        {"wall_s": 30.0, "stages": fast},
+    ]
     res = {
         "stages": {
-            "default": {"wall_s": 48.0, "stages": times},
-            "sweep": {"wall_s": 30.0, "alphas": "2.0,2.5,3.0"},
+            "rounds": rounds,
+            "sweep": {"wall_s": 36.0, "alphas": "2.0,2.5,3.0"},
             "all": {"wall_s": 200.0, "stages": {"steer": 130.0}},
             "all_sweep": {"wall_s": 270.0, "alphas": "2.0,2.5,3.0"},
         },
         "load": {"first_s": 4.0, "second_s": 0.8, "off_s": 4.1},
     }
     rows = {name: value for name, value, _, _ in stages.figures(res, divide)}
+    # the median of the per-round ratios (0.75, 0.8, 0.5), not a ratio of medians (9 / 12)
     assert rows["steer stage / capture stage (default experiment, positions last)"] == 0.75
-    assert rows["baseline stage / capture stage"] == 1.25
-    assert rows["whole default run (fresh store, set up) / capture stage"] == 4.0
+    assert rows["baseline stage / capture stage"] == 1.25  # of 1.25, 1.0, 2.0
+    assert rows["whole default run (fresh store, set up) / capture stage"] == 4.0  # 4, 6, 3
+    sweep = "3-alpha sweep (2.0,2.5,3.0) after the default run / capture stage"
+    assert rows[sweep] == 3.0  # against the rounds' median capture, 12 s
     assert rows["second model load of SmolLM2, seconds (model load cache)"] == 0.8
     assert stages.figures({}, divide) == []
