@@ -151,7 +151,9 @@ def execution_order(stages: Mapping[str, Stage], targets: Iterable[str]) -> list
             )
         wanted.add(name)
         todo.extend(stages[name].needs)
-    graph = {name: set(stages[name].needs) for name in wanted}
+    # in the registry's order, never a set's: the order stages run in (and so their logs and
+    # times) must not change with the process's string hash seed
+    graph = {name: list(stages[name].needs) for name in stages if name in wanted}
     try:
         return list(TopologicalSorter(graph).static_order())
     except CycleError as err:

@@ -166,3 +166,31 @@ def test_parallel_jobs_compute_a_shared_artifact_once(tmp_path):
         keys = pool.starmap(_build_in_process, [(str(tmp_path / "a"), str(counter))] * 2)
     assert keys[0] == keys[1]
     assert Path(counter).read_text() == "x"  # computed once; the other job waited
+
+
+def test_the_stages_run_in_one_order_whatever_the_hash_seed():
+    """The order came from a set of stage names: it changed with PYTHONHASHSEED, so one run
+    computed the baseline before the capture and the next after (and their times moved)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from mlx_interp.engine.dag import execution_order\n"
+        "from mlx_interp.stages import STAGES\n"
+        "print(execution_order(STAGES, ['report', 'probe_report', 'contamination_report']))\n"
+    )
+    orders = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(4)
+    }
+    assert len(orders) == 1, orders
+    order = ast.literal_eval(orders.pop())
+    assert order.index("capture") < order.index("baseline") < order.index("steer")
