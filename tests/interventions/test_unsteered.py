@@ -123,14 +123,16 @@ def test_cache_refusal_names_the_window_and_other_caches():
     assert "4-token sliding window" in cache_refusal(gemma, 5)
 
 
-def test_states_written_to_a_file_come_back_bit_for_bit_and_are_used(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_states_written_to_a_file_come_back_bit_for_bit_and_are_used(tmp_path, arch):
     """The baseline stage's file of states: read into a fresh store (a new process), every
     array equals the computed one, and rows continue from them (a key planted in the file
     changes the answer logits: the file is what they read, not a recomputation)."""
     from mlx_interp.interventions.batched_steering import steer_rows
     from mlx_interp.interventions.unsteered import load_states, save_states
 
-    model = tiny_model("llama", seed=7)
+    # gemma3: a window the prompts fit, so the rows path takes it (sliding layers still)
+    model = tiny_model(arch, seed=7, **({"sliding_window": 32} if arch != "llama" else {}))
     first = StateStore()
     made = prompt_states(model, SEQS, batch_size=3, store=first)
     path = tmp_path / "states.safetensors"
