@@ -206,8 +206,8 @@ def queue_ahead() -> bool:
     GPU (as mlx-lm's generate loop), where the wait for a token would idle the device. Not on
     the CPU, where a step is compute-bound and the queued step is waste for every row that has
     just ended: the default experiment's answers end after 2-3 tokens, so 1 forward in 3 was
-    spent on finished rows (greedy answers of the baseline stage 6.0 s with the step queued,
-    4.3 s without, SmolLM2 on 2 cores)."""
+    spent on finished rows (greedy answers of the baseline stage 6.9 s with the step queued,
+    5.9 s without, SmolLM2 on 2 cores)."""
     return mx.default_device() == mx.gpu
 
 
