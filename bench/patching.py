@@ -15,8 +15,8 @@ it too (``nnsight.TransformersModel(hf_model, tokenizer=...)``) and patches
 per layer. All three get the
 same token ids; their heatmaps are compared (max abs difference of the normalised values).
 Threads: mlx-interp's patching forwards use one BLAS thread (``patch_batches.BLAS_THREADS``:
-MKL's two threads spin against each other on a shared 2-core machine); TransformerLens runs
-twice, with torch's default thread count and with one thread; nnsight with the default.
+MKL's two threads spin against each other on a shared 2-core machine); TransformerLens
+and nnsight each run twice, with torch's default thread count and with one thread.
 
     python bench/patching.py              # this section alone (27 min on 2 busy cores, 2026-12-05)
     python bench/run.py --only patching   # the same, inside `make bench`
@@ -222,13 +222,17 @@ def worker_transformer_lens(
     }
 
 
-def worker_nnsight(gguf: str, ids: dict, answers: list, repeat: int = 1) -> dict:
+def worker_nnsight(gguf: str, ids: dict, answers: list, repeat: int = 1, threads: int = 0) -> dict:
     """nnsight: model.layers[l].input patched at one position per invoke; a trace per layer
-    holds every position (one batched forward), as in nnsight's patching tutorial."""
+    holds every position (one batched forward), as in nnsight's patching tutorial.
+    ``threads``: torch's thread count (0: torch's default)."""
     import importlib.metadata as md
 
     import nnsight
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     hf, tokenizer = _hf(gguf)
     lm = nnsight.TransformersModel(hf, tokenizer=tokenizer)
@@ -271,6 +275,7 @@ PEERS = {  # result key -> (label, after the version)
     "transformer_lens": ("TransformerLens", ""),
     "nnsight": ("nnsight", ""),
     "transformer_lens_1_thread": ("TransformerLens", " (torch on 1 thread)"),
+    "nnsight_1_thread": ("nnsight", " (torch on 1 thread)"),
 }
 WORKERS = {
     "mlx": worker_mlx,
@@ -322,6 +327,7 @@ def section(repeat: int = 2) -> dict:
             res[peer] = _run(peer, cwd, **shared)
         # torch on one thread, as mlx-interp's patching forwards (BLAS_THREADS)
         res["transformer_lens_1_thread"] = _run("transformer_lens", cwd, threads=1, **shared)
+        res["nnsight_1_thread"] = _run("nnsight", cwd, threads=1, **shared)
         again = _run("mlx", cwd, repeat=repeat, extras=False)
         m = res["mlx"]
         m["fast_s_runs"] = [m["fast_s"], again.get("fast_s")]
