@@ -96,18 +96,19 @@ def figures(res: dict, ratio: Callable) -> list[tuple[str, float | None, str, st
         caps = [r["stages"].get("capture") for r in rounds]
         cap = _median([c for c in caps if c])
 
-        def paired(name: str, goal: str) -> tuple[float | None, str, str]:
+        def paired(name: str) -> tuple[float | None, str]:
+            """The median of the per-round ratios of ``name`` to capture, and their range."""
             per = [ratio(_time(r, name), c) for r, c in zip(rounds, caps, strict=True)]
             got = [p for p in per if p is not None]
             spread = f" (rounds {min(got):.2f}-{max(got):.2f})" if len(got) > 1 else ""
-            return _median(got), goal, spread
+            return _median(got), spread
 
         for title, name, goal in (
             ("steer stage / capture stage (default experiment, positions last)", "steer", "<= 1.0"),
             ("baseline stage / capture stage", "baseline", "<= 1.5"),
             ("whole default run (fresh store, set up) / capture stage", "wall", "<= 4"),
         ):
-            value, goal, spread = paired(name, goal)
+            value, spread = paired(name)
             seconds = _median([t for t in (_time(r, name) for r in rounds) if t])
             note = f"median of {len(rounds)}: {seconds or 0:.1f} vs {cap or 0:.1f} s{spread}"
             rows.append((title, value, goal, note))

@@ -146,9 +146,9 @@ def _rows(df: pd.DataFrame, results: list[dict], direction: str, kind: str) -> p
     return out
 
 
-def _fluency_rows(lm, swap, score, settings, direction, side_of=None) -> list[pd.DataFrame]:
-    """Open-ended answers of a sample of ``swap`` under the main direction's setting(s)."""
-    sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
+def _fluency_rows(lm, sample, score, settings, direction, side_of=None) -> list[pd.DataFrame]:
+    """Open-ended answers of ``sample`` (:func:`fluency_prompts`) under the main direction's
+    setting(s)."""
     if sample.empty:
         return []
     gen = GenerateScorer(max_tokens=score.fluency.max_tokens)
@@ -189,12 +189,12 @@ def run_baseline(inputs: BaselineInputs, upstream: dict[str, Path], out: Path) -
         frames.append(_rows(both, answers, "none", "generate"))
         bar.update()
         bar.set_postfix_str("long answers (fluency)")
-        frames += _fluency_rows(lm, swap, score, [UNSTEERED], "none")
+        long_prompts = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
+        frames += _fluency_rows(lm, long_prompts, score, [UNSTEERED], "none")
         bar.update()
     table = add_fluency(pd.concat(frames, ignore_index=True), fluency_spec(score))
     table.to_parquet(out / "baseline.parquet", index=False)
-    sample = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
-    seqs = [list(map(int, t)) for t in [*both["tokens"], *sample["tokens"]]]
+    seqs = [list(map(int, t)) for t in [*both["tokens"], *long_prompts["tokens"]]]
     nbytes = save_states(out / STATES_FILE, lm.model, seqs)
     log.info("baseline: %.1f MiB of unsteered states kept for the steer stage", nbytes / 2**20)
     return {"n_questions": len(swap), "n_controls": len(controls)}
@@ -264,7 +264,8 @@ def run_steer(inputs: SteerInputs, upstream: dict[str, Path], out: Path) -> dict
         main_settings, main_pairs = _main_pairs(settings, gated, sample["prompt_id"])
         answers = _score(gen, lm, sample, score, main_settings, pad, main_pairs)
         frames.append(_rows(sample, answers, "main", "generate"))
-    frames += _fluency_rows(lm, swap, score, settings, "main", gated)
+    long_prompts = fluency_prompts(swap, score, lm.tokenizer, lm.prompt_format)
+    frames += _fluency_rows(lm, long_prompts, score, settings, "main", gated)
     table = add_fluency(pd.concat(frames, ignore_index=True), spec)
     table["swapped"] = _swapped(table, score)
     if sides is not None:

@@ -367,15 +367,15 @@ def load_states(path: Path, model: Any, store: StateStore = STORE) -> int:
     fix = f"delete {path.parent} (its stage computes it again)"
     try:
         meta = _metadata(path)
-        if meta.get("format") != STATES_FORMAT:
-            raise StateFileError(f"{path} is not a file of unsteered states; {fix}")
-        prompts = [tuple(t) for t in json.loads(meta["prompts"])]
-        prefix_tokens = [tuple(t) for t in json.loads(meta["prefixes"])]
-        prefix_of = json.loads(meta["prefix_of"])
+        ours = meta.get("format") == STATES_FORMAT
+        if ours:
+            prompts = [tuple(t) for t in json.loads(meta["prompts"])]
+            prefix_tokens = [tuple(t) for t in json.loads(meta["prefixes"])]
+            prefix_of = json.loads(meta["prefix_of"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        if isinstance(err, StateFileError):
-            raise
         raise StateFileError(f"cannot read the unsteered states in {path} ({err}); {fix}") from err
+    if not ours:
+        raise StateFileError(f"{path} is not a file of unsteered states; {fix}")
     missing = [i for i, t in enumerate(prompts) if store.get(model, "prompt", t) is None]
     if not missing:
         return 0
@@ -383,7 +383,7 @@ def load_states(path: Path, model: Any, store: StateStore = STORE) -> int:
     assert isinstance(arrays, dict)
     anatomy = anatomy_of(model)
     n_layers, d_model = len(anatomy.layers), anatomy.d_model
-    kv_shape = (n_layers, anatomy.n_kv_heads, anatomy.head_dim)
+    n_kv, head_dim = anatomy.n_kv_heads, anatomy.head_dim
 
     def check(name: str, got: tuple, want: tuple) -> None:  # None in want: any size
         same = len(got) == len(want)
@@ -400,7 +400,7 @@ def load_states(path: Path, model: Any, store: StateStore = STORE) -> int:
             prefixes.append(known)
             continue
         keys, values = arrays[f"x{j}.keys"], arrays[f"x{j}.values"]
-        want = (n_layers, 1, kv_shape[1], len(tokens), kv_shape[2])
+        want = (n_layers, 1, n_kv, len(tokens), head_dim)
         check(f"prefix {j}'s keys", keys.shape, want)
         check(f"prefix {j}'s values", values.shape, want)
         prefix = PrefixState(tokens, [(keys[i], values[i]) for i in range(n_layers)])
@@ -418,7 +418,7 @@ def load_states(path: Path, model: Any, store: StateStore = STORE) -> int:
             arrays[f"p{i}.logits"],
             arrays[f"p{i}.last"],
         )
-        check(f"prompt {i}'s keys", state.keys.shape, (n_layers, kv_shape[1], own, kv_shape[2]))
+        check(f"prompt {i}'s keys", state.keys.shape, (n_layers, n_kv, own, head_dim))
         check(f"prompt {i}'s values", state.values.shape, state.keys.shape)
         check(f"prompt {i}'s residuals", state.last.shape, (n_layers, d_model))
         if state.logits.ndim != 1:
